@@ -1,0 +1,168 @@
+"""The `ablate` command line: parse arguments, call one function, print. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ablate import __version__
+from ablate.errors import AblateError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Ablation studies of vision architectures: is it attention, patches "
+                       "or data?")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(e: AblateError) -> typer.Exit:
+    for line in e.lines():
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(e.exit_code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"ablate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False
+         ) -> None:
+    """Ablation studies of vision architectures: is it attention, patches or data?"""
+
+
+StudyArg = Annotated[Path, typer.Argument(help="Study file (YAML), e.g. studies/quickstart.yaml",
+                                          show_default=False)]
+
+
+@app.command()
+def validate(study: StudyArg) -> None:
+    """Check a study file; print the number of trials and of cells per factor."""
+    from ablate.study import cells_per_factor, load_study
+
+    try:
+        s = load_study(study)
+    except AblateError as e:
+        raise _fail(e) from None
+    cells = len({t.trial_id for t in s.trials}) // max(1, len(s.spec.seeds))
+    out.print(f"{study}: ok: {len(s.trials)} trials ({cells} cells x {len(s.spec.seeds)} "
+              f"seeds) in study '{s.spec.name}'", highlight=False)
+    for key, counts in cells_per_factor(s).items():
+        levels = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        out.print(f"  {key}: {len(counts)} levels ({levels} trials)", highlight=False)
+
+
+@app.command()
+def plan(study: StudyArg,
+         as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False
+         ) -> None:
+    """List the expanded trials with their trial ids and factor levels."""
+    from ablate.study import load_study
+
+    try:
+        s = load_study(study)
+    except AblateError as e:
+        raise _fail(e) from None
+    if as_json:
+        rows = [{"trial_id": t.trial_id, "name": t.run_name, "factors": t.factors,
+                 "config": t.config} for t in s.trials]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title=f"{s.spec.name}: {len(s.trials)} trials")
+    table.add_column("trial_id")
+    for key in s.factor_keys:
+        table.add_column(key)
+    table.add_column("seed", justify="right")
+    for t in s.trials:
+        table.add_row(t.trial_id, *[("off" if t.factors[k] is None else str(t.factors[k]))
+                                    for k in s.factor_keys], str(t.seed))
+    out.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the paper-exact reference models and the backbone's token mixers."""
+    from ablate.models import MIXERS, REFERENCES
+
+    table = Table(title="reference models (also: timm:<name> for any timm model)")
+    for col in ("name", "params", "GMACs", "input", "paper"):
+        table.add_column(col)
+    for name, ref in REFERENCES.items():
+        table.add_row(name, f"{ref.params:,}", f"{ref.gmacs:.2f}",
+                      f"{ref.image_size}px, {ref.num_classes} classes", ref.paper)
+    out.print(table)
+    out.print("backbone mixers: " + ", ".join(
+        f"{k} ({(v.__doc__ or '').strip().splitlines()[0].rstrip('.')})"
+        for k, v in MIXERS.items()), highlight=False)
+
+
+@app.command()
+def profile(
+    name: Annotated[str | None, typer.Argument(help="Reference name or timm:NAME; leave out "
+                                                    "for the backbone.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size (default: the model's).")]
+    = None,
+    num_classes: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size for throughput and training.")]
+    = 64,
+    timing: Annotated[bool, typer.Option(help="Measure speed and memory (--no-timing: "
+                                              "counts only).")] = True,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    mixer: Annotated[str | None, typer.Option(help="Backbone: token mixer.")] = None,
+    dim: Annotated[int | None, typer.Option()] = None,
+    depth: Annotated[int | None, typer.Option()] = None,
+    patch_size: Annotated[int | None, typer.Option()] = None,
+    kernel_size: Annotated[int | None, typer.Option()] = None,
+    heads: Annotated[int | None, typer.Option()] = None,
+    window_size: Annotated[int | None, typer.Option()] = None,
+    tokens: Annotated[int | None, typer.Option(help="TokenLearner tokens.")] = None,
+) -> None:
+    """Params, GMACs, throughput, latency, training speed and peak memory of a model."""
+    from ablate.cost import profile as run_profile
+    from ablate.models import REFERENCES, create_model
+    from ablate.train import DTYPES
+
+    if precision not in DTYPES:
+        raise _fail(AblateError(f"--precision: unknown {precision!r}; use fp32, bf16 or fp16"))
+    try:
+        if name is None:
+            kw = dict(mixer=mixer, dim=dim, depth=depth, patch_size=patch_size,
+                      kernel_size=kernel_size, heads=heads, window_size=window_size,
+                      tokens=tokens, image_size=image_size, num_classes=num_classes)
+            model = create_model("backbone", **kw)
+            size = image_size or 224
+        else:
+            model = create_model(name, image_size=image_size, num_classes=num_classes)
+            size = image_size or (REFERENCES[name].image_size if name in REFERENCES else 224)
+    except AblateError as e:
+        raise _fail(e) from None
+    classes = num_classes or getattr(model, "num_classes", None) or 1000
+    p = run_profile(model, size, num_classes=classes, batch_size=batch_size, device=device,
+                    dtype=DTYPES[precision], timing=timing)
+    if as_json:
+        sys.stdout.write(json.dumps(p.as_dict(), indent=2) + "\n")
+        return
+    table = Table(title=f"{name or 'backbone'} on {p.device} ({p.dtype}, batch {p.batch_size}, "
+                        f"{p.image_size}px)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in p.as_dict().items():
+        if k in ("device", "dtype", "batch_size", "image_size"):
+            continue
+        table.add_row(k, "-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:,.3f}"))
+    out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,41 @@
+"""Errors a user can fix. Every message names the file, the field and the fix."""
+
+from __future__ import annotations
+
+
+class AblateError(Exception):
+    """Base class: the CLI prints the message (no traceback) and exits with code 2."""
+
+    exit_code = 2
+
+    def lines(self) -> list[str]:
+        return [str(self)]
+
+
+class StudyError(AblateError):
+    """A study file is invalid; carries every problem found, one `file: path: message` each."""
+
+    def __init__(self, file: str, problems: list[tuple[str, str]]):
+        self.file = file
+        self.problems = problems
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{self.file}: {path}: {msg}" if path else f"{self.file}: {msg}"
+                for path, msg in self.problems]
+
+
+class DataError(AblateError):
+    """A dataset cannot be found or read."""
+
+
+class ModelError(AblateError):
+    """A model configuration cannot be built."""
+
+
+class TrackingError(AblateError):
+    """The tracking store cannot be reached or written."""
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss. Not a user error: the trial fails, the study goes on."""

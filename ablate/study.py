@@ -1,0 +1,547 @@
+"""Study files: YAML -> validated, frozen `StudySpec` -> the list of `TrialSpec`s to run.
+
+Everything a user can get wrong is found here, before anything runs or any file is written,
+and reported as `file: dotted.path: message` lines (one `StudyError` carrying all of them).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+
+from ablate.errors import StudyError
+
+SECTIONS_WITH_FACTORS = ("dataset", "model", "train")
+
+
+class Strict(BaseModel):
+    """Frozen, and unknown keys are errors (a typo must never be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Strict):
+    name: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = "synthetic"
+    root: str | None = Field(None, description="folder or archive; ${VAR} expanded where read")
+    download: bool = False
+    image_size: PositiveInt | None = None
+    num_classes: PositiveInt | None = Field(None, description="synthetic only (default 10)")
+    channels: PositiveInt | None = Field(None, description="1 or 3; None keeps the source's")
+    train_size: PositiveInt = Field(5000, description="synthetic only")
+    test_size: PositiveInt = Field(1000, description="synthetic only")
+    seed: int = Field(0, description="synthetic generator seed")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    max_train: PositiveInt | None = None
+    max_test: PositiveInt | None = None
+
+    def known_image_size(self) -> int | None:
+        if self.image_size is not None:
+            return self.image_size
+        return 32 if self.name in ("synthetic", "cifar10", "cifar100") else None
+
+    def known_num_classes(self) -> int | None:
+        if self.name == "synthetic":
+            return self.num_classes or 10
+        return {"cifar10": 10, "cifar100": 100}.get(self.name)
+
+    def known_channels(self) -> int | None:
+        if self.channels is not None:
+            return self.channels
+        return 3 if self.name != "imagefolder" else None
+
+
+class ModelSpec(Strict):
+    """The backbone's arguments; None means the model's default (the paper's baseline)."""
+
+    arch: str = Field("backbone", description="backbone | a reference name | timm:<name>")
+    mixer: str | None = None
+    dim: PositiveInt | None = None
+    depth: PositiveInt | None = None
+    patch_size: PositiveInt | None = None
+    heads: PositiveInt | None = None
+    mlp_ratio: PositiveFloat | None = None
+    token_mlp_ratio: PositiveFloat | None = None
+    kernel_size: PositiveInt | None = None
+    window_size: PositiveInt | None = None
+    drop_path: float | None = Field(None, ge=0.0, lt=1.0)
+    tokens: PositiveInt | None = None
+    token_learner_at: NonNegativeInt | None = None
+    token_learner_version: Literal["1.0", "1.1"] | None = None
+    token_fuser: bool | None = None
+
+
+class TrainSpec(Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 512
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["onecycle", "cosine"] = "cosine"
+    warmup_epochs: NonNegativeFloat = 1.0
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: PositiveFloat | None = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    augment: tuple[Literal["crop", "flip"], ...] = ("crop", "flip")
+    crop_padding: NonNegativeInt = 4
+    channels_last: bool = False
+    max_minutes: PositiveFloat | None = None
+    profile_batch_size: PositiveInt = 64
+    profile_seconds: PositiveFloat = 0.5
+
+
+class SearchSpec(Strict):
+    method: Literal["grid", "optuna"] = "grid"
+    sampler: Literal["tpe", "nsga2", "random", "cmaes"] = "tpe"
+    n_trials: PositiveInt = 20
+    objectives: dict[str, Literal["max", "min"]] = Field(default_factory=lambda: {"val_acc": "max"})
+    space: dict[str, Any] = Field(default_factory=dict)
+    storage: str | None = None
+
+
+class SchedulerSpec(Strict):
+    name: Literal["fifo", "asha"] = "fifo"
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(3.0, gt=1.0)
+
+
+class ResourcesSpec(Strict):
+    cpus_per_trial: PositiveFloat = 1.0
+    gpus_per_trial: NonNegativeFloat = 0.0
+    max_concurrent: PositiveInt | None = None
+
+
+class FailuresSpec(Strict):
+    max_retries: NonNegativeInt = 1
+
+
+class TrackingSpec(Strict):
+    uri: str | None = None
+    experiment: str | None = Field(None, description="default: the study name")
+
+
+Levels = dict[str, list[Any]]
+
+
+class StudySpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    dataset: DatasetSpec = DatasetSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    factors: Levels | list[Levels] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    search: SearchSpec = SearchSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    failures: FailuresSpec = FailuresSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    def grids(self) -> list[Levels]:
+        return self.factors if isinstance(self.factors, list) else [self.factors]
+
+
+SECTION_MODELS: dict[str, type[Strict]] = {
+    "dataset": DatasetSpec, "model": ModelSpec, "train": TrainSpec,
+}
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One cell of the study x one seed, fully resolved."""
+
+    trial_id: str
+    seed: int
+    dataset: DatasetSpec
+    model: ModelSpec
+    train: TrainSpec
+    factors: dict[str, Any]
+    config: dict[str, Any] = field(repr=False)  # the resolved config the id hashes
+
+    @property
+    def run_name(self) -> str:
+        parts = [f"{k.split('.', 1)[1]}={_fmt(v)}" for k, v in self.factors.items()]
+        return " ".join([*parts, f"seed={self.seed}"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "seed": self.seed, "factors": self.factors,
+                "dataset": self.dataset.model_dump(mode="json"),
+                "model": self.model.model_dump(mode="json"),
+                "train": self.train.model_dump(mode="json")}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialSpec:
+        ds, ms, ts = (DatasetSpec.model_validate(d["dataset"]),
+                      ModelSpec.model_validate(d["model"]), TrainSpec.model_validate(d["train"]))
+        config = resolved_config(ds, ms, ts, d["seed"])
+        return cls(d["trial_id"], d["seed"], ds, ms, ts, dict(d["factors"]), config)
+
+
+@dataclass(frozen=True)
+class Study:
+    spec: StudySpec
+    path: Path
+    file_hash: str
+    trials: list[TrialSpec]
+    factor_keys: list[str]
+
+    @property
+    def experiment(self) -> str:
+        return self.spec.tracking.experiment or self.spec.name
+
+
+def _fmt(v: Any) -> str:
+    return "off" if v is None else str(v)
+
+
+# ---------------------------------------------------------------- environment variables
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_vars(value: str, env: dict[str, str] | None = None) -> str:
+    """Expand `${VAR}` and `${VAR:-default}`; raises KeyError(VAR) for an unset VAR."""
+    env = os.environ if env is None else env
+
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise KeyError(name)
+
+    return _VAR.sub(sub, value)
+
+
+def _expand_tree(node: Any, path: str, problems: list[tuple[str, str]], keep: set[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, f"{path}.{k}" if path else str(k), problems, keep)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, f"{path}[{i}]", problems, keep) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        try:
+            expanded = expand_vars(node)
+        except KeyError as e:
+            problems.append((path, f"environment variable {e.args[0]} is not set and has no "
+                                   f"default: export {e.args[0]}=... or write "
+                                   f"${{{e.args[0]}:-default}}"))
+            return node
+        # dataset.root stays as written: it is expanded on the node that reads the data, and the
+        # trial id then does not depend on where a machine keeps its data.
+        return node if path in keep else expanded
+    return node
+
+
+# ---------------------------------------------------------------- loading and validation
+
+def read_study_file(path: str | Path) -> tuple[dict[str, Any], str]:
+    """Read and parse a study file into a mapping; returns it with the file's sha256."""
+    p = Path(path)
+    f = str(path)
+    if not p.exists():
+        raise StudyError(f, [("", "file not found: check the path (study files end in .yaml)")])
+    if p.is_dir():
+        raise StudyError(f, [("", "is a directory: give a study file such as "
+                                  "studies/quickstart.yaml")])
+    data = p.read_bytes()
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise StudyError(f, [("", "is not UTF-8 text: a study file is YAML")]) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "python/" in str(e) or "could not determine a constructor" in str(e):
+            problem = ("YAML tags that build Python objects are not allowed; "
+                       "write plain values")
+        raise StudyError(f, [("", f"not valid YAML{where}: {problem}")]) from None
+    if raw is None:
+        raise StudyError(f, [("", "is empty: a study needs at least `name:` "
+                                  "(see studies/quickstart.yaml)")])
+    if not isinstance(raw, dict):
+        raise StudyError(f, [("", f"must be a YAML mapping of sections, not a "
+                                  f"{type(raw).__name__}")])
+    return raw, hashlib.sha256(data).hexdigest()
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _pydantic_problems(err: ValidationError, prefix: str, model: type[BaseModel]
+                       ) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if p not in ("list[str,list[any]]",
+                                                     "dict[str,list[any]]"))
+        path = _loc(loc)
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))
+        elif e["type"] == "missing":
+            msg = "is required"
+        elif "input" in e and e["type"] not in ("extra_forbidden",):
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append((path, msg))
+    return problems
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    cur: Any = model
+    for part in loc:
+        f = getattr(cur, "model_fields", {}).get(part)
+        if f is None:
+            return []
+        cur = f.annotation
+    return list(getattr(cur, "model_fields", {}))
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; known keys: {', '.join(options)}" if options else ""
+
+
+def _canon(level: Any) -> str:
+    return json.dumps(level, sort_keys=True, default=str)
+
+
+def _check_factors(spec: StudySpec, problems: list[tuple[str, str]]) -> None:
+    grids = spec.grids()
+    for gi, grid in enumerate(grids):
+        gpath = f"factors[{gi}]" if isinstance(spec.factors, list) else "factors"
+        if isinstance(spec.factors, list) and not grid:
+            problems.append((gpath, "empty factor grid: remove it or give it factors"))
+        for key, levels in grid.items():
+            path = f"{gpath}.{key}"
+            parts = key.split(".")
+            if len(parts) != 2 or parts[0] not in SECTION_MODELS:
+                problems.append((path, "factor keys are dotted paths into dataset, model or "
+                                       "train, such as model.mixer or dataset.fraction"))
+                continue
+            section, name = parts
+            fields = list(SECTION_MODELS[section].model_fields)
+            if name not in fields:
+                problems.append((path, f"{section} has no field '{name}'"
+                                 + _did_you_mean(name, fields)))
+                continue
+            if not levels:
+                problems.append((path, "has no levels: list at least one value"))
+                continue
+            seen: set[str] = set()
+            for i, level in enumerate(levels):
+                c = _canon(level)
+                if c in seen:
+                    problems.append((f"{path}[{i}]", f"duplicate level {level!r}: "
+                                                     "list each level once"))
+                seen.add(c)
+                base = getattr(spec, section).model_dump()
+                base[name] = level
+                try:
+                    SECTION_MODELS[section].model_validate(base)
+                except ValidationError as e:
+                    for _p, msg in _pydantic_problems(e, "", SECTION_MODELS[section]):
+                        problems.append((f"{path}[{i}]", msg))
+
+
+def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[str]:
+    """Reasons a (dataset, model) cell cannot run; empty when it can."""
+    from ablate.models import BACKBONE_DEFAULTS, MIXERS, REFERENCES
+
+    reasons = []
+    if ms.arch != "backbone":
+        if ms.arch not in REFERENCES and not ms.arch.startswith("timm:"):
+            reasons.append(f"model.arch: unknown architecture {ms.arch!r}; use backbone, "
+                           f"timm:<name> or one of {', '.join(REFERENCES)}")
+        return reasons
+    mixer = ms.mixer or BACKBONE_DEFAULTS["mixer"]
+    if mixer not in MIXERS:
+        return [f"model.mixer: unknown mixer {mixer!r}"
+                + _did_you_mean(mixer, list(MIXERS)).replace("known keys", "choose one of")]
+    cls = MIXERS[mixer]
+    patch = ms.patch_size or BACKBONE_DEFAULTS["patch_size"]
+    size = ds.known_image_size()
+    depth = ms.depth or BACKBONE_DEFAULTS["depth"]
+    dim = ms.dim or BACKBONE_DEFAULTS["dim"]
+    heads = ms.heads or BACKBONE_DEFAULTS["heads"]
+    if size is not None and size % patch:
+        reasons.append(f"model.patch_size: {patch} does not divide the image size {size}")
+    if ms.kernel_size is not None and not cls.has_kernel:
+        kind = "is a factor" if kernel_is_factor else "is set"
+        with_kernel = ", ".join(k for k, c in MIXERS.items() if c.has_kernel)
+        reasons.append(f"model.kernel_size {kind} but mixer '{mixer}' has no kernel: give "
+                       f"kernel sizes only to {with_kernel} (use a list of factor grids)")
+    if cls.pairs and depth % 2:
+        reasons.append(f"model.depth: mixer '{mixer}' runs blocks in pairs, depth {depth} must "
+                       "be even")
+    if mixer in ("attention", "dual") and dim % heads:
+        reasons.append(f"model.heads: dim {dim} is not divisible by heads {heads}")
+    if ms.tokens is not None:
+        at = ms.token_learner_at if ms.token_learner_at is not None else depth // 2
+        if at > depth:
+            reasons.append(f"model.token_learner_at: {at} is past the last block ({depth})")
+        if size is not None and size % patch == 0 and ms.tokens > (size // patch) ** 2:
+            reasons.append(f"model.tokens: {ms.tokens} TokenLearner tokens exceed the "
+                           f"{(size // patch) ** 2} patches of a {size}px image at patch "
+                           f"size {patch}")
+        if cls.needs_grid and at < depth:
+            reasons.append(f"model.tokens: TokenLearner removes the patch grid that mixer "
+                           f"'{mixer}' needs after it; use tokens with attention, mlp or "
+                           f"identity")
+    elif ms.token_learner_at is not None or ms.token_fuser:
+        reasons.append("model.token_learner_at/token_fuser are set but model.tokens is not")
+    return reasons
+
+
+def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) -> dict[str, Any]:
+    """The fully resolved config a trial id hashes: model defaults filled in."""
+    from ablate.models import BACKBONE_DEFAULTS, MIXERS
+
+    model = ms.model_dump(mode="json")
+    if ms.arch == "backbone":
+        for k, v in BACKBONE_DEFAULTS.items():
+            if k in model and model[k] is None:
+                model[k] = v
+        cls = MIXERS.get(model["mixer"])
+        if cls is not None and cls.has_kernel and model["kernel_size"] is None:
+            model["kernel_size"] = cls.default_kernel
+        if model["tokens"] is None:
+            model["token_learner_at"] = model["token_learner_version"] = None
+            model["token_fuser"] = None
+        elif model["token_learner_at"] is None:
+            model["token_learner_at"] = model["depth"] // 2
+    else:
+        model = {"arch": ms.arch}
+    dataset = ds.model_dump(mode="json")
+    return {"dataset": dataset, "model": model, "train": ts.model_dump(mode="json"),
+            "seed": seed}
+
+
+def trial_id(config: dict[str, Any]) -> str:
+    """Short stable hash of a resolved config: key order and YAML formatting do not matter."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]]
+                   ) -> tuple[list[TrialSpec], list[str]]:
+    grids = spec.grids()
+    keys: list[str] = []
+    for g in grids:
+        keys += [k for k in g if k not in keys]
+    trials: list[TrialSpec] = []
+    seen: set[str] = set()
+    for gi, grid in enumerate(grids):
+        gkeys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in gkeys)):
+            sections = {s: getattr(spec, s).model_dump() for s in SECTION_MODELS}
+            for k, level in zip(gkeys, combo, strict=True):
+                s, n = k.split(".")
+                sections[s][n] = level
+            ds = DatasetSpec.model_validate(sections["dataset"])
+            ms = ModelSpec.model_validate(sections["model"])
+            ts = TrainSpec.model_validate(sections["train"])
+            reasons = check_cell(ds, ms, "model.kernel_size" in gkeys)
+            if reasons:
+                where = "factors" + (f"[{gi}]" if isinstance(spec.factors, list) else "")
+                cell = ", ".join(f"{k}={_fmt(v)}" for k, v in zip(gkeys, combo, strict=True))
+                for r in reasons:
+                    path, _, msg = r.partition(": ")
+                    problems.append((f"{where} {{{cell}}}" if cell else path, msg if not cell
+                                     else f"{path}: {msg}"))
+                continue
+            for seed in spec.seeds:
+                config = resolved_config(ds, ms, ts, seed)
+                tid = trial_id(config)
+                if tid in seen:
+                    continue
+                seen.add(tid)
+                levels = {k: _level(config, (ds, ms, ts), k) for k in keys}
+                trials.append(TrialSpec(tid, seed, ds, ms, ts, levels, config))
+    return trials, keys
+
+
+def _level(config: dict[str, Any], objs: tuple[Strict, ...], key: str) -> Any:
+    section, name = key.split(".")
+    if name in config[section]:
+        return config[section][name]
+    return getattr(objs[list(SECTION_MODELS).index(section)], name)
+
+
+def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study:
+    """Validate a parsed study mapping; raises StudyError with every problem found."""
+    problems: list[tuple[str, str]] = []
+    expanded = _expand_tree(raw, "", problems, keep={"dataset.root"})
+    try:
+        spec = StudySpec.model_validate(expanded)
+    except ValidationError as e:
+        problems += _pydantic_problems(e, "", StudySpec)
+        raise StudyError(file, problems) from None
+    if not spec.seeds:
+        problems.append(("seeds", "is empty: list at least one seed, e.g. [0]"))
+    dup = sorted({s for s in spec.seeds if spec.seeds.count(s) > 1})
+    if dup:
+        problems.append(("seeds", f"duplicate seeds {dup}: list each seed once"))
+    if spec.search.method == "optuna":
+        problems.append(("search.method", "optuna search is not available in this version; "
+                                          "use method: grid"))
+    _check_factors(spec, problems)
+    if problems:
+        raise StudyError(file, problems)
+    trials, keys = _expand_trials(spec, problems)
+    if problems:
+        raise StudyError(file, problems)
+    return Study(spec, Path(file).resolve(), file_hash, trials, keys)
+
+
+def load_study(path: str | Path) -> Study:
+    """Read, validate and expand a study file. Writes nothing."""
+    raw, digest = read_study_file(path)
+    return validate_study(raw, str(path), digest)
+
+
+def cells_per_factor(study: Study) -> dict[str, dict[str, int]]:
+    """Number of trials at each level of each factor."""
+    out: dict[str, dict[str, int]] = {}
+    for key in study.factor_keys:
+        counts: dict[str, int] = {}
+        for t in study.trials:
+            lv = _fmt(t.factors.get(key))
+            counts[lv] = counts.get(lv, 0) + 1
+        out[key] = counts
+    return out
