@@ -1,0 +1,152 @@
+"""The isotropic ablation backbone: patch embedding -> blocks -> norm -> pool -> head.
+
+A block is `x + mixer(norm(x))`, then `x + mlp(norm(x))` (MetaFormer), so two models that
+differ only in `mixer` differ only in token mixing. Defaults are ViT-Tiny/16 at 224.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ablate.models.mixers import MIXERS, TokenMixer
+from ablate.models.tokenlearner import TokenFuser, TokenLearner
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample while training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Module):
+    """Channel MLP: Linear -> GELU -> Linear."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """norm -> token mixer -> residual; norm -> channel MLP -> residual."""
+
+    def __init__(self, dim: int, mixer: TokenMixer, mlp_ratio: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mixer = mixer
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Backbone(nn.Module):
+    """Isotropic vision backbone whose token mixer and tokenization are ablation factors."""
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        dim: int = 192,
+        depth: int = 12,
+        patch_size: int = 16,
+        mixer: str = "attention",
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        token_mlp_ratio: float = 0.5,
+        kernel_size: int | None = None,
+        window_size: int = 7,
+        drop_path: float = 0.0,
+        tokens: int | None = None,
+        token_learner_at: int | None = None,
+        token_learner_version: str = "1.1",
+        token_fuser: bool = False,
+    ) -> None:
+        super().__init__()
+        if mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
+        cls = MIXERS[mixer]
+        if image_size % patch_size:
+            raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
+        if cls.pairs and depth % 2:
+            raise ValueError(f"mixer {mixer!r} runs blocks in pairs: depth {depth} must be even")
+        if kernel_size is not None and not cls.has_kernel:
+            raise ValueError(f"mixer {mixer!r} has no kernel_size")
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        n = self.grid[0] * self.grid[1]
+        self.tl_at = None
+        if tokens is not None:
+            self.tl_at = depth // 2 if token_learner_at is None else token_learner_at
+            if not 0 <= self.tl_at <= depth:
+                raise ValueError(f"token_learner_at {self.tl_at} is outside 0..{depth}")
+            if tokens > n:
+                raise ValueError(f"tokens {tokens} exceed the {n} patches")
+            if cls.needs_grid and self.tl_at < depth:
+                raise ValueError(f"mixer {mixer!r} needs the patch grid after the TokenLearner")
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, dim)) if cls.pos_embed else None
+        rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+        k = cls.default_kernel if kernel_size is None else kernel_size
+        blocks = []
+        for i in range(depth):
+            n_i = tokens if self.tl_at is not None and i >= self.tl_at else n
+            m = cls(dim, heads=heads, num_tokens=n_i, token_mlp_ratio=token_mlp_ratio,
+                    kernel_size=k, window_size=window_size, index=i)
+            blocks.append(Block(dim, m, mlp_ratio, rates[i]))
+        self.blocks = nn.ModuleList(blocks)
+        self.token_learner = (
+            TokenLearner(dim, tokens, token_learner_version) if tokens is not None else None
+        )
+        self.token_fuser = TokenFuser(dim, tokens) if tokens is not None and token_fuser else None
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        self.token_counts: list[int] = []  # tokens entering each block, filled by forward
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        hw: tuple[int, int] | None = self.grid
+        grid_tokens = None
+        counts = []
+        for i, blk in enumerate(self.blocks):
+            if self.token_learner is not None and i == self.tl_at:
+                grid_tokens, x, hw = x, self.token_learner(x, hw), None
+            counts.append(x.shape[1])
+            x = blk(x, hw)
+        if self.token_learner is not None and self.tl_at == len(self.blocks):
+            grid_tokens, x = x, self.token_learner(x, hw)
+        if self.token_fuser is not None and grid_tokens is not None:
+            x = self.token_fuser(x, grid_tokens)
+        self.token_counts = counts
+        return self.norm(x).mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
