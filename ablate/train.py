@@ -1,0 +1,153 @@
+"""One trial's training: AdamW, warm-up + cosine/one-cycle, label smoothing, clipping,
+mixed precision, val every epoch, test at the end. Reports each epoch through a callback."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ablate.data import Batches, DataBundle, Split
+from ablate.errors import DivergedError
+from ablate.study import TrainSpec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(gpus: float = 0.0) -> torch.device:
+    """CUDA when the trial was given a GPU and one is visible, else the CPU."""
+    if gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision fp16 needs a CUDA device; use bf16 on the CPU")
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and position embeddings (the usual ViT recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_schedule(opt: torch.optim.Optimizer, cfg: TrainSpec, steps_per_epoch: int
+                  ) -> torch.optim.lr_scheduler.LRScheduler:
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=total, pct_start=max(warm / total, 1e-3),
+            anneal_strategy="cos", cycle_momentum=False)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, data: DataBundle, cfg: TrainSpec,
+             device: torch.device) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over a whole split."""
+    if len(split) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for x, y in Batches(split, data.mean, data.std, cfg.eval_batch_size, device,
+                        channels_last=cfg.channels_last):
+        with autocast(device, cfg.precision):
+            logits = model(x)
+        total_loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    n = len(split)
+    return total_loss.item() / n, correct.item() / n
+
+
+def fit(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
+        device: torch.device | str = "cpu",
+        report: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+    """Train and evaluate; returns the final metrics. Raises DivergedError on a non-finite loss
+    and TimeoutError past `cfg.max_minutes`."""
+    device = torch.device(device)
+    seed_everything(seed)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_batches = Batches(data.train, data.mean, data.std, cfg.batch_size, device,
+                            shuffle=True, augment=cfg.augment, padding=cfg.crop_padding,
+                            seed=seed, channels_last=cfg.channels_last,
+                            drop_last=len(data.train) >= cfg.batch_size)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                            fused=device.type == "cuda" or None)
+    sched = make_schedule(opt, cfg, len(train_batches))
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    start = time.perf_counter()
+    best, val_acc, train_time = -1.0, float("nan"), 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        lr = opt.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)
+        for x, y in train_batches:
+            with autocast(device, cfg.precision):
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += loss.detach()
+        train_loss = loss_sum.item() / max(1, len(train_batches))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        if not math.isfinite(train_loss):
+            raise DivergedError(f"diverged at epoch {epoch}: training loss is {train_loss}")
+        val_loss, val_acc = evaluate(model, data.val, data, cfg, device)
+        if not math.isfinite(val_loss) and len(data.val):
+            raise DivergedError(f"diverged at epoch {epoch}: validation loss is {val_loss}")
+        best = max(best, val_acc)
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_acc": val_acc, "lr": lr, "epoch_time_s": epoch_time}
+        if report is not None:
+            report(metrics)
+        if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
+            if epoch < cfg.epochs:
+                raise TimeoutError(f"exceeded train.max_minutes={cfg.max_minutes} after epoch "
+                                   f"{epoch} of {cfg.epochs}")
+    test_loss, test_acc = evaluate(model, data.test, data, cfg, device)
+    return {"val_acc": val_acc, "best_val_acc": best, "test_acc": test_acc,
+            "test_loss": test_loss, "train_time_s": train_time,
+            "train_images": float(len(data.train))}
