@@ -164,5 +164,69 @@ def profile(
     out.print(table)
 
 
+UriOpt = Annotated[str | None, typer.Option("--tracking-uri", envvar="ABLATE_TRACKING_URI",
+                                            help="MLflow tracking URI (default: the study's "
+                                                 "tracking.uri, else sqlite mlruns/mlflow.db).")]
+
+
+@app.command()
+def run(study: StudyArg,
+        tracking_uri: UriOpt = None,
+        address: Annotated[str | None, typer.Option(help="Ray cluster address to join "
+                                                         "(default: start Ray locally).")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and what "
+                                                                "would be skipped.")] = False,
+        verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show Ray's own output."
+                                              )] = False) -> None:
+    """Run a study's trials on Ray Tune and log every trial to MLflow (resumable)."""
+    from ablate.runner import plan_run, run_study
+    from ablate.study import load_study
+    from ablate.tracking import resolve_tracking_uri
+
+    try:
+        s = load_study(study)
+        if dry_run:
+            uri = resolve_tracking_uri(tracking_uri, s.spec.tracking.uri)
+            todo, skipped = plan_run(s, uri)
+            out.print(f"{s.spec.name}: {len(todo)} to run, {len(skipped)} skipped (finished) "
+                      f"[tracking: {uri}]", highlight=False, markup=False)
+            for t in todo:
+                out.print(f"  run   {t.trial_id}  {t.run_name}", highlight=False, markup=False)
+            for t in skipped:
+                out.print(f"  skip  {t.trial_id}  {t.run_name}", highlight=False, markup=False)
+            return
+        summary = run_study(s, tracking_uri, address, verbose, out)
+    except AblateError as e:
+        raise _fail(e) from None
+    if summary.interrupted:
+        err.print("interrupted: running trials were marked killed; `ablate run` again resumes")
+        raise typer.Exit(130)
+
+
+@app.command()
+def status(study: StudyArg, tracking_uri: UriOpt = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Counts of trials by status and the best trial so far."""
+    from ablate.runner import status as study_status
+    from ablate.study import load_study
+
+    try:
+        info = study_status(load_study(study), tracking_uri)
+    except AblateError as e:
+        raise _fail(e) from None
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        return
+    c = info["counts"]
+    out.print(f"{info['study']}: {info['done']}/{info['trials']} done | " + " | ".join(
+        f"{k} {v}" for k, v in c.items()) + f"  [tracking: {info['tracking_uri']}]",
+        highlight=False, markup=False)
+    if info["best"]:
+        b = info["best"]
+        out.print(f"best: {b['run_name']} (trial {b['trial_id']}): val_acc {b['val_acc']:.4f}"
+                  + (f", test_acc {b['test_acc']:.4f}" if b["test_acc"] is not None else ""),
+                  highlight=False, markup=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -318,8 +318,8 @@ def imagefolder_source(root: Path, size: int | None) -> Source:
         out[split] = (np.stack(xs), np.asarray(ys, dtype=np.int64))
     tc, vc = out["train"][0].shape[1], out["test"][0].shape[1]
     if tc != vc:
-        fix = (lambda a: np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a)
-        out = {k: (fix(x), y) for k, (x, y) in out.items()}
+        out = {k: (np.repeat(x, 3, axis=1) if x.shape[1] == 1 else x, y)
+               for k, (x, y) in out.items()}
     return Source(out["train"][0], out["train"][1], out["test"][0], out["test"][1], train_c)
 
 

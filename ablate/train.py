@@ -92,9 +92,13 @@ def evaluate(model: nn.Module, split: Split, data: DataBundle, cfg: TrainSpec,
 
 def fit(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         device: torch.device | str = "cpu",
-        report: Callable[[dict[str, float]], None] | None = None) -> dict[str, float]:
+        report: Callable[[dict[str, float]], None] | None = None,
+        final_extra: dict[str, float] | None = None) -> dict[str, float]:
     """Train and evaluate; returns the final metrics. Raises DivergedError on a non-finite loss
-    and TimeoutError past `cfg.max_minutes`."""
+    and TimeoutError past `cfg.max_minutes`.
+
+    `report` gets every epoch's metrics; the last epoch's report also carries the final
+    metrics (test accuracy and `final_extra`), so a scheduler sees exactly `epochs` reports."""
     device = torch.device(device)
     seed_everything(seed)
     model = model.to(device)
@@ -139,15 +143,19 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         if not math.isfinite(val_loss) and len(data.val):
             raise DivergedError(f"diverged at epoch {epoch}: validation loss is {val_loss}")
         best = max(best, val_acc)
-        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                   "val_acc": val_acc, "lr": lr, "epoch_time_s": epoch_time}
+        metrics: dict[str, float] = {"epoch": epoch, "train_loss": train_loss,
+                                     "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+                                     "epoch_time_s": epoch_time}
+        if epoch == cfg.epochs:
+            test_loss, test_acc = evaluate(model, data.test, data, cfg, device)
+            final = {"val_acc": val_acc, "best_val_acc": best, "test_acc": test_acc,
+                     "test_loss": test_loss, "train_time_s": train_time,
+                     "train_images": float(len(data.train)), **(final_extra or {})}
+            metrics.update(final)
         if report is not None:
             report(metrics)
-        if cfg.max_minutes is not None and time.perf_counter() - start > 60 * cfg.max_minutes:
-            if epoch < cfg.epochs:
-                raise TimeoutError(f"exceeded train.max_minutes={cfg.max_minutes} after epoch "
-                                   f"{epoch} of {cfg.epochs}")
-    test_loss, test_acc = evaluate(model, data.test, data, cfg, device)
-    return {"val_acc": val_acc, "best_val_acc": best, "test_acc": test_acc,
-            "test_loss": test_loss, "train_time_s": train_time,
-            "train_images": float(len(data.train))}
+        if (cfg.max_minutes is not None and epoch < cfg.epochs
+                and time.perf_counter() - start > 60 * cfg.max_minutes):
+            raise TimeoutError(f"exceeded train.max_minutes={cfg.max_minutes} after epoch "
+                               f"{epoch} of {cfg.epochs}")
+    return final

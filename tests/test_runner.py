@@ -1,0 +1,193 @@
+"""`ablate run` end to end: real Ray, real MLflow (SQLite in a temp dir)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ablate.runner import run_study
+from ablate.study import load_study
+from ablate.tracking import EPOCH_METRICS, load_curves, load_runs
+from tests.conftest import write
+
+pytestmark = pytest.mark.slow
+
+SMOKE = """\
+name: smoke
+dataset: {name: synthetic, image_size: 16, train_size: 240, test_size: 80}
+model: {dim: 16, depth: 2, heads: 2, patch_size: 4, window_size: 2}
+train: {epochs: 2, batch_size: 32, eval_batch_size: 128, profile_batch_size: 8,
+        profile_seconds: 0.02, warmup_epochs: 0.2}
+factors:
+  model.mixer: [attention, mlp, conv, dual, pool, identity]
+seeds: [0]
+resources: {cpus_per_trial: 1, max_concurrent: 2}
+failures: {max_retries: 1}
+"""
+
+FINAL = ("val_acc", "best_val_acc", "test_acc", "params", "gmacs", "throughput_img_s",
+         "latency_ms", "train_img_s", "train_time_s", "peak_mem_mb")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def runs_of(uri: str, name: str):
+    df = load_runs(name, uri)
+    return df
+
+
+def test_smoke_study_all_mixers_then_idempotent(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(write(tmp_path / "smoke.yaml", SMOKE))
+    summary = run_study(study, uri)
+    assert summary.finished == 6 and summary.failed == 0
+    df = runs_of(uri, "smoke")
+    assert len(df) == 6
+    assert set(df["trial_id"]) == {t.trial_id for t in study.trials}
+    assert set(df["status"]) == {"finished"}
+    assert set(df["factor.model.mixer"]) == {"attention", "mlp", "conv", "dual", "pool",
+                                             "identity"}
+    for m in FINAL:
+        assert df[m].notna().all(), m
+        assert (df[m] >= 0).all(), m
+    assert (df["params"] > 0).all() and (df["gmacs"] > 0).all()
+    # identity mixing has no token-mixing weights: fewest parameters of all six
+    assert df.loc[df["params"].idxmin(), "factor.model.mixer"] == "identity"
+    curves = load_curves("smoke", uri)
+    for m in EPOCH_METRICS:
+        sub = curves[curves["metric"] == m]
+        assert sorted(sub.groupby("run_id")["step"].apply(list).iloc[0]) == [1, 2], m
+    # tags and params the dashboard and users rely on
+    c = MlflowClient(uri)
+    run = c.get_run(df["run_id"].iloc[0])
+    for tag in ("ablate.study", "ablate.trial_id", "ablate.status", "ablate.git_revision",
+                "factor.model.mixer"):
+        assert tag in run.data.tags
+    assert run.data.params["model.dim"] == "16"
+    # running it again adds no run
+    again = run_study(study, uri)
+    assert again.skipped == 6 and again.finished == 0
+    assert len(runs_of(uri, "smoke")) == 6
+
+
+def test_adding_a_seed_runs_only_new_trials(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    one = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]", "[mlp, identity]")
+    s1 = load_study(write(tmp_path / "s1.yaml", one))
+    run_study(s1, uri)
+    first = set(runs_of(uri, "smoke")["run_id"])
+    assert len(first) == 2
+    s2 = load_study(write(tmp_path / "s2.yaml", one.replace("seeds: [0]", "seeds: [0, 1]")))
+    summary = run_study(s2, uri)
+    assert summary.skipped == 2 and summary.finished == 2
+    df = runs_of(uri, "smoke")
+    assert len(df) == 4 and first <= set(df["run_id"])
+    assert sorted(df["seed"]) == [0, 0, 1, 1]
+    assert df["trial_id"].is_unique
+
+
+def test_failing_trial_is_retried_recorded_and_does_not_stop_the_study(ray_session, tmp_path,
+                                                                       monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    text = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]",
+                         "[mlp, identity, pool]")
+    study = load_study(write(tmp_path / "f.yaml", text))
+    by_mixer = {t.factors["model.mixer"]: t.trial_id for t in study.trials}
+    fault = tmp_path / "faults.json"
+    # mlp fails once then succeeds on its retry; identity fails on every attempt
+    fault.write_text(json.dumps({by_mixer["mlp"]: {"epoch": 1, "times": 1},
+                                 by_mixer["identity"]: {"epoch": 2, "times": 99}}))
+    monkeypatch.setenv("ABLATE_FAULT_FILE", str(fault))
+    summary = run_study(study, uri)
+    assert summary.finished == 2 and summary.failed == 1
+    df = runs_of(uri, "smoke").set_index("factor.model.mixer")
+    assert df.loc["mlp", "status"] == "finished"
+    assert df.loc["pool", "status"] == "finished"
+    assert df.loc["identity", "status"] == "failed"
+    assert "injected fault at epoch 2" in df.loc["identity", "error"]
+    c = MlflowClient(uri)
+    fail_run = c.get_run(df.loc["identity", "run_id"])
+    assert fail_run.info.status == "FAILED"
+    assert fail_run.data.tags["ablate.attempts"] == "2"  # max_retries: 1 -> two attempts
+    arts = {a.path for a in c.list_artifacts(df.loc["identity", "run_id"])}
+    assert {"error_attempt1.txt", "error_attempt2.txt", "trial_config.yaml"} <= arts
+    text = Path(c.download_artifacts(df.loc["identity", "run_id"], "error_attempt2.txt",
+                                     str(tmp_path))).read_text()
+    assert "RuntimeError: injected fault" in text
+    mlp_run = c.get_run(df.loc["mlp", "run_id"])
+    assert mlp_run.data.tags["ablate.attempts"] == "2"
+    assert "error_attempt1.txt" in {a.path for a in c.list_artifacts(mlp_run.info.run_id)}
+    # a re-run retries only the failed trial
+    monkeypatch.delenv("ABLATE_FAULT_FILE")
+    again = run_study(study, uri)
+    assert again.skipped == 2 and again.finished == 1
+
+
+def test_diverging_trial_fails_with_reason(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    text = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]", "[mlp]").replace(
+        "epochs: 2,", "epochs: 2, lr: 1.0e+12, grad_clip: null,").replace(
+        "max_retries: 1", "max_retries: 0")
+    study = load_study(write(tmp_path / "d.yaml", text))
+    summary = run_study(study, uri)
+    assert summary.failed == 1
+    df = runs_of(uri, "smoke")
+    assert df["status"].tolist() == ["failed"]
+    assert df["error"].iloc[0].startswith("diverged at epoch ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_sees_runs(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    text = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]", "[conv]")
+    run_study(load_study(write(tmp_path / "m.yaml", text)), uri)
+    port = free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(mlflow_bin), "server", "--backend-store-uri", uri,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1)
+        c = MlflowClient(base)
+        exp = c.get_experiment_by_name("smoke")
+        runs = c.search_runs([exp.experiment_id])
+        assert len(runs) == 1
+        r = runs[0]
+        assert r.data.tags["factor.model.mixer"] == "conv"
+        assert r.data.params["model.mixer"] == "conv"
+        hist = c.get_metric_history(r.info.run_id, "val_acc")
+        assert [h.step for h in hist] == [1, 2]
+        assert r.data.metrics["test_acc"] >= 0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
