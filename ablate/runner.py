@@ -405,6 +405,9 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
             import ray
 
             ray.shutdown()
+    # Tune stops gracefully on Ctrl-C and returns: unfinished trials mean we were interrupted
+    interrupted = interrupted or (progress.done + progress.pruned + progress.failed
+                                  < progress.total)
     console.print(f"{study.spec.name}: {progress.line(concurrency)}", highlight=False)
     return RunSummary(len(study.trials), len(skipped), progress.done, progress.pruned,
                       progress.failed, uri, interrupted)

@@ -99,13 +99,21 @@ def client(uri: str):
 
     _quiet_mlflow()
 
-    try:
-        c = MlflowClient(tracking_uri=uri)
-        c.search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001 - every backend raises its own kind
-        raise TrackingError(f"tracking uri {uri}: cannot open the MLflow store ({e}); check "
-                            "--tracking-uri / ABLATE_TRACKING_URI / tracking.uri") from None
-    return c
+    for attempt in range(5):
+        try:
+            c = MlflowClient(tracking_uri=uri)
+            c.search_experiments(max_results=1)
+            return c
+        except Exception as e:  # noqa: BLE001 - every backend raises its own kind
+            # a second process creating the same new SQLite store races on its schema
+            if "already exists" in str(e) and attempt < 4:
+                time.sleep(1.0)
+                continue
+            msg = str(e).splitlines()[0][:300]
+            raise TrackingError(f"tracking uri {uri}: cannot open the MLflow store ({msg}); "
+                                "check --tracking-uri / ABLATE_TRACKING_URI / tracking.uri"
+                                ) from None
+    raise AssertionError("unreachable")
 
 
 class Tracker:

@@ -45,14 +45,16 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, mixer: TokenMixer, mlp_ratio: float, drop_path: float) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        # the mixer branch's pre-norm belongs to the branch: no branch, no norm
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6) if mixer.mixes else None
         self.mixer = mixer
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
-        x = x + self.drop_path(self.mixer(self.norm1(x), hw))
+        if self.norm1 is not None:
+            x = x + self.drop_path(self.mixer(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

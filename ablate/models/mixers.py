@@ -22,6 +22,7 @@ class TokenMixer(nn.Module):
     default_kernel: ClassVar[int | None] = None
     pairs: ClassVar[bool] = False  # blocks come in pairs: `depth` must be even
     pos_embed: ClassVar[bool] = False  # the backbone adds a learned position embedding
+    mixes: ClassVar[bool] = True  # False: the block skips the mixer branch (and its norm)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -187,6 +188,8 @@ class Pooling(TokenMixer):
 
 class NoMixing(TokenMixer):
     """No token mixing at all: the patches-only lower bound."""
+
+    mixes = False
 
     def __init__(self, dim: int, **_: object) -> None:
         super().__init__()

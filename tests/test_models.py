@@ -1,0 +1,186 @@
+"""Every registered mixer (with and without TokenLearner), the references, the profiler."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ablate.cli import app
+from ablate.cost import METRICS, count_gmacs, count_params, profile
+from ablate.models import MIXERS, REFERENCES, create_model
+from ablate.models.backbone import Backbone
+
+SMALL = dict(image_size=16, in_chans=3, num_classes=7, dim=16, depth=4, patch_size=4, heads=2,
+             window_size=2)
+
+
+def cases():
+    for name, cls in MIXERS.items():
+        yield name, None
+        if not cls.needs_grid:
+            yield name, "1.1"
+            yield name, "1.0"
+        # mixers that need the grid may still take a TokenLearner after the last block
+        yield name, "end"
+
+
+@pytest.mark.parametrize(("mixer", "tl"), list(cases()))
+def test_mixer_forward_backward(mixer, tl):
+    torch.manual_seed(0)
+    kw = dict(SMALL, mixer=mixer)
+    if tl == "end":
+        kw.update(tokens=4, token_learner_at=SMALL["depth"])
+    elif tl is not None:
+        kw.update(tokens=4, token_learner_version=tl)
+    model = create_model(**kw)
+    x = torch.randn(3, 3, 16, 16)
+    y = model(x)
+    assert y.shape == (3, 7)
+    assert torch.isfinite(y).all()
+    y.square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    n = (16 // 4) ** 2
+    if tl in ("1.1", "1.0"):
+        at = SMALL["depth"] // 2
+        assert model.token_counts == [n] * at + [4] * (SMALL["depth"] - at)
+    else:
+        assert model.token_counts == [n] * SMALL["depth"]
+
+
+@pytest.mark.parametrize("mixer", [m for m, c in MIXERS.items() if not c.needs_grid])
+def test_token_mlp_is_sized_for_learned_tokens_and_fuser_restores_grid(mixer):
+    model = create_model(**dict(SMALL, mixer=mixer, tokens=3, token_fuser=True))
+    out = model.forward_features(torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, 16)
+    assert model.token_counts[-1] == 3
+    if mixer == "mlp":
+        assert model.blocks[-1].mixer.fc1.in_features == 3
+        assert model.blocks[0].mixer.fc1.in_features == 16
+
+
+def test_mixers_differ_only_in_token_mixing():
+    """Two models that differ only in `mixer` have identical parameters outside the mixer
+    branch (norm1 -> mixer; identity has no branch)."""
+    shapes = {}
+    for name in MIXERS:
+        m = create_model(**dict(SMALL, mixer=name))
+        shapes[name] = {k: v.shape for k, v in m.state_dict().items()
+                        if ".mixer." not in k and ".norm1." not in k and k != "pos_embed"}
+    first = next(iter(shapes.values()))
+    assert all(s == first for s in shapes.values())
+
+
+def test_mixers_really_mix_tokens():
+    """Changing one patch changes other patches' features, except with identity mixing."""
+    torch.manual_seed(0)
+    for name in MIXERS:
+        m = create_model(**dict(SMALL, mixer=name, depth=2)).eval()
+        x = torch.randn(1, 3, 16, 16)
+        x2 = x.clone()
+        x2[..., :4, :4] += 3.0  # only patch 0 changes
+        feats = []
+        for inp in (x, x2):
+            t = m.patch_embed(inp).flatten(2).transpose(1, 2)
+            if m.pos_embed is not None:
+                t = t + m.pos_embed
+            for blk in m.blocks:
+                t = blk(t, m.grid)
+            feats.append(t)
+        others = (feats[0][:, 1:] - feats[1][:, 1:]).abs().max().item()
+        if name == "identity":
+            assert others < 1e-6
+        else:
+            assert others > 1e-4, name
+
+
+def test_backbone_rejects_impossible_configs():
+    with pytest.raises(ValueError, match="does not divide"):
+        Backbone(**dict(SMALL, patch_size=5))
+    with pytest.raises(ValueError, match="exceed"):
+        Backbone(**dict(SMALL, tokens=17))
+    with pytest.raises(ValueError, match="needs the patch grid"):
+        Backbone(**dict(SMALL, mixer="conv", tokens=4))
+    with pytest.raises(ValueError, match="pairs"):
+        Backbone(**dict(SMALL, mixer="dual", depth=3))
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_reference_params_and_gmacs(name):
+    ref = REFERENCES[name]
+    model = create_model(name)
+    assert count_params(model) == ref.params
+    g = count_gmacs(model, ref.image_size)
+    assert abs(g / ref.gmacs - 1) < 0.01, (g, ref.gmacs)
+    small = create_model(name, image_size=32, num_classes=5)
+    y = small(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 5) and torch.isfinite(y).all()
+    y.sum().backward()
+
+
+def test_our_vit_counts_match_timms():
+    timm = pytest.importorskip("timm")
+    ours = create_model("vit_tiny_patch16_224")
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    assert count_params(ours) == count_params(theirs)
+    assert abs(count_gmacs(ours, 224) - count_gmacs(theirs, 224)) < 1e-6
+    via = create_model("timm:vit_tiny_patch16_224", num_classes=10, image_size=32)
+    assert via(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_sdpa_macs_are_counted():
+    """FlopCounterMode alone misses CPU SDPA; ours adds the exact QK^T and AV products."""
+    from torch.nn import functional as F
+
+    class Att(torch.nn.Module):
+        def forward(self, x):
+            return F.scaled_dot_product_attention(x, x, x)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Att()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, img):
+            q = img.reshape(1, 3, 16 * 16 // 8, 8)  # (B, H=3, L=32, E=8)
+            return self.a(q)
+
+    g = count_gmacs(M(), 16)
+    assert g * 1e9 == pytest.approx(3 * 32 * 32 * (8 + 8))
+
+
+def test_profile_reports_every_metric():
+    model = create_model(**SMALL)
+    p = profile(model, 16, num_classes=7, batch_size=4, min_seconds=0.05, warmup=1)
+    d = p.metrics()
+    assert set(d) == set(METRICS)
+    assert d["params"] == count_params(model)
+    assert all(v > 0 for v in d.values())
+    assert p.device == "cpu" and p.batch_size == 4
+
+
+def test_profile_cli_json():
+    runner = CliRunner()
+    res = runner.invoke(app, ["profile", "convmixer_256_8_cifar", "--no-timing", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert set(METRICS) <= set(d)
+    assert d["params"] == 594_186 and abs(d["gmacs"] - 0.148) < 0.0015
+    assert d["throughput_img_s"] is None
+    res = runner.invoke(app, ["profile", "--mixer", "conv", "--dim", "32", "--depth", "2",
+                              "--patch-size", "2", "--kernel-size", "5", "--image-size", "8",
+                              "--num-classes", "10", "--batch-size", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["params"] == count_params(create_model(mixer="conv", dim=32, depth=2, patch_size=2,
+                                                    kernel_size=5, image_size=8,
+                                                    num_classes=10))
+    assert d["train_img_s"] > 0
+    bad = runner.invoke(app, ["profile", "no_such_model", "--no-timing"])
+    assert bad.exit_code == 2 and "unknown architecture" in bad.output
+    listing = runner.invoke(app, ["models"])
+    assert listing.exit_code == 0 and "davit_tiny" in listing.output
