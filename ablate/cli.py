@@ -228,5 +228,33 @@ def status(study: StudyArg, tracking_uri: UriOpt = None,
                   highlight=False, markup=False)
 
 
+@app.command()
+def dashboard(tracking_uri: UriOpt = None,
+              host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")]
+              = "127.0.0.1",
+              port: Annotated[int, typer.Option(help="Port.")] = 8501) -> None:
+    """Open the Streamlit dashboard: frontiers, factor effects, curves, runs."""
+    import os
+    import subprocess
+
+    from ablate.tracking import PACKAGE_ROOT, resolve_tracking_uri
+
+    app_path = PACKAGE_ROOT / "dashboard" / "app.py"
+    if not app_path.exists():
+        raise _fail(AblateError(f"{app_path}: the dashboard ships with the source checkout; "
+                                "install ablate with `pip install -e .` from a clone"))
+    uri = resolve_tracking_uri(tracking_uri)
+    env = {**os.environ, "ABLATE_TRACKING_URI": uri}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
+           "--server.port", str(port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    out.print(f"dashboard on http://{host}:{port}  (tracking: {uri}; Ctrl-C stops it)",
+              highlight=False, markup=False)
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,120 @@
+"""Analysis functions on hand-checkable data."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ablate import analysis, plots
+
+T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
+
+
+def demo() -> pd.DataFrame:
+    rows = []
+    vals = {("attention", 0.5): [0.50, 0.52, 0.54], ("attention", 1.0): [0.80, 0.80, 0.80],
+            ("conv", 0.5): [0.55, 0.55, 0.55], ("conv", 1.0): [0.70, 0.72, 0.74]}
+    for (mixer, frac), accs in vals.items():
+        for seed, a in enumerate(accs):
+            rows.append({"run_id": f"{mixer}-{frac}-{seed}", "factor.model.mixer": mixer,
+                         "factor.dataset.fraction": frac, "seed": seed, "val_acc": a,
+                         "gmacs": 2.0 if mixer == "attention" else 1.0,
+                         "throughput_img_s": 100.0 if mixer == "attention" else 300.0})
+    return pd.DataFrame(rows)
+
+
+def test_aggregate_mean_std_ci():
+    agg = analysis.aggregate(demo(), "val_acc").set_index(["factor.model.mixer",
+                                                           "factor.dataset.fraction"])
+    r = agg.loc[("attention", 0.5)]
+    assert r["mean"] == pytest.approx(0.52) and r["std"] == pytest.approx(0.02)
+    assert r["n"] == 3
+    half = T_975_2 * 0.02 / math.sqrt(3)
+    assert r["ci_low"] == pytest.approx(0.52 - half) and r["ci_high"] == pytest.approx(0.52 + half)
+    assert agg.loc[("conv", 1.0), "mean"] == pytest.approx(0.72)
+    assert agg.loc[("conv", 1.0), "gmacs"] == 1.0
+    assert len(agg.loc[("conv", 1.0), "run_ids"]) == 3
+
+
+def test_single_seed_has_no_interval_and_off_levels_group():
+    df = pd.DataFrame({"run_id": ["a", "b"], "factor.model.tokens": [None, 8],
+                       "val_acc": [0.3, 0.4]})
+    agg = analysis.aggregate(df, "val_acc")
+    assert set(agg["factor.model.tokens"]) == {"off", 8}
+    assert agg["ci_low"].isna().all() and (agg["n"] == 1).all()
+
+
+def test_frontier_lower_and_higher_is_better():
+    agg = analysis.aggregate(demo(), "val_acc")
+    f = analysis.frontier(agg, "gmacs")
+    got = list(zip(f["factor.model.mixer"], f["factor.dataset.fraction"], strict=True))
+    assert got == [("conv", 1.0), ("attention", 1.0)]
+    f2 = analysis.frontier(agg, "throughput_img_s")  # higher throughput is better
+    assert list(f2["factor.model.mixer"]) == ["conv", "attention"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_matches_bruteforce_with_ties_and_duplicates(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 60))
+    cost = rng.integers(0, 8, n).astype(float)  # few values: many ties
+    acc = rng.integers(0, 8, n).astype(float)
+    if n > 3:
+        cost[1], acc[1] = cost[0], acc[0]  # an exact duplicate
+        cost[2] = np.nan
+    for lower in (True, False):
+        fast = sorted(analysis.pareto_front(cost, acc, lower))
+        slow = sorted(analysis.pareto_front_bruteforce(cost, acc, lower))
+        assert fast == slow
+
+
+def test_main_effects_and_sizes():
+    eff = analysis.main_effects(demo(), "val_acc")
+    mixer = eff["factor.model.mixer"].set_index("level")
+    assert mixer.loc["attention", "mean"] == pytest.approx((0.52 + 0.80) / 2)
+    assert mixer.loc["conv", "mean"] == pytest.approx((0.55 + 0.72) / 2)
+    frac = eff["factor.dataset.fraction"].set_index("level")
+    assert frac.loc[0.5, "mean"] == pytest.approx(0.535)
+    assert frac.loc[1.0, "n"] == 2
+    sizes = analysis.effect_sizes(eff)
+    assert sizes["factor"].tolist() == ["factor.dataset.fraction", "factor.model.mixer"]
+    assert sizes["range"].iloc[0] == pytest.approx(0.76 - 0.535)
+
+
+def test_interaction_and_scaling():
+    t = analysis.interaction(demo(), "val_acc", "factor.model.mixer", "factor.dataset.fraction")
+    assert t.loc["conv", 1.0] == pytest.approx(0.72) and t.loc["attention", 0.5] == \
+        pytest.approx(0.52)
+    sc = analysis.scaling_curves(demo(), "val_acc")
+    conv = sc[sc["factor.model.mixer"] == "conv"].set_index("factor.dataset.fraction")
+    assert conv.loc[0.5, "mean"] == pytest.approx(0.55) and conv.loc[1.0, "mean"] == \
+        pytest.approx(0.72)
+
+
+def test_figures_carry_the_computed_points():
+    df = demo()
+    agg = analysis.aggregate(df, "val_acc")
+    front = analysis.frontier(agg, "gmacs")
+    fig = plots.frontier_figure(agg, front, "gmacs", "val_acc", "factor.model.mixer",
+                                "factor.dataset.fraction", log_x=True)
+    points = {(x, round(y, 6)) for tr in fig.data if tr.mode == "markers"
+              for x, y in zip(tr.x, tr.y, strict=True)}
+    assert points == {(2.0, 0.52), (2.0, 0.8), (1.0, 0.55), (1.0, 0.72)}
+    line = [tr for tr in fig.data if tr.name == "Pareto frontier"][0]
+    assert list(line.x) == [1.0, 2.0] and [round(v, 6) for v in line.y] == [0.72, 0.8]
+    assert fig.layout.xaxis.type == "log"
+    conv = [tr for tr in fig.data if tr.name == "mixer=conv"][0]
+    half = T_975_2 * 0.02 / math.sqrt(3)
+    assert sorted(round(v, 6) for v in conv.error_y.array) == [0.0, round(half, 6)]
+    eff = plots.effects_figure(analysis.main_effects(df, "val_acc"), "val_acc")
+    assert len(eff.data) == 2
+    heat = plots.interaction_figure(
+        analysis.interaction(df, "val_acc", "factor.model.mixer", "factor.dataset.fraction"),
+        "factor.model.mixer", "factor.dataset.fraction", "val_acc")
+    assert np.allclose(heat.data[0].z, [[0.52, 0.80], [0.55, 0.72]])
+    sc = plots.scaling_figure(analysis.scaling_curves(df, "val_acc"), "val_acc",
+                              "factor.dataset.fraction", "factor.model.mixer")
+    assert {tr.name for tr in sc.data} == {"attention", "conv"}

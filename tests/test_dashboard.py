@@ -1,0 +1,199 @@
+"""The dashboard against a real MLflow store: AppTest on every tab, and a real browser."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from ablate.study import load_study
+from ablate.tracking import Tracker
+from tests.conftest import ROOT, write
+
+APP = str(ROOT / "dashboard" / "app.py")
+VALS = {("attention", 0.5): [0.50, 0.52, 0.54], ("attention", 1.0): [0.80, 0.80, 0.80],
+        ("conv", 0.5): [0.55, 0.55, 0.55], ("conv", 1.0): [0.70, 0.72, 0.74]}
+DEMO = """\
+name: demo
+model: {dim: 16, depth: 2, heads: 2, patch_size: 4}
+factors:
+  model.mixer: [attention, conv]
+  dataset.fraction: [0.5, 1.0]
+seeds: [0, 1, 2, 3]
+"""
+
+
+def fill_store(tmp: Path) -> str:
+    """Runs written through ablate's own Tracker: 12 finished (hand-set numbers), 1 failed;
+    a study whose runs all failed; a study whose runs lack cost metrics."""
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    study = load_study(write(tmp / "demo.yaml", DEMO))
+    tr = Tracker(uri, "demo")
+    for t in study.trials:
+        key = (t.factors["model.mixer"], t.factors["dataset.fraction"])
+        if t.seed == 3:
+            if key == ("conv", 1.0):
+                rid = tr.start_run(t, study)
+                tr.set_tags(rid, {"ablate.error": "diverged at epoch 2: training loss is nan"})
+                tr.end_run(rid, "failed")
+            continue
+        acc = VALS[key][t.seed]
+        rid = tr.start_run(t, study)
+        for epoch in (1, 2):
+            tr.log_metrics(rid, {"val_acc": acc * epoch / 2, "train_loss": 2.0 / epoch,
+                                 "val_loss": 1.0, "lr": 1e-3, "epoch_time_s": 1.0}, step=epoch)
+        gm = 2.0 if key[0] == "attention" else 1.0
+        tr.log_metrics(rid, {"best_val_acc": acc, "test_acc": acc - 0.01, "gmacs": gm,
+                             "params": 1000.0 * gm, "throughput_img_s": 300.0 / gm,
+                             "latency_ms": gm, "train_time_s": 10.0, "train_img_s": 50.0,
+                             "peak_mem_mb": 100.0}, step=2)
+        tr.end_run(rid, "finished")
+    bad = load_study(write(tmp / "bad.yaml", DEMO.replace("name: demo", "name: allfailed")
+                           .replace("seeds: [0, 1, 2, 3]", "seeds: [0]")))
+    tb = Tracker(uri, "allfailed")
+    for t in bad.trials[:2]:
+        rid = tb.start_run(t, bad)
+        tb.set_tags(rid, {"ablate.error": "RuntimeError: out of memory"})
+        tb.end_run(rid, "failed")
+    nm = load_study(write(tmp / "nm.yaml", DEMO.replace("name: demo", "name: nocost")
+                          .replace("seeds: [0, 1, 2, 3]", "seeds: [0]")))
+    tn = Tracker(uri, "nocost")
+    for t in nm.trials:
+        rid = tn.start_run(t, nm)
+        tn.log_metrics(rid, {"val_acc": 0.5}, step=1)
+        tn.end_run(rid, "finished")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return fill_store(tmp_path_factory.mktemp("dash"))
+
+
+def app(uri: str, monkeypatch) -> AppTest:
+    monkeypatch.setenv("ABLATE_TRACKING_URI", uri)
+    at = AppTest.from_file(APP, default_timeout=120)
+    return at.run()
+
+
+SIGNATURE = {"frontier_table": "ci_low", "effect_sizes": "range", "runs_table": "run_id"}
+
+
+def table(at: AppTest, key: str):
+    """AppTest does not expose dataframe keys: find each table by a column only it has."""
+    return next(d.value for d in at.dataframe if SIGNATURE[key] in d.value.columns)
+
+
+def test_frontier_effects_runs_for_a_study(store, monkeypatch):
+    at = app(store, monkeypatch)
+    at.sidebar.selectbox(key="study").set_value("demo").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "demo"
+    front = table(at, "frontier_table")
+    got = sorted(zip(front["model.mixer"], front["dataset.fraction"],
+                     front["mean"].round(6), strict=True))
+    assert got == [("attention", 1.0, 0.8), ("conv", 1.0, 0.72)]
+    runs = table(at, "runs_table")
+    assert len(runs) == 12 and set(runs["status"]) == {"finished"}
+    sizes = table(at, "effect_sizes")
+    assert sizes["factor"].tolist() == ["dataset.fraction", "model.mixer"]
+    assert sizes["range"].iloc[0] == pytest.approx(0.76 - 0.535)
+    assert any("1 failed runs are hidden" in c.value for c in at.caption)
+    # widgets: another metric, another cost, a factor filter, failed runs shown
+    at.sidebar.selectbox(key="metric").set_value("test_acc").run()
+    assert sorted(table(at, "frontier_table")["mean"].round(6)) == [0.71, 0.79]
+    at.selectbox(key="cost").set_value("throughput_img_s").run()
+    assert not at.exception
+    at.sidebar.multiselect(key="filter.factor.model.mixer").set_value(["conv"]).run()
+    assert table(at, "frontier_table")["model.mixer"].tolist() == ["conv"]
+    at.sidebar.multiselect(key="status").set_value(["finished", "failed"]).run()
+    runs = table(at, "runs_table")
+    assert len(runs) == 7 and (runs["status"] == "failed").sum() == 1
+    assert "diverged at epoch 2" in runs.loc[runs["status"] == "failed", "error"].iloc[0]
+    assert not at.exception
+
+
+def test_only_failed_runs_get_a_message(store, monkeypatch):
+    at = app(store, monkeypatch)
+    at.sidebar.selectbox(key="study").set_value("allfailed").run()
+    assert not at.exception
+    at.sidebar.multiselect(key="status").set_value(["failed"]).run()
+    warn = " ".join(w.value for w in at.warning)
+    assert "No finished runs" in warn and "out of memory" in warn
+    assert not at.exception
+
+
+def test_missing_cost_metrics_get_a_message(store, monkeypatch):
+    at = app(store, monkeypatch)
+    at.sidebar.selectbox(key="study").set_value("nocost").run()
+    assert not at.exception
+    assert any("no cost metrics" in w.value for w in at.warning)
+
+
+def test_empty_store_says_what_to_run(tmp_path, monkeypatch):
+    at = app(f"sqlite:///{tmp_path / 'none.db'}", monkeypatch)
+    assert not at.exception
+    assert any("ablate run studies/quickstart.yaml" in i.value for i in at.info)
+    assert not (tmp_path / "none.db").exists()  # looking does not create a store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_real_browser_renders_the_frontier(store, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("ablate")
+    proc = subprocess.Popen([str(exe), "dashboard", "--tracking-uri", store, "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "dashboard did not start"
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{url}/?study=demo")
+            page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+            page.wait_for_selector("text=Pareto frontier", timeout=30_000)
+            assert page.locator("[data-testid='stException']").count() == 0
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        assert shot.stat().st_size > 10_000
+        out = ROOT / ".artifacts"
+        out.mkdir(exist_ok=True)
+        shutil.copy(shot, out / "dashboard.png")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
