@@ -499,24 +499,32 @@ def load_dataset(spec: DatasetSpec, root: Path | None = None) -> DataBundle:
 
 # ---------------------------------------------------------------- batches
 
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Per-image random crop of a zero-padded batch, as one gather (no Python loop)."""
-    if padding == 0:
-        return x
+def augment(x: torch.Tensor, padding: int, crop: bool, flip: bool,
+            gen: torch.Generator) -> torch.Tensor:
+    """Per-image random crop of the zero-padded batch and random horizontal flip, done as
+    one gather over flat pixel indices (no per-image Python loop). Draws, in order: row
+    offsets, column offsets (if crop), then flip coins (if flip)."""
     b, c, h, w = x.shape
-    xp = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=gen.device).to(x.device)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=gen, device=gen.device).to(x.device)
-    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return xp[bi, ci, rows, cols]
-
-
-def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    mask = torch.rand(x.shape[0], generator=gen, device=gen.device).to(x.device) < 0.5
-    return torch.where(mask[:, None, None, None], x.flip(3), x)
+    p = padding if crop else 0
+    if not crop and not flip:
+        return x
+    dev = x.device
+    if p:
+        x = F.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=gen.device).to(dev)
+        ox = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=gen.device).to(dev)
+    else:
+        oy = ox = torch.zeros(b, dtype=torch.long, device=dev)
+    hp, wp = h + 2 * p, w + 2 * p
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if flip:
+        coin = torch.rand(b, generator=gen, device=gen.device).to(dev) < 0.5
+        cols = torch.where(coin[:, None], (w - 1) - cols, cols)
+    rows = torch.arange(h, device=dev)
+    flat = ((oy[:, None, None] + rows[None, :, None]) * wp
+            + (ox[:, None] + cols)[:, None, :]).view(b, 1, h * w)
+    out = torch.gather(x.reshape(b, c, hp * wp), 2, flat.expand(b, c, h * w))
+    return out.view(b, c, h, w)
 
 
 class Batches:
@@ -548,11 +556,8 @@ class Batches:
                  else torch.arange(n, device=self.device))
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[idx]
-            if "crop" in self.augment:
-                x = random_crop(x, self.padding, self.gen)
-            if "flip" in self.augment:
-                x = random_flip(x, self.gen)
+            x = augment(self.images[idx], self.padding, "crop" in self.augment,
+                        "flip" in self.augment, self.gen)
             x = (x.float() - self.mean) * self.inv_std
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

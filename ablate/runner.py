@@ -13,6 +13,8 @@ import os
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,10 +139,32 @@ class MlflowWriter(Callback):
         self.tracker, self.study, self.progress = tracker, study, progress
         self.console, self.concurrency = console, concurrency
         self.by_id = {t.trial_id: t for t in study.trials}
-        self.runs: dict[str, str] = {}  # ablate trial id -> mlflow run id
+        self.runs: dict[str, Future] = {}  # ablate trial id -> future of its mlflow run id
         self.attempts: dict[str, int] = {}
         self.t0: dict[str, float] = {}
         self.open: set[str] = set()
+        # One writer thread, in submission order: SQLite still sees one writer, and Tune's
+        # event loop never waits on the tracking store (a remote server included).
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-mlflow")
+        self.write_errors: list[str] = []
+
+    def _write(self, tid: str, fn: Callable[[str], Any]) -> None:
+        def op() -> None:
+            try:
+                fn(self.runs[tid].result())
+            except Exception as e:  # noqa: BLE001 - reported at the end, the study goes on
+                self.write_errors.append(f"{type(e).__name__}: {e}")
+
+        self.pool.submit(op)
+
+    def flush(self) -> None:
+        """Wait for every queued write; report the ones that failed."""
+        self.pool.shutdown(wait=True)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-mlflow")
+        for msg in dict.fromkeys(self.write_errors):
+            self.console.print(f"[yellow]warning[/yellow]: a tracking write failed: {msg}",
+                               highlight=False)
+        self.write_errors.clear()
 
     def _tid(self, trial) -> str:
         return trial.config["t"]["trial"]["trial_id"]
@@ -149,10 +173,11 @@ class MlflowWriter(Callback):
         tid = self._tid(trial)
         if tid in self.runs:
             self.attempts[tid] += 1
-            self.tracker.set_tags(self.runs[tid], {"ablate.attempts": str(self.attempts[tid]),
-                                              "ablate.status": "running"})
+            tags = {"ablate.attempts": str(self.attempts[tid]), "ablate.status": "running"}
+            self._write(tid, lambda rid: self.tracker.set_tags(rid, tags))
         else:
-            self.runs[tid] = self.tracker.start_run(self.by_id[tid], self.study)
+            self.runs[tid] = self.pool.submit(self.tracker.start_run, self.by_id[tid],
+                                              self.study)
             self.attempts[tid] = 1
         self.open.add(tid)
         self.t0[tid] = time.monotonic()
@@ -163,13 +188,14 @@ class MlflowWriter(Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         keys = [k for k in ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
                 if k in result]
-        self.tracker.log_metrics(self.runs[tid], {k: result[k] for k in keys}, step=epoch)
+        per_epoch = {k: result[k] for k in keys}
+        self._write(tid, lambda rid: self.tracker.log_metrics(rid, per_epoch, step=epoch))
         if "test_acc" in result:
             from ablate.tracking import FINAL_METRICS
 
             final = {k: result[k] for k in (*FINAL_METRICS, "profile_batch_size")
                      if k in result and k not in keys}
-            self.tracker.log_metrics(self.runs[tid], final, step=epoch)
+            self._write(tid, lambda rid: self.tracker.log_metrics(rid, final, step=epoch))
         acc = result.get("val_acc")
         if acc is not None and (self.progress.best is None or acc > self.progress.best):
             self.progress.best, self.progress.best_name = acc, self.by_id[tid].run_name
@@ -180,8 +206,10 @@ class MlflowWriter(Callback):
             err = trial.get_error()
         except Exception:  # noqa: BLE001
             err = None
-        if err is not None:
+        if isinstance(err, BaseException):
             return "".join(traceback.format_exception(err))
+        if err:
+            return str(err)
         path = getattr(trial, "error_file", None)
         if path and Path(path).exists():
             return Path(path).read_text(errors="replace")
@@ -201,19 +229,23 @@ class MlflowWriter(Callback):
 
     def _record_error(self, trial, final: bool) -> None:
         tid = self._tid(trial)
-        rid = self.runs.get(tid)
-        if rid is None:
+        if tid not in self.runs:
             return
         text = self._error_text(trial)
         n = self.attempts.get(tid, 1)
-        self.tracker.log_text(rid, text, f"error_attempt{n}.txt")
         tail = self._log_tail(trial)
-        if tail:
-            self.tracker.log_text(rid, tail, f"log_tail_attempt{n}.txt")
         reason = _reason(text)
-        self.tracker.set_tags(rid, {"ablate.error": reason[:500]})
+
+        def record(rid: str) -> None:
+            self.tracker.log_text(rid, text, f"error_attempt{n}.txt")
+            if tail:
+                self.tracker.log_text(rid, tail, f"log_tail_attempt{n}.txt")
+            self.tracker.set_tags(rid, {"ablate.error": reason[:500]})
+            if final:
+                self.tracker.end_run(rid, "failed")
+
+        self._write(tid, record)
         if final:
-            self.tracker.end_run(rid, "failed")
             self.open.discard(tid)
             self.progress.running.discard(tid)
             self.progress.failed += 1
@@ -228,10 +260,9 @@ class MlflowWriter(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         tid = self._tid(trial)
-        rid = self.runs[tid]
         last = trial.last_result or {}
         status = "finished" if "test_acc" in last else "pruned"
-        self.tracker.end_run(rid, status)
+        self._write(tid, lambda rid: self.tracker.end_run(rid, status))
         self.open.discard(tid)
         self.progress.running.discard(tid)
         self.progress.durations.append(time.monotonic() - self.t0.get(tid, time.monotonic()))
@@ -247,12 +278,12 @@ class MlflowWriter(Callback):
 
     def mark_killed(self) -> None:
         for tid in list(self.open):
-            self.tracker.end_run(self.runs[tid], "killed")
+            self._write(tid, lambda rid: self.tracker.end_run(rid, "killed"))
             self.open.discard(tid)
+        self.flush()
 
     def on_experiment_end(self, trials, **info):
         self.mark_killed()
-
 
     def __getstate__(self) -> dict:
         # Tune pickles its state for restoring; ablate resumes from MLflow instead.
@@ -352,9 +383,20 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
                       "nothing to run", highlight=False)
         return RunSummary(len(study.trials), len(skipped), 0, 0, 0, uri)
     root = data_root(study)
-    tracker = Tracker(uri, study.experiment, tags={
-        "ablate.study_file_hash": study.file_hash, "ablate.study_file": str(study.path),
-        "mlflow.note.content": study.spec.description or study.spec.name})
+    tags = {"ablate.study_file_hash": study.file_hash, "ablate.study_file": str(study.path),
+            "mlflow.note.content": study.spec.description or study.spec.name}
+    # Opening the store (and creating a new one) overlaps with Ray's start-up.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(Tracker, uri, study.experiment, tags)
+        started_ray = _init_ray(address, verbose)
+        try:
+            tracker = opening.result()
+        except BaseException:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+            raise
     res = study.spec.resources
     concurrency = res.max_concurrent or max(1, int((os.cpu_count() or 1) // res.cpus_per_trial))
     progress = Progress(total=len(todo), skipped=len(skipped))
@@ -363,7 +405,6 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
 
     from ray import tune
 
-    started_ray = _init_ray(address, verbose)
     callback = MlflowWriter(tracker, study, progress, console, concurrency)
     fault_file = os.environ.get("ABLATE_FAULT_FILE")
     configs = [{"trial": t.to_dict(), "root": root, "cpus": res.cpus_per_trial,
@@ -387,7 +428,7 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
             trainable,
             param_space={"t": tune.grid_search(configs)},
             tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency,
-                                        reuse_actors=False,
+                                        reuse_actors=True,
                                         trial_dirname_creator=lambda tr: _dirname(tr),
                                         trial_name_creator=lambda tr: _dirname(tr)),
             run_config=tune.RunConfig(

@@ -106,7 +106,8 @@ def client(uri: str):
             return c
         except Exception as e:  # noqa: BLE001 - every backend raises its own kind
             # a second process creating the same new SQLite store races on its schema
-            if "already exists" in str(e) and attempt < 4:
+            racing = ("already exists", "migration", "database is locked", "no such table")
+            if any(r in str(e) for r in racing) and attempt < 4:
                 time.sleep(1.0)
                 continue
             msg = str(e).splitlines()[0][:300]

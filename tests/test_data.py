@@ -17,9 +17,9 @@ from PIL import Image
 from ablate.data import (
     Batches,
     Split,
+    augment,
     cache_dir,
     load_dataset,
-    random_crop,
     split_indices,
     synthetic_source,
 )
@@ -256,18 +256,25 @@ def test_cifar_loader_refuses_code_in_pickles(tmp_path):
         load_dataset(DatasetSpec(name="cifar10", root=str(tmp_path)))
 
 
-def test_random_crop_matches_per_image_reference():
+@pytest.mark.parametrize(("crop", "flip"), [(True, False), (False, True), (True, True)])
+def test_augment_matches_per_image_reference(crop, flip):
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 255, (5, 3, 6, 6), dtype=torch.uint8)
-    out = random_crop(x, 2, g)
-    # replay the offsets with the same generator state
+    x = torch.randint(0, 255, (6, 3, 5, 7), dtype=torch.uint8)
+    out = augment(x, 2, crop, flip, g)
+    # replay the draws with the same generator state, one image at a time
     g2 = torch.Generator().manual_seed(0)
-    oy = torch.randint(0, 5, (5,), generator=g2)
-    ox = torch.randint(0, 5, (5,), generator=g2)
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for i in range(5):
-        ref = padded[i, :, oy[i]:oy[i] + 6, ox[i]:ox[i] + 6]
+    oy = torch.randint(0, 5, (6,), generator=g2) if crop else torch.zeros(6, dtype=torch.long)
+    ox = torch.randint(0, 5, (6,), generator=g2) if crop else torch.zeros(6, dtype=torch.long)
+    coin = torch.rand(6, generator=g2) < 0.5 if flip else torch.zeros(6, dtype=torch.bool)
+    p = 2 if crop else 0
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    for i in range(6):
+        ref = padded[i, :, oy[i]:oy[i] + 5, ox[i]:ox[i] + 7]
+        if coin[i]:
+            ref = ref.flip(-1)
         assert torch.equal(out[i], ref)
+    if flip:
+        assert 0 < int(coin.sum()) < 6  # both kinds occurred, so the check saw both
 
 
 def test_batches_normalize_augment_deterministically():
