@@ -53,6 +53,18 @@ def validate(study: StudyArg) -> None:
         s = load_study(study)
     except AblateError as e:
         raise _fail(e) from None
+    if s.spec.search.method == "optuna":
+        from ablate.search import full_space, study_name
+
+        sr = s.spec.search
+        out.print(f"{study}: ok: Optuna {sr.sampler} search of {sr.n_trials} trials x "
+                  f"{len(s.spec.seeds)} seeds in study '{s.spec.name}' (Optuna study "
+                  f"{study_name(s.spec)}), objectives "
+                  + ", ".join(f"{k} ({v})" for k, v in sr.objectives.items()),
+                  highlight=False, markup=False)
+        for key, dim in full_space(s.spec).items():
+            out.print(f"  {key}: {dim}", highlight=False, markup=False)
+        return
     cells = len({t.trial_id for t in s.trials}) // max(1, len(s.spec.seeds))
     out.print(f"{study}: ok: {len(s.trials)} trials ({cells} cells x {len(s.spec.seeds)} "
               f"seeds) in study '{s.spec.name}'", highlight=False)
@@ -72,6 +84,20 @@ def plan(study: StudyArg,
         s = load_study(study)
     except AblateError as e:
         raise _fail(e) from None
+    if s.spec.search.method == "optuna":
+        from ablate.search import full_space
+
+        space = {k: v for k, v in full_space(s.spec).items()}
+        if as_json:
+            sys.stdout.write(json.dumps({"search": s.spec.search.model_dump(mode="json"),
+                                         "space": space, "seeds": s.spec.seeds}, indent=2)
+                             + "\n")
+        else:
+            out.print(f"{s.spec.name}: Optuna search, {s.spec.search.n_trials} trials x "
+                      f"{len(s.spec.seeds)} seeds sampled from:", highlight=False)
+            for k, v in space.items():
+                out.print(f"  {k}: {v}", highlight=False, markup=False)
+        return
     if as_json:
         rows = [{"trial_id": t.trial_id, "name": t.run_name, "factors": t.factors,
                  "config": t.config} for t in s.trials]
@@ -218,6 +244,18 @@ def status(study: StudyArg, tracking_uri: UriOpt = None,
         sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
         return
     c = info["counts"]
+    if "optuna" in info:
+        o = info["optuna"]
+        out.print(f"Optuna study {o['study_name']}: " + ", ".join(
+            f"{k} {v}" for k, v in o["states"].items()) + f" (of n_trials "
+            f"{o.get('n_trials', '?')})", highlight=False, markup=False)
+        if o["pareto"]:
+            objs = list(o["objectives"])
+            out.print("Pareto set:" if len(objs) > 1 else "best trial:", highlight=False)
+            for b in o["pareto"]:
+                vals = ", ".join(f"{k}={v:.4g}" for k, v in zip(objs, b["values"], strict=True))
+                out.print(f"  #{b['number']}: {vals}  {b['params']}", highlight=False,
+                          markup=False)
     out.print(f"{info['study']}: {info['done']}/{info['trials']} done | " + " | ".join(
         f"{k} {v}" for k, v in c.items()) + f"  [tracking: {info['tracking_uri']}]",
         highlight=False, markup=False)

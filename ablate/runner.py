@@ -93,6 +93,70 @@ def run_trial(config: dict[str, Any], report) -> dict[str, float]:
                final_extra={**cost.metrics(), "profile_batch_size": float(cost.batch_size)})
 
 
+def run_search_trial(config: dict[str, Any], report) -> None:
+    """One sampled configuration of an Optuna search: every seed, trained in lock-step, so
+    each epoch's report is the seed mean (what ASHA prunes on and Optuna optimizes). Seeds
+    whose trial id already finished are not trained again; their stored metrics count."""
+    import torch
+
+    from ablate.cost import profile
+    from ablate.data import load_dataset
+    from ablate.study import trials_for
+    from ablate.train import DTYPES, fit_epochs, pick_device
+
+    b = config["base"]
+    trials = trials_for(b["sections"], _overrides(config), b["seeds"], b["keys"])
+    torch.set_num_threads(max(1, int(b.get("cpus", 1))))
+    device = pick_device(b.get("gpus", 0.0))
+    done: dict[str, dict[str, float]] = b["done"]
+    todo = [t for t in trials if t.trial_id not in done]
+    stored = [done[t.trial_id] for t in trials if t.trial_id in done]
+    if not todo:  # every seed of this configuration finished before: report, train nothing
+        report({**_mean(stored), "epoch": float(trials[0].train.epochs), "per_seed": "{}"})
+        return
+    t0 = todo[0]
+    data = load_dataset(t0.dataset, Path(b["root"]) if b.get("root") else None)
+    precision = t0.train.precision
+    dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
+    cost = None
+    gens = {}
+    for t in todo:
+        model = build_trial_model(t, data.image_size, data.channels, data.num_classes)
+        if cost is None:  # the same architecture for every seed: profile it once
+            cost = profile(model, data.image_size, in_chans=data.channels,
+                           num_classes=data.num_classes, batch_size=t.train.profile_batch_size,
+                           device=device, dtype=dtype, channels_last=t.train.channels_last,
+                           min_seconds=t.train.profile_seconds, warmup=2)
+        gens[t.trial_id] = fit_epochs(model, data, t.train, t.seed, device,
+                                      final_extra={**cost.metrics(),
+                                                   "profile_batch_size": float(cost.batch_size)})
+    for epoch in range(1, t0.train.epochs + 1):
+        per = {tid: next(g) for tid, g in gens.items()}
+        for tid in per:
+            if _take_fault(b.get("fault_file"), tid, epoch):
+                raise RuntimeError(f"injected fault at epoch {epoch} (ABLATE_FAULT_FILE)")
+        last = epoch == t0.train.epochs
+        means = _mean(list(per.values()) + (stored if last else []))
+        report({**cost.metrics(), **means, "epoch": float(epoch),
+                "per_seed": json.dumps(per)})
+
+
+def _mean(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = set().union(*rows) if rows else set()
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if k in r and isinstance(r[k], (int, float))]
+        if vals and len(vals) == len(rows):
+            out[k] = float(sum(vals) / len(vals))
+    return out
+
+
+def _search_trainable(config: dict[str, Any]) -> None:
+    from ray import tune
+
+    run_search_trial(config, tune.report)
+
+
 def _trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
@@ -135,10 +199,12 @@ class MlflowWriter(Callback):
     """The only MLflow writer of a study: runs in the driver, so SQLite sees one process."""
 
     def __init__(self, tracker: Tracker, study: Study, progress: Progress, console: Console,
-                 concurrency: int) -> None:
+                 concurrency: int, optuna_study: str | None = None) -> None:
         self.tracker, self.study, self.progress = tracker, study, progress
         self.console, self.concurrency = console, concurrency
+        self.optuna_study = optuna_study
         self.by_id = {t.trial_id: t for t in study.trials}
+        self.specs: dict[str, list[TrialSpec]] = {}  # Tune trial id -> its ablate trials
         self.runs: dict[str, Future] = {}  # ablate trial id -> future of its mlflow run id
         self.attempts: dict[str, int] = {}
         self.t0: dict[str, float] = {}
@@ -166,39 +232,74 @@ class MlflowWriter(Callback):
                                highlight=False)
         self.write_errors.clear()
 
-    def _tid(self, trial) -> str:
-        return trial.config["t"]["trial"]["trial_id"]
+    def _specs(self, trial) -> list[TrialSpec]:
+        """The ablate trials a Tune trial runs: one (grid) or one per seed (search; seeds
+        whose trial id already finished are reused, not run)."""
+        if trial.trial_id not in self.specs:
+            cfg = trial.config
+            if "t" in cfg:
+                self.specs[trial.trial_id] = [self.by_id[cfg["t"]["trial"]["trial_id"]]]
+            else:
+                from ablate.study import trials_for
+
+                b = cfg["base"]
+                try:
+                    specs = trials_for(b["sections"], _overrides(cfg), b["seeds"], b["keys"])
+                except ValueError:
+                    specs = []
+                self.specs[trial.trial_id] = [t for t in specs if t.trial_id not in b["done"]]
+        return self.specs[trial.trial_id]
+
+    def _name(self, trial) -> str:
+        specs = self._specs(trial)
+        if not specs:
+            return trial.trial_id
+        return " ".join(specs[0].run_name.split(" ")[:-1]) or specs[0].run_name
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        tid = self._tid(trial)
-        if tid in self.runs:
-            self.attempts[tid] += 1
-            tags = {"ablate.attempts": str(self.attempts[tid]), "ablate.status": "running"}
-            self._write(tid, lambda rid: self.tracker.set_tags(rid, tags))
-        else:
-            self.runs[tid] = self.pool.submit(self.tracker.start_run, self.by_id[tid],
-                                              self.study)
-            self.attempts[tid] = 1
-        self.open.add(tid)
-        self.t0[tid] = time.monotonic()
-        self.progress.running.add(tid)
+        number = trial.config.get("__optuna_number")
+        for spec in self._specs(trial):
+            tid = spec.trial_id
+            if tid in self.runs:
+                self.attempts[tid] += 1
+                tags = {"ablate.attempts": str(self.attempts[tid]), "ablate.status": "running"}
+                self._write(tid, lambda rid, tags=tags: self.tracker.set_tags(rid, tags))
+            else:
+                extra = ({"optuna.trial_number": str(number),
+                          "optuna.study_name": str(self.optuna_study)}
+                         if number is not None else None)
+                self.runs[tid] = self.pool.submit(self.tracker.start_run, spec, self.study,
+                                                  extra)
+                self.attempts[tid] = 1
+            self.open.add(tid)
+        self.t0[trial.trial_id] = time.monotonic()
+        self.progress.running.add(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        tid = self._tid(trial)
-        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        keys = [k for k in ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
-                if k in result]
-        per_epoch = {k: result[k] for k in keys}
-        self._write(tid, lambda rid: self.tracker.log_metrics(rid, per_epoch, step=epoch))
-        if "test_acc" in result:
-            from ablate.tracking import FINAL_METRICS
+        from ablate.tracking import FINAL_METRICS
 
-            final = {k: result[k] for k in (*FINAL_METRICS, "profile_batch_size")
-                     if k in result and k not in keys}
-            self._write(tid, lambda rid: self.tracker.log_metrics(rid, final, step=epoch))
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        specs = self._specs(trial)
+        if "per_seed" in result:
+            per = json.loads(result["per_seed"])
+        else:
+            per = {specs[0].trial_id: result} if specs else {}
+        for tid, res in per.items():
+            if tid not in self.runs:
+                continue
+            keys = [k for k in ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
+                    if k in res]
+            per_epoch = {k: res[k] for k in keys}
+            self._write(tid, lambda rid, m=per_epoch: self.tracker.log_metrics(rid, m,
+                                                                                step=epoch))
+            if "test_acc" in res:
+                final = {k: res[k] for k in (*FINAL_METRICS, "profile_batch_size")
+                         if k in res and k not in keys}
+                self._write(tid, lambda rid, m=final: self.tracker.log_metrics(rid, m,
+                                                                               step=epoch))
         acc = result.get("val_acc")
         if acc is not None and (self.progress.best is None or acc > self.progress.best):
-            self.progress.best, self.progress.best_name = acc, self.by_id[tid].run_name
+            self.progress.best, self.progress.best_name = acc, self._name(trial)
 
     def _error_text(self, trial) -> str:
         err = None
@@ -228,29 +329,31 @@ class MlflowWriter(Callback):
         return "\n".join(parts)
 
     def _record_error(self, trial, final: bool) -> None:
-        tid = self._tid(trial)
-        if tid not in self.runs:
-            return
         text = self._error_text(trial)
-        n = self.attempts.get(tid, 1)
         tail = self._log_tail(trial)
         reason = _reason(text)
+        for spec in self._specs(trial):
+            tid = spec.trial_id
+            if tid not in self.runs:
+                continue
+            n = self.attempts.get(tid, 1)
 
-        def record(rid: str) -> None:
-            self.tracker.log_text(rid, text, f"error_attempt{n}.txt")
-            if tail:
-                self.tracker.log_text(rid, tail, f"log_tail_attempt{n}.txt")
-            self.tracker.set_tags(rid, {"ablate.error": reason[:500]})
+            def record(rid: str, n: int = n) -> None:
+                self.tracker.log_text(rid, text, f"error_attempt{n}.txt")
+                if tail:
+                    self.tracker.log_text(rid, tail, f"log_tail_attempt{n}.txt")
+                self.tracker.set_tags(rid, {"ablate.error": reason[:500]})
+                if final:
+                    self.tracker.end_run(rid, "failed")
+
+            self._write(tid, record)
             if final:
-                self.tracker.end_run(rid, "failed")
-
-        self._write(tid, record)
+                self.open.discard(tid)
         if final:
-            self.open.discard(tid)
-            self.progress.running.discard(tid)
+            self.progress.running.discard(trial.trial_id)
             self.progress.failed += 1
-            self.console.print(f"[red]failed[/red] {self.by_id[tid].run_name}: {reason}",
-                          highlight=False)
+            self.console.print(f"[red]failed[/red] {self._name(trial)}: {reason}",
+                               highlight=False)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._record_error(trial, final=False)
@@ -259,13 +362,16 @@ class MlflowWriter(Callback):
         self._record_error(trial, final=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        tid = self._tid(trial)
         last = trial.last_result or {}
         status = "finished" if "test_acc" in last else "pruned"
-        self._write(tid, lambda rid: self.tracker.end_run(rid, status))
-        self.open.discard(tid)
-        self.progress.running.discard(tid)
-        self.progress.durations.append(time.monotonic() - self.t0.get(tid, time.monotonic()))
+        for spec in self._specs(trial):
+            tid = spec.trial_id
+            if tid in self.runs:
+                self._write(tid, lambda rid: self.tracker.end_run(rid, status))
+                self.open.discard(tid)
+        self.progress.running.discard(trial.trial_id)
+        self.progress.durations.append(time.monotonic() - self.t0.get(trial.trial_id,
+                                                                       time.monotonic()))
         if status == "finished":
             self.progress.done += 1
         else:
@@ -273,7 +379,7 @@ class MlflowWriter(Callback):
         acc = last.get("test_acc")
         acc_s = f"val_acc {last.get('val_acc', float('nan')):.4f}" + (
             f" test_acc {acc:.4f}" if acc is not None else "")
-        self.console.print(f"[green]{status}[/green] {self.by_id[tid].run_name}: {acc_s}  "
+        self.console.print(f"[green]{status}[/green] {self._name(trial)}: {acc_s}  "
                       f"({self.progress.line(self.concurrency)})", highlight=False)
 
     def mark_killed(self) -> None:
@@ -291,6 +397,11 @@ class MlflowWriter(Callback):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+
+
+def _overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """The sampled dimensions of a search trial's config (dotted keys)."""
+    return {k: v for k, v in config.items() if "." in k}
 
 
 def _reason(text: str) -> str:
@@ -325,7 +436,8 @@ def data_root(study: Study) -> str | None:
         return None
     from ablate.data import resolve_root
 
-    roots = {str(resolve_root(t.dataset)) for t in study.trials}
+    datasets = [t.dataset for t in study.trials] or [study.spec.dataset]
+    roots = {str(resolve_root(d)) for d in datasets}
     if len(roots) > 1:
         raise AblateError(f"{study.path}: dataset.root: a study reads one dataset root, "
                           f"found {sorted(roots)}")
@@ -376,6 +488,8 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
               verbose: bool = False, console: Console | None = None) -> RunSummary:
     """Run every trial of a study that has no finished run yet."""
     console = console or Console(soft_wrap=True)
+    if study.spec.search.method == "optuna":
+        return run_search(study, tracking_uri, address, verbose, console)
     uri = resolve_tracking_uri(tracking_uri, study.spec.tracking.uri)
     todo, skipped = plan_run(study, uri)
     if not todo:
@@ -383,20 +497,7 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
                       "nothing to run", highlight=False)
         return RunSummary(len(study.trials), len(skipped), 0, 0, 0, uri)
     root = data_root(study)
-    tags = {"ablate.study_file_hash": study.file_hash, "ablate.study_file": str(study.path),
-            "mlflow.note.content": study.spec.description or study.spec.name}
-    # Opening the store (and creating a new one) overlaps with Ray's start-up.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        opening = pool.submit(Tracker, uri, study.experiment, tags)
-        started_ray = _init_ray(address, verbose)
-        try:
-            tracker = opening.result()
-        except BaseException:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
-            raise
+    tracker, started_ray = _open_store_and_ray(study, uri, address, verbose)
     res = study.spec.resources
     concurrency = res.max_concurrent or max(1, int((os.cpu_count() or 1) // res.cpus_per_trial))
     progress = Progress(total=len(todo), skipped=len(skipped))
@@ -454,6 +555,197 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
                       progress.failed, uri, interrupted)
 
 
+def _open_store_and_ray(study: Study, uri: str, address: str | None, verbose: bool
+                        ) -> tuple[Tracker, bool]:
+    """Open (or create) the tracking store while Ray starts: the two overlap."""
+    tags = {"ablate.study_file_hash": study.file_hash, "ablate.study_file": str(study.path),
+            "mlflow.note.content": study.spec.description or study.spec.name}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        opening = pool.submit(Tracker, uri, study.experiment, tags)
+        started_ray = _init_ray(address, verbose)
+        try:
+            return opening.result(), started_ray
+        except BaseException:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+            raise
+
+
+def _finished_metrics(study: Study, uri: str) -> dict[str, dict[str, float]]:
+    """Final metrics of the study's finished runs, by trial id (a search reuses them)."""
+    from ablate.tracking import FINAL_METRICS, load_runs
+
+    if not sqlite_store_exists(uri):
+        return {}
+    df = load_runs(study.experiment, uri)
+    if df.empty:
+        return {}
+    out = {}
+    for _, r in df[df["status"] == "finished"].iterrows():
+        out[r["trial_id"]] = {k: float(r[k]) for k in FINAL_METRICS if k in r and r[k] == r[k]}
+    return out
+
+
+def _optuna_searcher(spec, storage, name: str):
+    """Ray's OptunaSearch that also tags configs with the Optuna trial number and records
+    ASHA-stopped trials as PRUNED (Ray would tell them COMPLETE with a partial value)."""
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    from ablate import search
+
+    objs = spec.search.objectives
+    metric = list(objs) if len(objs) > 1 else next(iter(objs))
+    mode = list(objs.values()) if len(objs) > 1 else next(iter(objs.values()))
+
+    class AblateOptunaSearch(OptunaSearch):
+        def suggest(self, trial_id: str):
+            cfg = super().suggest(trial_id)
+            if cfg is not None:
+                cfg["__optuna_number"] = self._ot_trials[trial_id].number
+            return cfg
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            names = self.metric if isinstance(self.metric, list) else [self.metric]
+            if error or not result:
+                state, val = TrialState.FAIL, None
+            elif "test_acc" not in result:
+                state, val = TrialState.PRUNED, None
+            else:
+                state = TrialState.COMPLETE
+                vals = [result.get(m) for m in names]
+                val = vals if isinstance(self.metric, list) else vals[0]
+            try:
+                self._ot_study.tell(ot_trial, val, state=state)
+            except Exception as e:  # noqa: BLE001 - e.g. NaN values: Optuna records FAIL
+                log.warning("optuna could not record trial %s: %s", trial_id, e)
+            self._completed_trials.add(trial_id)
+
+    return AblateOptunaSearch(space=search.distributions(spec), metric=metric, mode=mode,
+                              sampler=search.make_sampler(spec), storage=storage,
+                              study_name=name)
+
+
+def open_search_study(spec):
+    """(storage, Optuna study name, Optuna study) of an Optuna search, created if new, with
+    trials left RUNNING by an interrupted run marked FAIL (they never finished)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ablate import search
+
+    storage = search.open_storage(spec.search.storage)
+    name = search.study_name(spec)
+    directions = ["maximize" if m == "max" else "minimize"
+                  for m in spec.search.objectives.values()]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ost = optuna.create_study(study_name=name, storage=storage, directions=directions,
+                              load_if_exists=True)
+    for t in ost.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return storage, name, ost
+
+
+def run_search(study: Study, tracking_uri: str | None = None, address: str | None = None,
+               verbose: bool = False, console: Console | None = None) -> RunSummary:
+    """An Optuna search through Ray Tune: continues until `n_trials` trials are complete."""
+    from optuna.trial import TrialState
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from ablate import search
+
+    console = console or Console(soft_wrap=True)
+    spec = study.spec
+    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    storage, name, ost = open_search_study(spec)
+    n_done = len(ost.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                        TrialState.PRUNED)))
+    remaining = spec.search.n_trials - n_done
+    if remaining <= 0:
+        console.print(f"{spec.name}: all {spec.search.n_trials} Optuna trials are done "
+                      f"(study {name})", highlight=False)
+        _print_pareto(console, storage, name, spec)
+        return RunSummary(spec.search.n_trials, n_done, 0, 0, 0, uri)
+    root = data_root(study)
+    done = _finished_metrics(study, uri)
+    res = spec.resources
+    concurrency = res.max_concurrent or max(1, int((os.cpu_count() or 1) // res.cpus_per_trial))
+    console.print(f"{spec.name}: Optuna {spec.search.sampler} search, {remaining} of "
+                  f"{spec.search.n_trials} trials to run x {len(spec.seeds)} seeds (study "
+                  f"{name}; tracking: {uri})", highlight=False)
+    tracker, started_ray = _open_store_and_ray(study, uri, address, verbose)
+    progress = Progress(total=remaining, skipped=n_done)
+    callback = MlflowWriter(tracker, study, progress, console, concurrency, optuna_study=name)
+    sched = spec.scheduler
+    scheduler = None
+    if sched.name == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=sched.metric,
+                                  mode=sched.mode, max_t=spec.train.epochs,
+                                  grace_period=sched.grace_period,
+                                  reduction_factor=sched.reduction_factor)
+    keys = list(search.full_space(spec))
+    base = {"sections": {s: getattr(spec, s).model_dump(mode="json")
+                         for s in ("dataset", "model", "train")},
+            "seeds": list(spec.seeds), "keys": keys, "done": done, "root": root,
+            "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
+            "fault_file": os.environ.get("ABLATE_FAULT_FILE")}
+    storage_dir = Path(tempfile.gettempdir()) / "ablate-ray"
+    storage_dir.mkdir(parents=True, exist_ok=True)
+    interrupted = False
+    try:
+        searcher = ConcurrencyLimiter(_optuna_searcher(spec, storage, name),
+                                      max_concurrent=concurrency)
+        tuner = tune.Tuner(
+            tune.with_resources(_search_trainable, {"cpu": res.cpus_per_trial,
+                                                    "gpu": res.gpus_per_trial}),
+            param_space={"base": base},
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                        num_samples=remaining, reuse_actors=True,
+                                        max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(storage_dir), verbose=2 if verbose else 0, log_to_file=True,
+                failure_config=tune.FailureConfig(max_failures=spec.failures.max_retries),
+                callbacks=[callback], progress_reporter=None),
+        )
+        tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        callback.mark_killed()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    interrupted = interrupted or (progress.done + progress.pruned + progress.failed
+                                  < progress.total)
+    console.print(f"{spec.name}: {progress.line(concurrency)}", highlight=False)
+    _print_pareto(console, storage, name, spec)
+    return RunSummary(spec.search.n_trials, n_done, progress.done, progress.pruned,
+                      progress.failed, uri, interrupted)
+
+
+def _print_pareto(console: Console, storage, name: str, spec) -> None:
+    from ablate import search
+
+    best = search.pareto_set(storage, name)
+    objs = list(spec.search.objectives)
+    title = "Pareto set" if len(objs) > 1 else "best trial"
+    console.print(f"{title} ({', '.join(f'{k}: {v}' for k, v in spec.search.objectives.items())}"
+                  f", seed means):", highlight=False)
+    for b in best:
+        vals = ", ".join(f"{k}={v:.4g}" for k, v in zip(objs, b["values"], strict=True))
+        console.print(f"  #{b['number']}: {vals}  {b['params']}", highlight=False)
+
+
 def _dirname(trial) -> str:
     return f"{trial.config['t']['trial']['trial_id']}_{trial.trial_id}"
 
@@ -464,7 +756,9 @@ def status(study: Study, tracking_uri: str | None = None) -> dict[str, Any]:
 
     uri = resolve_tracking_uri(tracking_uri, study.spec.tracking.uri)
     df = load_runs(study.experiment, uri)
-    ids = {t.trial_id for t in study.trials}
+    optuna_search = study.spec.search.method == "optuna"
+    ids = ({t.trial_id for t in study.trials} if not optuna_search else
+           set(df["trial_id"]) if not df.empty else set())
     counts = {s: 0 for s in ("finished", "pruned", "running", "failed", "killed", "pending")}
     best = None
     if not df.empty:
@@ -485,5 +779,30 @@ def status(study: Study, tracking_uri: str | None = None) -> dict[str, Any]:
         counts["pending"] = len(ids) - len(latest)
     else:
         counts["pending"] = len(ids)
-    return {"study": study.spec.name, "tracking_uri": uri, "trials": len(ids), "counts": counts,
-            "best": best, "done": sum(counts[s] for s in DONE)}
+    info = {"study": study.spec.name, "tracking_uri": uri, "trials": len(ids),
+            "counts": counts, "best": best, "done": sum(counts[s] for s in DONE)}
+    if optuna_search:
+        info["optuna"] = _search_status(study.spec)
+    return info
+
+
+def _search_status(spec) -> dict[str, Any]:
+    """Optuna trials by state and the Pareto set (or best trial), from the search's storage."""
+    from ablate import search
+
+    url = spec.search.storage or search.default_storage_url()
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        return {"study_name": search.study_name(spec), "states": {}, "pareto": []}
+    import optuna
+
+    storage = search.open_storage(url)
+    name = search.study_name(spec)
+    try:
+        st = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return {"study_name": name, "states": {}, "pareto": []}
+    states: dict[str, int] = {}
+    for t in st.get_trials(deepcopy=False):
+        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    return {"study_name": name, "n_trials": spec.search.n_trials, "states": states,
+            "objectives": spec.search.objectives, "pareto": search.pareto_set(storage, name)}

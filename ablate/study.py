@@ -214,7 +214,9 @@ class Study:
 
 
 def _fmt(v: Any) -> str:
-    return "off" if v is None else str(v)
+    if v is None:
+        return "off"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # ---------------------------------------------------------------- environment variables
@@ -518,8 +520,12 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
     if dup:
         problems.append(("seeds", f"duplicate seeds {dup}: list each seed once"))
     if spec.search.method == "optuna":
-        problems.append(("search.method", "optuna search is not available in this version; "
-                                          "use method: grid"))
+        from ablate.search import check_search
+
+        problems += check_search(spec)
+        if problems:
+            raise StudyError(file, problems)
+        return Study(spec, Path(file).resolve(), file_hash, [], list(spec.search.space))
     _check_factors(spec, problems)
     if problems:
         raise StudyError(file, problems)
@@ -544,4 +550,27 @@ def cells_per_factor(study: Study) -> dict[str, dict[str, int]]:
             lv = _fmt(t.factors.get(key))
             counts[lv] = counts.get(lv, 0) + 1
         out[key] = counts
+    return out
+
+
+def trials_for(base: dict[str, dict[str, Any]], overrides: dict[str, Any], seeds: list[int],
+               keys: list[str]) -> list[TrialSpec]:
+    """The per-seed trials of one sampled configuration (an Optuna search's suggestion):
+    `base` sections updated with dotted `overrides`. Raises ValueError for a cell that
+    cannot run."""
+    sections = {s: dict(base[s]) for s in SECTION_MODELS}
+    for k, v in overrides.items():
+        s, n = k.split(".")
+        sections[s][n] = v
+    ds = DatasetSpec.model_validate(sections["dataset"])
+    ms = ModelSpec.model_validate(sections["model"])
+    ts = TrainSpec.model_validate(sections["train"])
+    reasons = check_cell(ds, ms, "model.kernel_size" in overrides)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    out = []
+    for seed in seeds:
+        config = resolved_config(ds, ms, ts, seed)
+        levels = {k: _level(config, (ds, ms, ts), k) for k in keys}
+        out.append(TrialSpec(trial_id(config), seed, ds, ms, ts, levels, config))
     return out

@@ -7,6 +7,8 @@ and the dashboard.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import subprocess
@@ -101,8 +103,9 @@ def client(uri: str):
 
     for attempt in range(5):
         try:
-            c = MlflowClient(tracking_uri=uri)
-            c.search_experiments(max_results=1)
+            with store_lock(uri):
+                c = MlflowClient(tracking_uri=uri)
+                c.search_experiments(max_results=1)
             return c
         except Exception as e:  # noqa: BLE001 - every backend raises its own kind
             # a second process creating the same new SQLite store races on its schema
@@ -115,6 +118,25 @@ def client(uri: str):
                                 "check --tracking-uri / ABLATE_TRACKING_URI / tracking.uri"
                                 ) from None
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Serialize opening a SQLite store across processes: MLflow creates and migrates the
+    schema on first open, and two processes doing it at once corrupt each other's view."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if not db.parent.is_dir():
+        yield
+        return
+    with open(db.parent / f".{db.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Tracker:

@@ -7,7 +7,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -90,15 +90,11 @@ def evaluate(model: nn.Module, split: Split, data: DataBundle, cfg: TrainSpec,
     return total_loss.item() / n, correct.item() / n
 
 
-def fit(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
-        device: torch.device | str = "cpu",
-        report: Callable[[dict[str, float]], None] | None = None,
-        final_extra: dict[str, float] | None = None) -> dict[str, float]:
-    """Train and evaluate; returns the final metrics. Raises DivergedError on a non-finite loss
-    and TimeoutError past `cfg.max_minutes`.
-
-    `report` gets every epoch's metrics; the last epoch's report also carries the final
-    metrics (test accuracy and `final_extra`), so a scheduler sees exactly `epochs` reports."""
+def fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
+               device: torch.device | str = "cpu",
+               final_extra: dict[str, float] | None = None) -> Iterator[dict[str, float]]:
+    """Train epoch by epoch, yielding each epoch's metrics (the last also carries the final
+    metrics). A generator, so that several seeds can train in lock-step."""
     device = torch.device(device)
     seed_everything(seed)
     model = model.to(device)
@@ -152,10 +148,24 @@ def fit(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
                      "test_loss": test_loss, "train_time_s": train_time,
                      "train_images": float(len(data.train)), **(final_extra or {})}
             metrics.update(final)
-        if report is not None:
-            report(metrics)
+        yield metrics
         if (cfg.max_minutes is not None and epoch < cfg.epochs
                 and time.perf_counter() - start > 60 * cfg.max_minutes):
             raise TimeoutError(f"exceeded train.max_minutes={cfg.max_minutes} after epoch "
                                f"{epoch} of {cfg.epochs}")
-    return final
+
+
+def fit(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
+        device: torch.device | str = "cpu",
+        report: Callable[[dict[str, float]], None] | None = None,
+        final_extra: dict[str, float] | None = None) -> dict[str, float]:
+    """Train and evaluate; returns the final metrics. Raises DivergedError on a non-finite loss
+    and TimeoutError past `cfg.max_minutes`.
+
+    `report` gets every epoch's metrics; the last epoch's report also carries the final
+    metrics (test accuracy and `final_extra`), so a scheduler sees exactly `epochs` reports."""
+    metrics: dict[str, float] = {}
+    for metrics in fit_epochs(model, data, cfg, seed, device, final_extra):
+        if report is not None:
+            report(metrics)
+    return metrics
