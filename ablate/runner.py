@@ -213,6 +213,7 @@ class MlflowWriter(Callback):
         # event loop never waits on the tracking store (a remote server included).
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-mlflow")
         self.write_errors: list[str] = []
+        self.nodes: dict[str, str] = {}
 
     def _write(self, tid: str, fn: Callable[[str], Any]) -> None:
         def op() -> None:
@@ -284,9 +285,15 @@ class MlflowWriter(Callback):
             per = json.loads(result["per_seed"])
         else:
             per = {specs[0].trial_id: result} if specs else {}
+        node = result.get("node_ip")
         for tid, res in per.items():
             if tid not in self.runs:
                 continue
+            if node and self.nodes.get(tid) != node:  # where it ran (and, after a retry, reran)
+                self.nodes[tid] = node
+                tags = {"ablate.node_ip": str(node),
+                        "ablate.hostname": str(result.get("hostname", ""))}
+                self._write(tid, lambda rid, tags=tags: self.tracker.set_tags(rid, tags))
             keys = [k for k in ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
                     if k in res]
             per_epoch = {k: res[k] for k in keys}

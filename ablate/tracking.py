@@ -236,12 +236,22 @@ def list_studies(uri: str) -> list[str]:
     return [e.name for e in exps if e.name != "Default"]
 
 
-def load_runs(study: str, uri: str | None = None) -> pd.DataFrame:
+def load_runs(study: str, uri: str | None = None, params: bool = True) -> pd.DataFrame:
     """One row per run: run_id, trial_id, status, seed, factor.<key> columns (typed where
-    numeric), params.<key>, final metrics, start/end time. Empty frame if no such study."""
+    numeric), params.<key> (unless params=False), final metrics, start/end time. Empty frame
+    if no such study. Database stores are read with three SQL queries (what a 5,000-run
+    dashboard needs); a tracking server through MLflow's client."""
     uri = uri or default_tracking_uri()
     if not sqlite_store_exists(uri):
         return pd.DataFrame()
+    if uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
+        client(uri)  # creates/migrates the schema (under the store lock) if needed
+        return _load_runs_sql(study, uri, params)
+    return _load_runs_client(study, uri, params)
+
+
+def _load_runs_client(study: str, uri: str, params: bool = True) -> pd.DataFrame:
+    """load_runs through MLflow's client (any tracking URI, a server included)."""
     c = client(uri)
     exp = c.get_experiment_by_name(study)
     if exp is None:
@@ -263,11 +273,80 @@ def load_runs(study: str, uri: str | None = None) -> pd.DataFrame:
                 row[k] = None if v == "off" else _num(v)
             elif k.startswith("optuna."):
                 row[k] = _num(v)
-        for k, v in r.data.params.items():
-            row[f"params.{k}"] = v
+        if params:
+            for k, v in r.data.params.items():
+                row[f"params.{k}"] = v
         row.update(r.data.metrics)
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    return df.sort_values("start_time", ascending=False, ignore_index=True) if rows else df
+
+
+_ENGINES: dict[str, Any] = {}
+
+
+def _engine(uri: str):
+    import sqlalchemy as sa
+
+    if uri not in _ENGINES:
+        _ENGINES[uri] = sa.create_engine(uri)
+    return _ENGINES[uri]
+
+
+def _load_runs_sql(study: str, uri: str, params: bool) -> pd.DataFrame:
+    import sqlalchemy as sa
+
+    eng = _engine(uri)
+    with eng.connect() as con:
+        exp = con.execute(sa.text("SELECT experiment_id FROM experiments WHERE name = :n AND "
+                                  "lifecycle_stage = 'active'"), {"n": study}).fetchone()
+        if exp is None:
+            return pd.DataFrame()
+        q = {"e": exp[0]}
+        runs = pd.read_sql(sa.text(
+            "SELECT run_uuid, name, status, start_time, end_time FROM runs WHERE "
+            "experiment_id = :e AND lifecycle_stage = 'active'"), con, params=q)
+        sub = ("SELECT run_uuid FROM runs WHERE experiment_id = :e AND "
+               "lifecycle_stage = 'active'")
+        tags = pd.read_sql(sa.text(f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN "
+                                   f"({sub})"), con, params=q)
+        mets = pd.read_sql(sa.text(f"SELECT run_uuid, key, value FROM latest_metrics WHERE "
+                                   f"run_uuid IN ({sub})"), con, params=q)
+        pars = pd.read_sql(sa.text(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN "
+                                   f"({sub})"), con, params=q) if params else None
+    if runs.empty:
+        return pd.DataFrame()
+    df = pd.DataFrame({
+        "run_id": runs["run_uuid"], "run_name": runs["name"],
+        "start_time": pd.to_datetime(runs["start_time"], unit="ms"),
+        "end_time": pd.to_datetime(runs["end_time"], unit="ms"),
+    }).set_index("run_id")
+    t = tags.pivot(index="run_uuid", columns="key", values="value") if not tags.empty else \
+        pd.DataFrame(index=df.index)
+    df["trial_id"] = t.get("ablate.trial_id")
+    mlflow_status = runs.set_index("run_uuid")["status"].str.lower()
+    df["status"] = t.get("ablate.status", pd.Series(dtype=object)).reindex(df.index)
+    df["status"] = df["status"].fillna(mlflow_status)
+    df["seed"] = t.get("ablate.seed", pd.Series(dtype=object)).reindex(df.index).map(_num)
+    df["error"] = t.get("ablate.error", pd.Series(dtype=object)).reindex(df.index).fillna("")
+    cols: dict[str, pd.Series] = {}
+    for k in t.columns:
+        if k.startswith("factor."):
+            cols[k] = t[k].reindex(df.index).map(lambda v: None if v in ("off", None) or
+                                                  v != v else _num(v))
+        elif k.startswith("optuna."):
+            cols[k] = t[k].reindex(df.index).map(lambda v: None if v is None or v != v
+                                                  else _num(v))
+    if pars is not None and not pars.empty:
+        p = pars.pivot(index="run_uuid", columns="key", values="value")
+        for k in p.columns:
+            cols[f"params.{k}"] = p[k].reindex(df.index)
+    if not mets.empty:
+        m = mets.pivot_table(index="run_uuid", columns="key", values="value", aggfunc="last")
+        for k in m.columns:
+            cols[k] = m[k].reindex(df.index).astype(float)
+    df = pd.concat([df, pd.DataFrame(cols, index=df.index)], axis=1)
+    return df.reset_index().sort_values("start_time", ascending=False, ignore_index=True)
 
 
 def load_curves(study: str, uri: str | None = None, run_ids: list[str] | None = None,

@@ -32,7 +32,7 @@ def studies(uri: str) -> list[str]:
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def runs(study: str, uri: str) -> pd.DataFrame:
-    return tracking.load_runs(study, uri)
+    return tracking.load_runs(study, uri, params=False)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
@@ -83,7 +83,7 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
 @st.fragment(run_every=10)
 def _watch(study: str, uri: str) -> None:
     """Re-read the store every 10 s; rerun the page when runs changed."""
-    fresh = tracking.load_runs(study, uri)
+    fresh = tracking.load_runs(study, uri, params=False)
     sig = (len(fresh), tuple(sorted(fresh["status"])) if not fresh.empty else (),
            float(fresh.get("val_acc", pd.Series(dtype=float)).fillna(-1).sum()))
     if st.session_state.get("_sig") not in (None, sig):

@@ -228,3 +228,20 @@ def test_ctrl_c_marks_running_trials_killed_and_rerun_resumes(tmp_path):
 
     todo, skipped = plan_run(load_study(path), uri)
     assert len(todo) == 2 and not skipped
+
+
+def test_sql_fast_path_matches_mlflow_client(ray_session, tmp_path):
+    """load_runs reads database stores with SQL; it must equal MLflow's own client view."""
+    from ablate.tracking import _load_runs_client, _load_runs_sql
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    text = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]", "[mlp, pool]")
+    run_study(load_study(write(tmp_path / "q.yaml", text)), uri)
+    fast, slow = _load_runs_sql("smoke", uri, True), _load_runs_client("smoke", uri, True)
+    assert len(fast) == 2
+    assert sorted(fast.columns) == sorted(slow.columns)
+    fast = fast.sort_values("run_id", ignore_index=True)[sorted(fast.columns)]
+    slow = slow.sort_values("run_id", ignore_index=True)[sorted(slow.columns)]
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(fast, slow, check_dtype=False, check_like=True)

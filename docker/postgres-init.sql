@@ -1,0 +1,2 @@
+-- Optuna keeps its own alembic_version table: it cannot share MLflow's database.
+CREATE DATABASE optuna;

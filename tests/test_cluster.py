@@ -1,0 +1,213 @@
+"""Beyond one machine: docker/ checked statically (no Docker engine here), and a real
+two-node Ray cluster on this machine's loopback addresses."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ablate.tracking import load_runs
+from tests.conftest import ROOT, write
+
+DOCKER = ROOT / "docker"
+
+
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_parses_and_declares_the_stack():
+    c = compose()
+    assert set(c["services"]) == {"postgres", "mlflow", "ray-head", "ray-worker", "dashboard"}
+    for name, svc in c["services"].items():
+        assert "healthcheck" in svc, f"{name} has no healthcheck"
+        assert svc["healthcheck"]["test"], name
+    for name, svc in c["services"].items():
+        build = svc.get("build")
+        if build:
+            ctx = (DOCKER / build["context"]).resolve()
+            assert ctx.is_dir(), name
+            assert (ctx / build["dockerfile"]).is_file(), name
+    named = set(c.get("volumes", {}))
+    for name, svc in c["services"].items():
+        for v in svc.get("volumes", []):
+            src = v.split(":")[0]
+            if src.startswith((".", "/")):
+                assert (DOCKER / src).exists(), f"{name}: {src} missing"
+            else:
+                assert src in named, f"{name}: volume {src} not declared"
+    assert "pgdata" in " ".join(c["services"]["postgres"]["volumes"])
+    assert "mlartifacts" in " ".join(c["services"]["mlflow"]["volumes"])
+
+
+def test_only_ui_ports_are_published_on_loopback_by_default():
+    c = compose()
+    published = {n: s["ports"] for n, s in c["services"].items() if s.get("ports")}
+    assert set(published) == {"mlflow", "ray-head", "dashboard"}
+    for name, ports in published.items():
+        for p in ports:
+            assert p.startswith("${BIND_ADDRESS:-127.0.0.1}:"), (name, p)
+    targets = {p.rsplit(":", 1)[1] for ports in published.values() for p in ports}
+    assert targets == {"5000", "8265", "8501"}
+
+
+def test_workers_reserve_gpus_and_scale():
+    w = compose()["services"]["ray-worker"]
+    devices = w["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert "container_name" not in w  # a fixed name would break --scale
+    assert "ray-head:6379" in w["command"]
+
+
+def test_mlflow_uses_postgres_and_credentials_come_from_env():
+    c = compose()
+    cmd = c["services"]["mlflow"]["command"]
+    assert "postgresql+psycopg://" in cmd and "${POSTGRES_PASSWORD}" in cmd
+    assert c["services"]["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    text = (DOCKER / "compose.yaml").read_text()
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
+    example = (DOCKER / ".env.example").read_text()
+    defined = set(re.findall(r"^#?\s*([A-Z_]+)=", example, flags=re.M))
+    assert required and required <= defined
+    assert ".env" in (ROOT / ".gitignore").read_text()
+
+
+def test_dockerfile_non_root_cuda_arg_no_secrets():
+    df = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE=", df, flags=re.M)
+    assert re.search(r"^FROM \$\{BASE\}", df, flags=re.M)
+    users = re.findall(r"^USER (\S+)", df, flags=re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert not re.search(r"(PASSWORD|TOKEN|SECRET)\s*=", df)
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+?) \S+$", df, flags=re.M):
+        for item in src.split():
+            assert (ROOT / item).exists(), item
+
+
+# ---------------------------------------------------------------- a real two-node cluster
+
+RAY = Path(sys.executable).with_name("ray")
+ABLATE = Path(sys.executable).with_name("ablate")
+STUDY = """\
+name: cluster
+dataset: {{name: synthetic, image_size: 16, train_size: {n}, test_size: 80}}
+model: {{dim: 16, depth: 2, heads: 2, patch_size: 4, window_size: 2}}
+train: {{epochs: {epochs}, batch_size: 32, eval_batch_size: 128, profile_batch_size: 8,
+        profile_seconds: 0.02, warmup_epochs: 0.2}}
+factors:
+  model.mixer: [mlp, identity, pool, conv]
+seeds: [0]
+resources: {{cpus_per_trial: 1, max_concurrent: 2}}
+failures: {{max_retries: 3}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    port = free_port()
+    subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True)
+    head = subprocess.run(
+        [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(port),
+         "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert head.returncode == 0, head.stderr
+    worker = subprocess.Popen(
+        [str(RAY), "start", "--address", f"127.0.0.2:{port}", "--node-ip-address",
+         "127.0.0.3", "--num-cpus", "1", "--block", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while True:  # wait for the second node to join
+        probe = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.2:{port}', "
+             "logging_level='ERROR', log_to_driver=False); "
+             "print(len([n for n in ray.nodes() if n['Alive']]))"],
+            env=env, capture_output=True, text=True)
+        if probe.stdout.strip().endswith("2"):
+            break
+        assert time.time() < deadline, probe.stderr
+        time.sleep(1)
+    yield {"address": f"127.0.0.2:{port}", "env": env, "worker": worker}
+    worker.terminate()
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+    subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True)
+
+
+
+
+@pytest.mark.cluster
+def test_trials_run_on_both_nodes(two_nodes, tmp_path):
+    path = write(tmp_path / "c.yaml", STUDY.format(epochs=2, n=240))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = subprocess.run([str(ABLATE), "run", str(path), "--address", two_nodes["address"],
+                          "--tracking-uri", uri], env=two_nodes["env"], capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    df = load_runs("cluster", uri)
+    assert len(df) == 4 and set(df["status"]) == {"finished"}
+    runs_tags = df.set_index("run_id")
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    nodes = {c.get_run(r).data.tags.get("ablate.node_ip") for r in runs_tags.index}
+    assert nodes == {"127.0.0.2", "127.0.0.3"}
+
+
+@pytest.mark.cluster
+def test_worker_node_lost_mid_study_trials_retry_elsewhere(two_nodes, tmp_path):
+    path = write(tmp_path / "c.yaml", STUDY.format(epochs=40, n=1500))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen([str(ABLATE), "run", str(path), "--address", two_nodes["address"],
+                             "--tracking-uri", uri], env=two_nodes["env"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    from mlflow import MlflowClient
+
+    try:
+        deadline = time.time() + 240
+        while True:  # wait until a trial runs on the worker node, then stop that node
+            on_worker = False
+            if (tmp_path / "mlflow.db").exists():
+                df = load_runs("cluster", uri)
+                if not df.empty:
+                    c = MlflowClient(uri)
+                    on_worker = any(c.get_run(r).data.tags.get("ablate.node_ip") == "127.0.0.3"
+                                    and s == "running"
+                                    for r, s in zip(df["run_id"], df["status"], strict=True))
+            if on_worker:
+                break
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        # the node crashes: its raylet and every worker process on it die at once
+        subprocess.run(["pkill", "-9", "-f", r"node.ip.address=127\.0\.0\.3"], check=False)
+        two_nodes["worker"].kill()
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    df = load_runs("cluster", uri)
+    assert len(df) == 4, out
+    assert set(df["status"]) == {"finished"} and df["trial_id"].is_unique
+    c = MlflowClient(uri)
+    attempts = [int(c.get_run(r).data.tags["ablate.attempts"]) for r in df["run_id"]]
+    assert max(attempts) >= 2, out  # the lost node's trial was retried ...
+    nodes = {c.get_run(r).data.tags.get("ablate.node_ip") for r in df["run_id"]}
+    assert "127.0.0.2" in nodes  # ... and finished on the node that was left
