@@ -68,13 +68,14 @@ def run_trial(config: dict[str, Any], report) -> dict[str, float]:
 
     from ablate.cost import profile
     from ablate.data import load_dataset
-    from ablate.train import DTYPES, fit, pick_device
+    from ablate.train import DTYPES, fit, pick_device, seed_everything
 
     trial = TrialSpec.from_dict(config["trial"])
     torch.set_num_threads(max(1, int(config.get("cpus", 1))))
     device = pick_device(config.get("gpus", 0.0))
     root = Path(config["root"]) if config.get("root") else None
     data = load_dataset(trial.dataset, root)
+    seed_everything(trial.seed)  # the weights' init too: a reused actor's RNG is not fresh
     model = build_trial_model(trial, data.image_size, data.channels, data.num_classes)
     precision = trial.train.precision
     dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
@@ -102,7 +103,7 @@ def run_search_trial(config: dict[str, Any], report) -> None:
     from ablate.cost import profile
     from ablate.data import load_dataset
     from ablate.study import trials_for
-    from ablate.train import DTYPES, fit_epochs, pick_device
+    from ablate.train import DTYPES, fit_epochs, pick_device, seed_everything
 
     b = config["base"]
     trials = trials_for(b["sections"], _overrides(config), b["seeds"], b["keys"])
@@ -121,6 +122,7 @@ def run_search_trial(config: dict[str, Any], report) -> None:
     cost = None
     gens = {}
     for t in todo:
+        seed_everything(t.seed)
         model = build_trial_model(t, data.image_size, data.channels, data.num_classes)
         if cost is None:  # the same architecture for every seed: profile it once
             cost = profile(model, data.image_size, in_chans=data.channels,

@@ -245,3 +245,16 @@ def test_sql_fast_path_matches_mlflow_client(ray_session, tmp_path):
     import pandas as pd
 
     pd.testing.assert_frame_equal(fast, slow, check_dtype=False, check_like=True)
+
+
+def test_same_study_twice_gives_identical_results(ray_session, tmp_path):
+    """Seeds cover everything (weights' init included), even on reused trial actors."""
+    text = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]", "[mlp, conv, pool]")
+    study = load_study(write(tmp_path / "r.yaml", text))
+    a_uri, b_uri = (f"sqlite:///{tmp_path / n}" for n in ("a.db", "b.db"))
+    run_study(study, a_uri)
+    run_study(study, b_uri)
+    cols = ["val_acc", "test_acc", "test_loss", "best_val_acc"]
+    a = runs_of(a_uri, "smoke").set_index("trial_id").sort_index()[cols]
+    b = runs_of(b_uri, "smoke").set_index("trial_id").sort_index()[cols]
+    assert a.equals(b)
