@@ -519,6 +519,11 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
     dup = sorted({s for s in spec.seeds if spec.seeds.count(s) > 1})
     if dup:
         problems.append(("seeds", f"duplicate seeds {dup}: list each seed once"))
+    uses_fp16 = spec.train.precision == "fp16" or any(
+        "fp16" in grid.get("train.precision", []) for grid in spec.grids())
+    if uses_fp16 and spec.resources.gpus_per_trial == 0:
+        problems.append(("train.precision", "fp16 needs a GPU (resources.gpus_per_trial > 0); "
+                                            "use bf16 or fp32 on the CPU"))
     if spec.search.method == "optuna":
         from ablate.search import check_search
 

@@ -80,7 +80,22 @@ def test_smoke_study_all_mixers_then_idempotent(ray_session, tmp_path):
                 "factor.model.mixer"):
         assert tag in run.data.tags
     assert run.data.params["model.dim"] == "16"
-    # running it again adds no run
+    # status and dry-run see the finished study; running it again adds no run
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    cli = CliRunner()
+    st = cli.invoke(app, ["status", str(tmp_path / "smoke.yaml"), "--tracking-uri", uri,
+                          "--json"])
+    assert st.exit_code == 0, st.output
+    info = json.loads(st.stdout)
+    assert info["counts"]["finished"] == 6 and info["counts"]["pending"] == 0
+    assert info["best"]["val_acc"] == pytest.approx(df["val_acc"].max())
+    dry = cli.invoke(app, ["run", str(tmp_path / "smoke.yaml"), "--tracking-uri", uri,
+                           "--dry-run"])
+    assert dry.exit_code == 0 and "0 to run, 6 skipped" in dry.output
+    assert dry.output.count("  skip  ") == 6
     again = run_study(study, uri)
     assert again.skipped == 6 and again.finished == 0
     assert len(runs_of(uri, "smoke")) == 6
@@ -150,6 +165,19 @@ def test_diverging_trial_fails_with_reason(ray_session, tmp_path):
     df = runs_of(uri, "smoke")
     assert df["status"].tolist() == ["failed"]
     assert df["error"].iloc[0].startswith("diverged at epoch ")
+
+
+def test_dry_run_on_a_new_store_creates_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    path = write(tmp_path / "smoke.yaml", SMOKE)
+    res = CliRunner().invoke(app, ["run", str(path), "--tracking-uri",
+                                   f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}", "--dry-run"])
+    assert res.exit_code == 0 and "6 to run, 0 skipped" in res.output
+    assert res.output.count("  run   ") == 6
+    assert not (tmp_path / "new").exists()
 
 
 def free_port() -> int:

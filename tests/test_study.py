@@ -93,6 +93,8 @@ BAD_CASES = {
                    "YAML tags that build Python objects are not allowed"),
     "unknown_mixer": (GOOD.replace("[attention, mlp]", "[attention, mpl]"),
                       "did you mean 'mlp'"),
+    "fp16_without_gpu": (GOOD.replace("epochs: 1", "epochs: 1, precision: fp16"),
+                         "fp16 needs a GPU"),
     "odd_depth_dual": (GOOD.replace("[attention, mlp]", "[dual]").replace("depth: 2",
                                                                           "depth: 3"),
                        "must be even"),
@@ -226,7 +228,8 @@ def test_cli_subprocess_exit_code_and_help(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().startswith(f"{path}: train.epochs:")
     assert "Traceback" not in res.stderr
-    for cmd in ([], ["validate"], ["plan"], ["models"], ["profile"]):
+    for cmd in ([], ["validate"], ["plan"], ["run"], ["status"], ["models"], ["profile"],
+                ["dashboard"]):
         r = runner.invoke(app, [*cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output
     v = runner.invoke(app, ["--version"])

@@ -1,0 +1,75 @@
+"""Training loop details that a study relies on."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ablate.data import load_dataset
+from ablate.errors import DivergedError
+from ablate.models import create_model
+from ablate.study import DatasetSpec, TrainSpec
+from ablate.train import fit, make_schedule
+
+DATA = DatasetSpec(image_size=16, train_size=200, test_size=40)
+
+
+def model():
+    return create_model(mixer="mlp", dim=16, depth=2, heads=2, patch_size=4, image_size=16,
+                        num_classes=10)
+
+
+def test_fit_reports_every_epoch_and_final_metrics_once():
+    data = load_dataset(DATA)
+    reports = []
+    final = fit(model(), data, TrainSpec(epochs=3, batch_size=32), seed=0,
+                report=reports.append, final_extra={"gmacs": 1.0})
+    assert [r["epoch"] for r in reports] == [1, 2, 3]
+    assert "test_acc" not in reports[0] and "test_acc" in reports[-1]
+    assert reports[-1]["gmacs"] == 1.0 and final["test_acc"] == reports[-1]["test_acc"]
+    assert final["best_val_acc"] == max(r["val_acc"] for r in reports)
+    assert final["train_images"] == len(data.train)
+
+
+def test_small_models_learn_the_synthetic_task():
+    """Clearly above chance (10%) and clearly below 100% after a few epochs."""
+    data = load_dataset(DatasetSpec(image_size=32, train_size=2000, test_size=500))
+    torch.manual_seed(0)
+    m = create_model(mixer="conv", dim=48, depth=3, patch_size=4, image_size=32,
+                     num_classes=10)
+    final = fit(m, data, TrainSpec(epochs=4, batch_size=64, lr=2e-3, warmup_epochs=0.5),
+                seed=0)
+    assert 0.2 < final["test_acc"] < 0.9
+
+
+def test_divergence_and_time_budget():
+    data = load_dataset(DATA)
+    with pytest.raises(DivergedError, match="diverged at epoch 1"):
+        fit(model(), data, TrainSpec(epochs=2, batch_size=32, lr=1e12, grad_clip=None),
+            seed=0)
+    with pytest.raises(TimeoutError, match="exceeded train.max_minutes"):
+        fit(model(), data, TrainSpec(epochs=3, batch_size=32, max_minutes=1e-6), seed=0)
+
+
+def test_fp16_on_cpu_is_a_clear_error():
+    data = load_dataset(DATA)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device; use bf16"):
+        fit(model(), data, TrainSpec(epochs=1, precision="fp16"), seed=0)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_schedules_warm_up_then_decay(schedule):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    cfg = TrainSpec(epochs=10, lr=1.0, warmup_epochs=2, schedule=schedule)
+    sched = make_schedule(opt, cfg, steps_per_epoch=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = max(range(100), key=lambda i: lrs[i])
+    assert 15 <= peak <= 22  # the warm-up ends after 2 of 10 epochs
+    assert lrs[0] < 0.2 and lrs[-1] < 0.05 and math.isclose(max(lrs), 1.0, rel_tol=0.02)
