@@ -216,6 +216,14 @@ class MlflowWriter(Callback):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-mlflow")
         self.write_errors: list[str] = []
         self.nodes: dict[str, str] = {}
+        self.status = None  # a rich Status line while the study runs (terminals only)
+        self._shown = 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        """Refresh the live progress line (at most once a second)."""
+        if self.status is not None and time.monotonic() - self._shown > 1.0:
+            self._shown = time.monotonic()
+            self.status.update(self.progress.line(self.concurrency))
 
     def _write(self, tid: str, fn: Callable[[str], Any]) -> None:
         def op() -> None:
@@ -508,7 +516,7 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
     root = data_root(study)
     tracker, started_ray = _open_store_and_ray(study, uri, address, verbose)
     res = study.spec.resources
-    concurrency = res.max_concurrent or max(1, int((os.cpu_count() or 1) // res.cpus_per_trial))
+    concurrency = _concurrency(res)
     progress = Progress(total=len(todo), skipped=len(skipped))
     console.print(f"{study.spec.name}: {len(todo)} trials to run, {len(skipped)} already "
                   f"finished (tracking: {uri})", highlight=False)
@@ -521,47 +529,72 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
                 "gpus": res.gpus_per_trial, "fault_file": fault_file} for t in todo]
     trainable = tune.with_resources(_trainable, {"cpu": res.cpus_per_trial,
                                                  "gpu": res.gpus_per_trial})
-    sched = study.spec.scheduler
-    scheduler = None
-    if sched.name == "asha":
-        from ray.tune.schedulers import ASHAScheduler
+    interrupted = _fit(
+        trainable, {"t": tune.grid_search(configs)},
+        dict(scheduler=_scheduler(study.spec, max(t.train.epochs for t in todo)),
+             trial_dirname_creator=_dirname, trial_name_creator=_dirname),
+        study.spec, callback, started_ray, progress, verbose)
+    console.print(f"{study.spec.name}: {progress.line(concurrency)}", highlight=False)
+    return RunSummary(len(study.trials), len(skipped), progress.done, progress.pruned,
+                      progress.failed, uri, interrupted)
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=sched.metric,
-                                  mode=sched.mode, max_t=max(t.train.epochs for t in todo),
-                                  grace_period=sched.grace_period,
-                                  reduction_factor=sched.reduction_factor)
+
+def _concurrency(res) -> int:
+    """resources.max_concurrent, else as many trials as the CPUs hold."""
+    return res.max_concurrent or max(1, int((os.cpu_count() or 1) // res.cpus_per_trial))
+
+
+def _scheduler(spec, max_t: int):
+    """ASHA fed by the per-epoch reports, or None for FIFO."""
+    sched = spec.scheduler
+    if sched.name != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", metric=sched.metric, mode=sched.mode,
+                         max_t=max_t, grace_period=sched.grace_period,
+                         reduction_factor=sched.reduction_factor)
+
+
+def _fit(trainable, param_space: dict, tune_kwargs: dict, spec, callback: MlflowWriter,
+         started_ray: bool, progress: Progress, verbose: bool) -> bool:
+    """Run a Tuner with ablate's settings; returns whether the run was interrupted. Running
+    runs are marked killed and Ray is shut down (if we started it) whatever happens."""
+    from ray import tune
+
     storage = Path(tempfile.gettempdir()) / "ablate-ray"
     storage.mkdir(parents=True, exist_ok=True)
     interrupted = False
+    live = callback.console.is_terminal and not verbose
+    status = callback.console.status(progress.line(callback.concurrency)) if live else None
     try:
+        if status is not None:
+            status.start()
+            callback.status = status
         tuner = tune.Tuner(
-            trainable,
-            param_space={"t": tune.grid_search(configs)},
-            tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency,
-                                        reuse_actors=True,
-                                        trial_dirname_creator=lambda tr: _dirname(tr),
-                                        trial_name_creator=lambda tr: _dirname(tr)),
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=callback.concurrency,
+                                        reuse_actors=True, **tune_kwargs),
             run_config=tune.RunConfig(
-                name=f"{study.spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(storage), verbose=2 if verbose else 0, log_to_file=True,
-                failure_config=tune.FailureConfig(max_failures=study.spec.failures.max_retries),
-                callbacks=[callback], progress_reporter=None),
-        )
+                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(storage), verbose=2 if verbose else 0,
+                log_to_file=True,
+                failure_config=tune.FailureConfig(max_failures=spec.failures.max_retries),
+                callbacks=[callback], progress_reporter=None))
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if status is not None:
+            status.stop()
+            callback.status = None
         callback.mark_killed()
         if started_ray:
             import ray
 
             ray.shutdown()
     # Tune stops gracefully on Ctrl-C and returns: unfinished trials mean we were interrupted
-    interrupted = interrupted or (progress.done + progress.pruned + progress.failed
-                                  < progress.total)
-    console.print(f"{study.spec.name}: {progress.line(concurrency)}", highlight=False)
-    return RunSummary(len(study.trials), len(skipped), progress.done, progress.pruned,
-                      progress.failed, uri, interrupted)
+    return interrupted or (progress.done + progress.pruned + progress.failed < progress.total)
 
 
 def _open_store_and_ray(study: Study, uri: str, address: str | None, verbose: bool
@@ -684,58 +717,28 @@ def run_search(study: Study, tracking_uri: str | None = None, address: str | Non
     root = data_root(study)
     done = _finished_metrics(study, uri)
     res = spec.resources
-    concurrency = res.max_concurrent or max(1, int((os.cpu_count() or 1) // res.cpus_per_trial))
+    concurrency = _concurrency(res)
     console.print(f"{spec.name}: Optuna {spec.search.sampler} search, {remaining} of "
                   f"{spec.search.n_trials} trials to run x {len(spec.seeds)} seeds (study "
                   f"{name}; tracking: {uri})", highlight=False)
     tracker, started_ray = _open_store_and_ray(study, uri, address, verbose)
     progress = Progress(total=remaining, skipped=n_done)
     callback = MlflowWriter(tracker, study, progress, console, concurrency, optuna_study=name)
-    sched = spec.scheduler
-    scheduler = None
-    if sched.name == "asha":
-        from ray.tune.schedulers import ASHAScheduler
-
-        scheduler = ASHAScheduler(time_attr="training_iteration", metric=sched.metric,
-                                  mode=sched.mode, max_t=spec.train.epochs,
-                                  grace_period=sched.grace_period,
-                                  reduction_factor=sched.reduction_factor)
     keys = list(search.full_space(spec))
     base = {"sections": {s: getattr(spec, s).model_dump(mode="json")
                          for s in ("dataset", "model", "train")},
             "seeds": list(spec.seeds), "keys": keys, "done": done, "root": root,
             "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
             "fault_file": os.environ.get("ABLATE_FAULT_FILE")}
-    storage_dir = Path(tempfile.gettempdir()) / "ablate-ray"
-    storage_dir.mkdir(parents=True, exist_ok=True)
-    interrupted = False
-    try:
-        searcher = ConcurrencyLimiter(_optuna_searcher(spec, storage, name),
-                                      max_concurrent=concurrency)
-        tuner = tune.Tuner(
-            tune.with_resources(_search_trainable, {"cpu": res.cpus_per_trial,
-                                                    "gpu": res.gpus_per_trial}),
-            param_space={"base": base},
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=remaining, reuse_actors=True,
-                                        max_concurrent_trials=concurrency),
-            run_config=tune.RunConfig(
-                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(storage_dir), verbose=2 if verbose else 0, log_to_file=True,
-                failure_config=tune.FailureConfig(max_failures=spec.failures.max_retries),
-                callbacks=[callback], progress_reporter=None),
-        )
-        tuner.fit()
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        callback.mark_killed()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
-    interrupted = interrupted or (progress.done + progress.pruned + progress.failed
-                                  < progress.total)
+    searcher = ConcurrencyLimiter(_optuna_searcher(spec, storage, name),
+                                  max_concurrent=concurrency)
+    interrupted = _fit(
+        tune.with_resources(_search_trainable, {"cpu": res.cpus_per_trial,
+                                                "gpu": res.gpus_per_trial}),
+        {"base": base},
+        dict(search_alg=searcher, scheduler=_scheduler(spec, spec.train.epochs),
+             num_samples=remaining),
+        spec, callback, started_ray, progress, verbose)
     console.print(f"{spec.name}: {progress.line(concurrency)}", highlight=False)
     _print_pareto(console, storage, name, spec)
     return RunSummary(spec.search.n_trials, n_done, progress.done, progress.pruned,
