@@ -42,7 +42,7 @@ def full_space(spec: StudySpec) -> dict[str, Any]:
 
 def check_search(spec: StudySpec) -> list[tuple[str, str]]:
     """Every problem of an Optuna `search` section, as (dotted path, message)."""
-    from ablate.study import SECTION_MODELS, _did_you_mean
+    from ablate.study import SECTION_MODELS, _did_you_mean, split_key
 
     problems: list[tuple[str, str]] = []
     s = spec.search
@@ -66,16 +66,11 @@ def check_search(spec: StudySpec) -> list[tuple[str, str]]:
     has_categorical = False
     for key, dim in space.items():
         path = f"search.space.{key}"
-        parts = key.split(".")
-        if len(parts) != 2 or parts[0] not in SECTION_MODELS:
-            problems.append((path, "unknown dotted key: use dataset.X, model.X or train.X"))
+        where = split_key(key)
+        if isinstance(where, str):
+            problems.append((path, f"unknown dotted key: {where}"))
             continue
-        section, name = parts
-        fields = list(SECTION_MODELS[section].model_fields)
-        if name not in fields:
-            problems.append((path, f"unknown dotted key: {section} has no field '{name}'"
-                             + _did_you_mean(name, fields)))
-            continue
+        section, name = where
         if isinstance(dim, list):
             has_categorical = True
             if not dim:

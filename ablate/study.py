@@ -351,17 +351,11 @@ def _check_factors(spec: StudySpec, problems: list[tuple[str, str]]) -> None:
             problems.append((gpath, "empty factor grid: remove it or give it factors"))
         for key, levels in grid.items():
             path = f"{gpath}.{key}"
-            parts = key.split(".")
-            if len(parts) != 2 or parts[0] not in SECTION_MODELS:
-                problems.append((path, "factor keys are dotted paths into dataset, model or "
-                                       "train, such as model.mixer or dataset.fraction"))
+            where = split_key(key)
+            if isinstance(where, str):
+                problems.append((path, where))
                 continue
-            section, name = parts
-            fields = list(SECTION_MODELS[section].model_fields)
-            if name not in fields:
-                problems.append((path, f"{section} has no field '{name}'"
-                                 + _did_you_mean(name, fields)))
-                continue
+            section, name = where
             if not levels:
                 problems.append((path, "has no levels: list at least one value"))
                 continue
@@ -460,6 +454,31 @@ def trial_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def _apply(base: dict[str, dict[str, Any]], overrides: dict[str, Any]
+           ) -> tuple[DatasetSpec, ModelSpec, TrainSpec]:
+    """Validated sections: `base` (section -> field values) with dotted `overrides`."""
+    sections = {s: dict(base[s]) for s in SECTION_MODELS}
+    for k, v in overrides.items():
+        s, n = k.split(".")
+        sections[s][n] = v
+    return (DatasetSpec.model_validate(sections["dataset"]),
+            ModelSpec.model_validate(sections["model"]),
+            TrainSpec.model_validate(sections["train"]))
+
+
+def split_key(key: str) -> tuple[str, str] | str:
+    """(section, field) of a dotted key, or the reason it names no field."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTION_MODELS:
+        return ("not a dotted path into dataset, model or train, such as model.mixer or "
+                "dataset.fraction")
+    section, name = parts
+    fields = list(SECTION_MODELS[section].model_fields)
+    if name not in fields:
+        return f"{section} has no field '{name}'" + _did_you_mean(name, fields)
+    return section, name
+
+
 def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]]
                    ) -> tuple[list[TrialSpec], list[str]]:
     grids = spec.grids()
@@ -471,13 +490,8 @@ def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]]
     for gi, grid in enumerate(grids):
         gkeys = list(grid)
         for combo in itertools.product(*(grid[k] for k in gkeys)):
-            sections = {s: getattr(spec, s).model_dump() for s in SECTION_MODELS}
-            for k, level in zip(gkeys, combo, strict=True):
-                s, n = k.split(".")
-                sections[s][n] = level
-            ds = DatasetSpec.model_validate(sections["dataset"])
-            ms = ModelSpec.model_validate(sections["model"])
-            ts = TrainSpec.model_validate(sections["train"])
+            base = {s: getattr(spec, s).model_dump() for s in SECTION_MODELS}
+            ds, ms, ts = _apply(base, dict(zip(gkeys, combo, strict=True)))
             reasons = check_cell(ds, ms, "model.kernel_size" in gkeys)
             if reasons:
                 where = "factors" + (f"[{gi}]" if isinstance(spec.factors, list) else "")
@@ -563,13 +577,7 @@ def trials_for(base: dict[str, dict[str, Any]], overrides: dict[str, Any], seeds
     """The per-seed trials of one sampled configuration (an Optuna search's suggestion):
     `base` sections updated with dotted `overrides`. Raises ValueError for a cell that
     cannot run."""
-    sections = {s: dict(base[s]) for s in SECTION_MODELS}
-    for k, v in overrides.items():
-        s, n = k.split(".")
-        sections[s][n] = v
-    ds = DatasetSpec.model_validate(sections["dataset"])
-    ms = ModelSpec.model_validate(sections["model"])
-    ts = TrainSpec.model_validate(sections["train"])
+    ds, ms, ts = _apply(base, overrides)
     reasons = check_cell(ds, ms, "model.kernel_size" in overrides)
     if reasons:
         raise ValueError("; ".join(reasons))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from ablate.tracking import load_runs
-from tests.conftest import ROOT, write
+from tests.conftest import ROOT, free_port, write
 
 DOCKER = ROOT / "docker"
 
@@ -109,11 +108,6 @@ resources: {{cpus_per_trial: 1, max_concurrent: 2}}
 failures: {{max_retries: 3}}
 """
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

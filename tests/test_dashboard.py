@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from ablate.study import load_study
 from ablate.tracking import Tracker
-from tests.conftest import ROOT, write
+from tests.conftest import ROOT, free_port, wait_http, write
 
 APP = str(ROOT / "dashboard" / "app.py")
 VALS = {("attention", 0.5): [0.50, 0.52, 0.54], ("attention", 1.0): [0.80, 0.80, 0.80],
@@ -144,11 +141,6 @@ def test_empty_store_says_what_to_run(tmp_path, monkeypatch):
     assert not (tmp_path / "none.db").exists()  # looking does not create a store
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -166,14 +158,7 @@ def test_real_browser_renders_the_frontier(store, tmp_path):
                             stdin=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and proc.poll() is None, "dashboard did not start"
-                time.sleep(0.5)
+        wait_http(f"{url}/_stcore/health", proc)
         with sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=CHROMIUM, headless=True,

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ import pytest
 from ablate.runner import run_study
 from ablate.study import load_study
 from ablate.tracking import load_curves, load_runs
-from tests.conftest import write
+from tests.conftest import free_port, wait_http, write
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 pytestmark = [pytest.mark.postgres, pytest.mark.skipif(
@@ -26,11 +23,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.skipif(
     reason="Debian's postgresql is not installed here (.ci/run installs it: "
            "apt-get install -y postgresql)")]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -78,14 +70,7 @@ def mlflow_server(postgres):
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            assert time.time() < deadline and proc.poll() is None, "mlflow server did not start"
-            time.sleep(1)
+    wait_http(f"{url}/health", proc, timeout=120)
     yield url
     proc.terminate()
     proc.wait(timeout=30)

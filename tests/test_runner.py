@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from mlflow import MlflowClient
 from ablate.runner import run_study
 from ablate.study import load_study
 from ablate.tracking import EPOCH_METRICS, load_curves, load_runs
-from tests.conftest import write
+from tests.conftest import free_port, wait_http, write
 
 pytestmark = pytest.mark.slow
 
@@ -180,11 +178,6 @@ def test_dry_run_on_a_new_store_creates_nothing(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_mlflow_server_sees_runs(ray_session, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -197,15 +190,7 @@ def test_mlflow_server_sees_runs(ray_session, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(1)
+        wait_http(f"{base}/health", proc)
         c = MlflowClient(base)
         exp = c.get_experiment_by_name("smoke")
         runs = c.search_runs([exp.experiment_id])

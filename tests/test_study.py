@@ -61,7 +61,7 @@ BAD_CASES = {
     "zero_dim": (GOOD.replace("dim: 32", "dim: 0"), "model.dim"),
     "neg_depth": (GOOD.replace("depth: 2", "depth: -1"), "model.depth"),
     "factor_no_field": (GOOD.replace("model.mixer:", "model.mixxer:"), "has no field 'mixxer'"),
-    "factor_bad_section": (GOOD.replace("model.mixer:", "optim.lr:"), "dotted paths"),
+    "factor_bad_section": (GOOD.replace("model.mixer:", "optim.lr:"), "not a dotted path"),
     "factor_empty": (GOOD.replace("[attention, mlp]", "[]"), "has no levels"),
     "factor_dup": (GOOD.replace("[attention, mlp]", "[mlp, mlp]"), "duplicate level"),
     "factor_bad_level": (GOOD.replace("model.mixer: [attention, mlp]",
