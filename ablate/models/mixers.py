@@ -23,9 +23,7 @@ class TokenMixer(nn.Module):
     pairs: ClassVar[bool] = False  # blocks come in pairs: `depth` must be even
     pos_embed: ClassVar[bool] = False  # the backbone adds a learned position embedding
     mixes: ClassVar[bool] = True  # False: the block skips the mixer branch (and its norm)
-
-    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover - abstract
+    # Subclasses define forward(x: (B, N, C), hw: (H, W) | None) -> (B, N, C).
 
 
 def _to_grid(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
