@@ -87,23 +87,6 @@ def pareto_front(cost: Sequence[float], acc: Sequence[float], lower_cost_is_bett
     return front
 
 
-def pareto_front_bruteforce(cost: Sequence[float], acc: Sequence[float],
-                            lower_cost_is_better: bool = True) -> list[int]:
-    """O(n^2) reference for the tests."""
-    c = np.asarray(cost, dtype=float) * (1 if lower_cost_is_better else -1)
-    a = np.asarray(acc, dtype=float)
-    out = []
-    for i in range(len(c)):
-        if not (np.isfinite(c[i]) and np.isfinite(a[i])):
-            continue
-        dominated = any(
-            c[j] <= c[i] and a[j] >= a[i] and (c[j] < c[i] or a[j] > a[i])
-            for j in range(len(c)) if j != i and np.isfinite(c[j]) and np.isfinite(a[j]))
-        if not dominated:
-            out.append(i)
-    return out
-
-
 def frontier(agg: pd.DataFrame, cost: str, acc: str = "mean") -> pd.DataFrame:
     """The rows of an aggregate table on the (cost, accuracy) Pareto frontier, in cost order."""
     if agg.empty or cost not in agg:

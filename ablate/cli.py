@@ -205,9 +205,9 @@ def run(study: StudyArg,
         verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show Ray's own output."
                                               )] = False) -> None:
     """Run a study's trials on Ray Tune and log every trial to MLflow (resumable)."""
-    from ablate.runner import plan_run, run_study
     from ablate.study import load_study
     from ablate.tracking import resolve_tracking_uri
+    from ablate.tune.driver import plan_run, run_study
 
     try:
         s = load_study(study)
@@ -233,8 +233,8 @@ def run(study: StudyArg,
 def status(study: StudyArg, tracking_uri: UriOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Counts of trials by status and the best trial so far."""
-    from ablate.runner import status as study_status
     from ablate.study import load_study
+    from ablate.tune.status import status as study_status
 
     try:
         info = study_status(load_study(study), tracking_uri)

@@ -39,3 +39,10 @@ class TrackingError(AblateError):
 
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss. Not a user error: the trial fails, the study goes on."""
+
+
+def mask_url(url: str) -> str:
+    """A URL with its password replaced by ***, for messages, logs and tags."""
+    import re
+
+    return re.sub(r"(://[^:/@\s]+:)[^@/\s]+@", r"\1***@", url)

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ablate.errors import AblateError
+from ablate.errors import AblateError, mask_url
+from ablate.spec import SECTION_MODELS, did_you_mean, split_key
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ablate.study import StudySpec
+    from ablate.spec import StudySpec
 
 OBJECTIVE_METRICS = ("val_acc", "best_val_acc", "params", "gmacs", "throughput_img_s",
                      "latency_ms", "train_img_s", "peak_mem_mb", "train_time_s")
@@ -21,8 +22,6 @@ OBJECTIVE_METRICS = ("val_acc", "best_val_acc", "params", "gmacs", "throughput_i
 
 def _field_kind(section: str, name: str) -> str:
     """'int', 'float' or 'other' for a dotted field, from its pydantic annotation."""
-    from ablate.study import SECTION_MODELS
-
     ann = str(SECTION_MODELS[section].model_fields[name].annotation)
     if "int" in ann.lower() and "float" not in ann.lower():
         return "int"
@@ -42,8 +41,6 @@ def full_space(spec: StudySpec) -> dict[str, Any]:
 
 def check_search(spec: StudySpec) -> list[tuple[str, str]]:
     """Every problem of an Optuna `search` section, as (dotted path, message)."""
-    from ablate.study import SECTION_MODELS, _did_you_mean, split_key
-
     problems: list[tuple[str, str]] = []
     s = spec.search
     objs = s.objectives
@@ -55,7 +52,7 @@ def check_search(spec: StudySpec) -> list[tuple[str, str]]:
                                                        "into model selection: use val_acc"))
         elif m not in OBJECTIVE_METRICS:
             problems.append((f"search.objectives.{m}", "unknown metric"
-                             + _did_you_mean(m, list(OBJECTIVE_METRICS))))
+                             + did_you_mean(m, list(OBJECTIVE_METRICS))))
     if isinstance(spec.factors, list):
         problems.append(("factors", "an Optuna search takes one factor mapping (its levels "
                                     "become categorical dimensions), not a list of grids"))
@@ -185,7 +182,8 @@ def open_storage(url: str | None):
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as e:  # noqa: BLE001 - any driver error means the same fix
         msg = str(e).splitlines()[0][:300]
-        raise AblateError(f"search.storage: cannot open Optuna storage {url} ({msg}); check "
+        raise AblateError(f"search.storage: cannot open Optuna storage "
+                          f"{mask_url(url)} ({mask_url(msg)}); check "
                           "the URL, the server and the driver (e.g. psycopg for "
                           "postgresql://)") from None
 

@@ -6,7 +6,6 @@ and reported as `file: dotted.path: message` lines (one `StudyError` carrying al
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -14,180 +13,67 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 
 from ablate.errors import StudyError
-
-SECTIONS_WITH_FACTORS = ("dataset", "model", "train")
-
-
-class Strict(BaseModel):
-    """Frozen, and unknown keys are errors (a typo must never be silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DatasetSpec(Strict):
-    name: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = "synthetic"
-    root: str | None = Field(None, description="folder or archive; ${VAR} expanded where read")
-    download: bool = False
-    image_size: PositiveInt | None = None
-    num_classes: PositiveInt | None = Field(None, description="synthetic only (default 10)")
-    channels: PositiveInt | None = Field(None, description="1 or 3; None keeps the source's")
-    train_size: PositiveInt = Field(5000, description="synthetic only")
-    test_size: PositiveInt = Field(1000, description="synthetic only")
-    seed: int = Field(0, description="synthetic generator seed")
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    split_seed: int = 0
-    fraction: float = Field(1.0, gt=0.0, le=1.0)
-    max_train: PositiveInt | None = None
-    max_test: PositiveInt | None = None
-
-    def known_image_size(self) -> int | None:
-        if self.image_size is not None:
-            return self.image_size
-        return 32 if self.name in ("synthetic", "cifar10", "cifar100") else None
-
-    def known_num_classes(self) -> int | None:
-        if self.name == "synthetic":
-            return self.num_classes or 10
-        return {"cifar10": 10, "cifar100": 100}.get(self.name)
-
-    def known_channels(self) -> int | None:
-        if self.channels is not None:
-            return self.channels
-        return 3 if self.name != "imagefolder" else None
-
-
-class ModelSpec(Strict):
-    """The backbone's arguments; None means the model's default (the paper's baseline)."""
-
-    arch: str = Field("backbone", description="backbone | a reference name | timm:<name>")
-    mixer: str | None = None
-    dim: PositiveInt | None = None
-    depth: PositiveInt | None = None
-    patch_size: PositiveInt | None = None
-    heads: PositiveInt | None = None
-    mlp_ratio: PositiveFloat | None = None
-    token_mlp_ratio: PositiveFloat | None = None
-    kernel_size: PositiveInt | None = None
-    window_size: PositiveInt | None = None
-    drop_path: float | None = Field(None, ge=0.0, lt=1.0)
-    tokens: PositiveInt | None = None
-    token_learner_at: NonNegativeInt | None = None
-    token_learner_version: Literal["1.0", "1.1"] | None = None
-    token_fuser: bool | None = None
-
-
-class TrainSpec(Strict):
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 128
-    eval_batch_size: PositiveInt = 512
-    lr: PositiveFloat = 1e-3
-    weight_decay: NonNegativeFloat = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["onecycle", "cosine"] = "cosine"
-    warmup_epochs: NonNegativeFloat = 1.0
-    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
-    grad_clip: PositiveFloat | None = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    augment: tuple[Literal["crop", "flip"], ...] = ("crop", "flip")
-    crop_padding: NonNegativeInt = 4
-    channels_last: bool = False
-    max_minutes: PositiveFloat | None = None
-    profile_batch_size: PositiveInt = 64
-    profile_seconds: PositiveFloat = 0.5
-
-
-class SearchSpec(Strict):
-    method: Literal["grid", "optuna"] = "grid"
-    sampler: Literal["tpe", "nsga2", "random", "cmaes"] = "tpe"
-    n_trials: PositiveInt = 20
-    objectives: dict[str, Literal["max", "min"]] = Field(default_factory=lambda: {"val_acc": "max"})
-    space: dict[str, Any] = Field(default_factory=dict)
-    storage: str | None = None
-
-
-class SchedulerSpec(Strict):
-    name: Literal["fifo", "asha"] = "fifo"
-    metric: str = "val_acc"
-    mode: Literal["max", "min"] = "max"
-    grace_period: PositiveInt = 1
-    reduction_factor: float = Field(3.0, gt=1.0)
-
-
-class ResourcesSpec(Strict):
-    cpus_per_trial: PositiveFloat = 1.0
-    gpus_per_trial: NonNegativeFloat = 0.0
-    max_concurrent: PositiveInt | None = None
-
-
-class FailuresSpec(Strict):
-    max_retries: NonNegativeInt = 1
-
-
-class TrackingSpec(Strict):
-    uri: str | None = None
-    experiment: str | None = Field(None, description="default: the study name")
-
-
-Levels = dict[str, list[Any]]
-
-
-class StudySpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    description: str = ""
-    dataset: DatasetSpec = DatasetSpec()
-    model: ModelSpec = ModelSpec()
-    train: TrainSpec = TrainSpec()
-    factors: Levels | list[Levels] = Field(default_factory=dict)
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    search: SearchSpec = SearchSpec()
-    scheduler: SchedulerSpec = SchedulerSpec()
-    resources: ResourcesSpec = ResourcesSpec()
-    failures: FailuresSpec = FailuresSpec()
-    tracking: TrackingSpec = TrackingSpec()
-
-    def grids(self) -> list[Levels]:
-        return self.factors if isinstance(self.factors, list) else [self.factors]
-
-
-SECTION_MODELS: dict[str, type[Strict]] = {
-    "dataset": DatasetSpec, "model": ModelSpec, "train": TrainSpec,
-}
+from ablate.search import check_search
+from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home is ablate.study
+    SECTION_MODELS,
+    DatasetSpec,
+    FailuresSpec,
+    ModelSpec,
+    ResourcesSpec,
+    SchedulerSpec,
+    SearchSpec,
+    Strict,
+    StudySpec,
+    TrackingSpec,
+    TrainSpec,
+    did_you_mean,
+    split_key,
+)
 
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One cell of the study x one seed, fully resolved."""
+    """One cell of the study x one seed, fully resolved. `cell_id` hashes the same resolved
+    config without the seed: the seeds of one configuration share it, and nothing else does.
+    `grid` is the index of the factor grid the trial came from (0 for a single grid)."""
 
     trial_id: str
+    cell_id: str
     seed: int
+    grid: int
     dataset: DatasetSpec
     model: ModelSpec
     train: TrainSpec
     factors: dict[str, Any]
     config: dict[str, Any] = field(repr=False)  # the resolved config the id hashes
 
+    @classmethod
+    def build(cls, ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int, grid: int,
+              keys: list[str]) -> TrialSpec:
+        """Resolve the config, hash it into the trial and cell ids, read the factor levels."""
+        config = resolved_config(ds, ms, ts, seed)
+        levels = {k: _level(config, (ds, ms, ts), k) for k in keys}
+        return cls(trial_id(config), cell_id(config), seed, grid, ds, ms, ts, levels, config)
+
     @property
     def run_name(self) -> str:
         parts = [f"{k.split('.', 1)[1]}={_fmt(v)}" for k, v in self.factors.items()]
         return " ".join([*parts, f"seed={self.seed}"])
 
+    @property
+    def cell_name(self) -> str:
+        """The run name without its seed: names the configuration all seeds share."""
+        return " ".join(self.run_name.split(" ")[:-1]) or self.run_name
+
     def to_dict(self) -> dict[str, Any]:
-        return {"trial_id": self.trial_id, "seed": self.seed, "factors": self.factors,
+        return {"trial_id": self.trial_id, "cell_id": self.cell_id, "seed": self.seed,
+                "grid": self.grid, "factors": self.factors,
                 "dataset": self.dataset.model_dump(mode="json"),
                 "model": self.model.model_dump(mode="json"),
                 "train": self.train.model_dump(mode="json")}
@@ -197,7 +83,8 @@ class TrialSpec:
         ds, ms, ts = (DatasetSpec.model_validate(d["dataset"]),
                       ModelSpec.model_validate(d["model"]), TrainSpec.model_validate(d["train"]))
         config = resolved_config(ds, ms, ts, d["seed"])
-        return cls(d["trial_id"], d["seed"], ds, ms, ts, dict(d["factors"]), config)
+        return cls(d["trial_id"], d["cell_id"], d["seed"], d["grid"], ds, ms, ts,
+                   dict(d["factors"]), config)
 
 
 @dataclass(frozen=True)
@@ -313,7 +200,7 @@ def _pydantic_problems(err: ValidationError, prefix: str, model: type[BaseModel]
             path = f"{prefix}.{path}" if path else prefix
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key" + _did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))
+            msg = "unknown key" + did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))
         elif e["type"] == "missing":
             msg = "is required"
         elif "input" in e and e["type"] not in ("extra_forbidden",):
@@ -330,13 +217,6 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         cur = f.annotation
     return list(getattr(cur, "model_fields", {}))
-
-
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean '{close[0]}'?"
-    return f"; known keys: {', '.join(options)}" if options else ""
 
 
 def _canon(level: Any) -> str:
@@ -388,7 +268,7 @@ def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[s
     mixer = ms.mixer or BACKBONE_DEFAULTS["mixer"]
     if mixer not in MIXERS:
         return [f"model.mixer: unknown mixer {mixer!r}"
-                + _did_you_mean(mixer, list(MIXERS)).replace("known keys", "choose one of")]
+                + did_you_mean(mixer, list(MIXERS)).replace("known keys", "choose one of")]
     cls = MIXERS[mixer]
     patch = ms.patch_size or BACKBONE_DEFAULTS["patch_size"]
     size = ds.known_image_size()
@@ -454,6 +334,11 @@ def trial_id(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def cell_id(config: dict[str, Any]) -> str:
+    """The trial id of the config without its seed: what every seed of a cell shares."""
+    return trial_id({k: v for k, v in config.items() if k != "seed"})
+
+
 def _apply(base: dict[str, dict[str, Any]], overrides: dict[str, Any]
            ) -> tuple[DatasetSpec, ModelSpec, TrainSpec]:
     """Validated sections: `base` (section -> field values) with dotted `overrides`."""
@@ -464,19 +349,6 @@ def _apply(base: dict[str, dict[str, Any]], overrides: dict[str, Any]
     return (DatasetSpec.model_validate(sections["dataset"]),
             ModelSpec.model_validate(sections["model"]),
             TrainSpec.model_validate(sections["train"]))
-
-
-def split_key(key: str) -> tuple[str, str] | str:
-    """(section, field) of a dotted key, or the reason it names no field."""
-    parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in SECTION_MODELS:
-        return ("not a dotted path into dataset, model or train, such as model.mixer or "
-                "dataset.fraction")
-    section, name = parts
-    fields = list(SECTION_MODELS[section].model_fields)
-    if name not in fields:
-        return f"{section} has no field '{name}'" + _did_you_mean(name, fields)
-    return section, name
 
 
 def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]]
@@ -502,13 +374,11 @@ def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]]
                                      else f"{path}: {msg}"))
                 continue
             for seed in spec.seeds:
-                config = resolved_config(ds, ms, ts, seed)
-                tid = trial_id(config)
-                if tid in seen:
+                trial = TrialSpec.build(ds, ms, ts, seed, gi, keys)
+                if trial.trial_id in seen:
                     continue
-                seen.add(tid)
-                levels = {k: _level(config, (ds, ms, ts), k) for k in keys}
-                trials.append(TrialSpec(tid, seed, ds, ms, ts, levels, config))
+                seen.add(trial.trial_id)
+                trials.append(trial)
     return trials, keys
 
 
@@ -539,8 +409,6 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
         problems.append(("train.precision", "fp16 needs a GPU (resources.gpus_per_trial > 0); "
                                             "use bf16 or fp32 on the CPU"))
     if spec.search.method == "optuna":
-        from ablate.search import check_search
-
         problems += check_search(spec)
         if problems:
             raise StudyError(file, problems)
@@ -581,9 +449,4 @@ def trials_for(base: dict[str, dict[str, Any]], overrides: dict[str, Any], seeds
     reasons = check_cell(ds, ms, "model.kernel_size" in overrides)
     if reasons:
         raise ValueError("; ".join(reasons))
-    out = []
-    for seed in seeds:
-        config = resolved_config(ds, ms, ts, seed)
-        levels = {k: _level(config, (ds, ms, ts), k) for k in keys}
-        out.append(TrialSpec(trial_id(config), seed, ds, ms, ts, levels, config))
-    return out
+    return [TrialSpec.build(ds, ms, ts, seed, 0, keys) for seed in seeds]

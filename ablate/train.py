@@ -4,6 +4,7 @@ mixed precision, val every epoch, test at the end. Reports each epoch through a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
 import time
@@ -16,7 +17,9 @@ from torch import nn
 
 from ablate.data import Batches, DataBundle, Split
 from ablate.errors import DivergedError
-from ablate.study import TrainSpec
+from ablate.models import create_model
+from ablate.models.backbone import DropPath
+from ablate.study import TrainSpec, TrialSpec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,6 +28,59 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """A seed for one named random stream of a trial, independent of the trial's others."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{stream}".encode()).digest()[:8], "big") >> 1
+
+
+class SeedRNG:
+    """A seed's own global random state (torch CPU and CUDA, numpy, random).
+
+    Seeds trained in lock-step in one process take turns; each turn runs inside `active()`,
+    which swaps this seed's state in and the caller's back out, so whatever draws from the
+    global generators (a third-party dropout, a timm model) sees only its own seed's numbers.
+    """
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        saved = self._get()
+        seed_everything(seed)
+        self.state = self._get()
+        self._set(saved)
+
+    def _get(self) -> tuple:
+        return (torch.get_rng_state(), torch.cuda.get_rng_state() if self.cuda else None,
+                np.random.get_state(), random.getstate())
+
+    def _set(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if self.cuda:
+            torch.cuda.set_rng_state(state[1])
+        np.random.set_state(state[2])
+        random.setstate(state[3])
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        saved = self._get()
+        self._set(self.state)
+        try:
+            yield
+        finally:
+            self.state = self._get()
+            self._set(saved)
+
+
+def build_model(trial: TrialSpec, image_size: int, channels: int, num_classes: int
+                ) -> nn.Module:
+    """A trial's model, its initial weights a function of the trial's seed alone."""
+    kwargs = trial.model.model_dump()
+    arch = kwargs.pop("arch")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(trial.seed)
+        return create_model(arch, image_size=image_size, in_chans=channels,
+                            num_classes=num_classes, **(kwargs if arch == "backbone" else {}))
 
 
 def pick_device(gpus: float = 0.0) -> torch.device:
@@ -94,9 +150,28 @@ def fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
                device: torch.device | str = "cpu",
                final_extra: dict[str, float] | None = None) -> Iterator[dict[str, float]]:
     """Train epoch by epoch, yielding each epoch's metrics (the last also carries the final
-    metrics). A generator, so that several seeds can train in lock-step."""
+    metrics). A generator, so that several seeds can train in lock-step: every random number
+    a seed draws comes from its own generators, so its result does not depend on what trains
+    beside it."""
     device = torch.device(device)
-    seed_everything(seed)
+    rng = SeedRNG(seed, device)
+    epochs = _fit_epochs(model, data, cfg, seed, device, final_extra)
+    while True:
+        with rng.active():
+            try:
+                metrics = next(epochs)
+            except StopIteration:
+                return
+        yield metrics
+
+
+def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
+                device: torch.device, final_extra: dict[str, float] | None
+                ) -> Iterator[dict[str, float]]:
+    drop_gen = torch.Generator(device=device).manual_seed(stream_seed(seed, "drop_path"))
+    for m in model.modules():
+        if isinstance(m, DropPath):
+            m.generator = drop_gen
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

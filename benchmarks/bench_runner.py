@@ -31,18 +31,19 @@ import sys, time
 t0 = time.perf_counter()
 import ray
 from ray import tune
-from ablate.runner import run_trial
+from ablate.tune.trainable import train_cell
 from ablate.study import load_study
 
 study = load_study(sys.argv[1])
 ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-configs = [{"trial": t.to_dict(), "root": None, "cpus": 1, "gpus": 0} for t in study.trials]
+cells = [[t.to_dict()] for t in study.trials]
 
 def trainable(config):
-    run_trial(config["t"], tune.report)
+    train_cell(config, tune.report)
 
 tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
-                   param_space={"t": tune.grid_search(configs)},
+                   param_space={"context": {"root": None, "cpus": 1, "gpus": 0},
+                                "cell": tune.grid_search(cells)},
                    tune_config=tune.TuneConfig(max_concurrent_trials=2,
                                                reuse_actors=sys.argv[3] == "reuse"),
                    run_config=tune.RunConfig(storage_path=sys.argv[2], verbose=0))

@@ -11,9 +11,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from ablate.runner import run_study
 from ablate.study import load_study
 from ablate.tracking import load_curves, load_runs
+from ablate.tune.driver import run_study
 
 COMMON = """\
 dataset: {name: synthetic, image_size: 16, train_size: 1200, test_size: 200}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ablate.runner import run_study
 from ablate.study import load_study
 from ablate.tracking import load_curves, load_runs
+from ablate.tune.driver import run_study
 from tests.conftest import free_port, wait_http, write
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")

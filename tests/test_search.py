@@ -15,10 +15,10 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from ablate.cli import app
-from ablate.runner import run_study
 from ablate.search import study_name
 from ablate.study import load_study
 from ablate.tracking import load_runs
+from ablate.tune.driver import run_study
 from tests.conftest import write
 
 BASE = """\

@@ -14,16 +14,19 @@ from ablate.models.tokenlearner import TokenFuser, TokenLearner
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drop the residual branch per sample while training."""
+    """Stochastic depth: drop the residual branch per sample while training. Draws from
+    `generator` when one is set (the trainer gives each seed its own), else the global RNG."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = p
+        self.generator: torch.Generator | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(
+            1 - self.p, generator=self.generator)
         return x * keep / (1 - self.p)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from ablate.runner import run_study
 from ablate.study import load_study
 from ablate.tracking import EPOCH_METRICS, load_curves, load_runs
+from ablate.tune.driver import run_study
 from tests.conftest import free_port, wait_http, write
 
 pytestmark = pytest.mark.slow
@@ -237,7 +237,7 @@ def test_ctrl_c_marks_running_trials_killed_and_rerun_resumes(tmp_path):
     assert {c.get_run(r).info.status for r in df["run_id"]} == {"KILLED"}
     # the next run picks the killed trials up (short epochs this time: a new config, so
     # instead check the plan of the same study)
-    from ablate.runner import plan_run
+    from ablate.tune.driver import plan_run
 
     todo, skipped = plan_run(load_study(path), uri)
     assert len(todo) == 2 and not skipped
@@ -271,3 +271,30 @@ def test_same_study_twice_gives_identical_results(ray_session, tmp_path):
     a = runs_of(a_uri, "smoke").set_index("trial_id").sort_index()[cols]
     b = runs_of(b_uri, "smoke").set_index("trial_id").sort_index()[cols]
     assert a.equals(b)
+
+
+def test_edited_base_config_gives_two_cells_not_two_seeds(ray_session, tmp_path):
+    """Same factors and seed, a different train.lr: two configurations, so two cells."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    one = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]", "[mlp]")
+    run_study(load_study(write(tmp_path / "a.yaml", one)), uri)
+    edited = one.replace("warmup_epochs: 0.2}", "warmup_epochs: 0.2, lr: 0.003}")
+    assert edited != one
+    s2 = load_study(write(tmp_path / "b.yaml", edited))
+    run_study(s2, uri)
+    df = runs_of(uri, "smoke")
+    assert len(df) == 2 and set(df["factor.model.mixer"]) == {"mlp"}
+    assert df["cell_id"].nunique() == 2, "runs of an edited study must not merge as seeds"
+    assert set(df["cell_id"]) >= {s2.trials[0].cell_id}
+    assert set(df["grid"]) == {0}
+
+
+def test_cell_id_is_shared_by_seeds_and_nothing_else(tmp_path):
+    text = SMOKE.replace("seeds: [0]", "seeds: [0, 1, 2]")
+    study = load_study(write(tmp_path / "c.yaml", text))
+    by_cell: dict[str, set] = {}
+    for t in study.trials:
+        by_cell.setdefault(t.cell_id, set()).add((t.factors["model.mixer"], t.seed))
+    assert len(by_cell) == 6
+    for members in by_cell.values():
+        assert len({m for m, _ in members}) == 1 and {s for _, s in members} == {0, 1, 2}

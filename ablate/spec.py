@@ -1,0 +1,165 @@
+"""The study file's schema: frozen pydantic sections, and the helpers that name their fields.
+
+Below `study` and `search` (both import it, it imports neither), so there is no import cycle.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
+
+
+class Strict(BaseModel):
+    """Frozen, and unknown keys are errors (a typo must never be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(Strict):
+    name: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = "synthetic"
+    root: str | None = Field(None, description="folder or archive; ${VAR} expanded where read")
+    download: bool = False
+    image_size: PositiveInt | None = None
+    num_classes: PositiveInt | None = Field(None, description="synthetic only (default 10)")
+    channels: PositiveInt | None = Field(None, description="1 or 3; None keeps the source's")
+    train_size: PositiveInt = Field(5000, description="synthetic only")
+    test_size: PositiveInt = Field(1000, description="synthetic only")
+    seed: int = Field(0, description="synthetic generator seed")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    max_train: PositiveInt | None = None
+    max_test: PositiveInt | None = None
+
+    def known_image_size(self) -> int | None:
+        if self.image_size is not None:
+            return self.image_size
+        return 32 if self.name in ("synthetic", "cifar10", "cifar100") else None
+
+
+class ModelSpec(Strict):
+    """The backbone's arguments; None means the model's default (the paper's baseline)."""
+
+    arch: str = Field("backbone", description="backbone | a reference name | timm:<name>")
+    mixer: str | None = None
+    dim: PositiveInt | None = None
+    depth: PositiveInt | None = None
+    patch_size: PositiveInt | None = None
+    heads: PositiveInt | None = None
+    mlp_ratio: PositiveFloat | None = None
+    token_mlp_ratio: PositiveFloat | None = None
+    kernel_size: PositiveInt | None = None
+    window_size: PositiveInt | None = None
+    drop_path: float | None = Field(None, ge=0.0, lt=1.0)
+    tokens: PositiveInt | None = None
+    token_learner_at: NonNegativeInt | None = None
+    token_learner_version: Literal["1.0", "1.1"] | None = None
+    token_fuser: bool | None = None
+
+
+class TrainSpec(Strict):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 512
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["onecycle", "cosine"] = "cosine"
+    warmup_epochs: NonNegativeFloat = 1.0
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: PositiveFloat | None = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    augment: tuple[Literal["crop", "flip"], ...] = ("crop", "flip")
+    crop_padding: NonNegativeInt = 4
+    channels_last: bool = False
+    max_minutes: PositiveFloat | None = None
+    profile_batch_size: PositiveInt = 64
+    profile_seconds: PositiveFloat = 0.5
+
+
+class SearchSpec(Strict):
+    method: Literal["grid", "optuna"] = "grid"
+    sampler: Literal["tpe", "nsga2", "random", "cmaes"] = "tpe"
+    n_trials: PositiveInt = 20
+    objectives: dict[str, Literal["max", "min"]] = Field(default_factory=lambda: {"val_acc": "max"})
+    space: dict[str, Any] = Field(default_factory=dict)
+    storage: str | None = None
+
+
+class SchedulerSpec(Strict):
+    name: Literal["fifo", "asha"] = "fifo"
+    metric: str = "val_acc"
+    mode: Literal["max", "min"] = "max"
+    grace_period: PositiveInt = 1
+    reduction_factor: float = Field(3.0, gt=1.0)
+
+
+class ResourcesSpec(Strict):
+    cpus_per_trial: PositiveFloat = 1.0
+    gpus_per_trial: NonNegativeFloat = 0.0
+    max_concurrent: PositiveInt | None = None
+
+
+class FailuresSpec(Strict):
+    max_retries: NonNegativeInt = 1
+
+
+class TrackingSpec(Strict):
+    uri: str | None = None
+    experiment: str | None = Field(None, description="default: the study name")
+
+
+Levels = dict[str, list[Any]]
+
+
+class StudySpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    dataset: DatasetSpec = DatasetSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    factors: Levels | list[Levels] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    search: SearchSpec = SearchSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    failures: FailuresSpec = FailuresSpec()
+    tracking: TrackingSpec = TrackingSpec()
+
+    def grids(self) -> list[Levels]:
+        return self.factors if isinstance(self.factors, list) else [self.factors]
+
+
+SECTION_MODELS: dict[str, type[Strict]] = {
+    "dataset": DatasetSpec, "model": ModelSpec, "train": TrainSpec,
+}
+
+
+def did_you_mean(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; known keys: {', '.join(options)}" if options else ""
+
+
+def split_key(key: str) -> tuple[str, str] | str:
+    """(section, field) of a dotted key, or the reason it names no field."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTION_MODELS:
+        return ("not a dotted path into dataset, model or train, such as model.mixer or "
+                "dataset.fraction")
+    section, name = parts
+    fields = list(SECTION_MODELS[section].model_fields)
+    if name not in fields:
+        return f"{section} has no field '{name}'" + did_you_mean(name, fields)
+    return section, name

@@ -1,0 +1,227 @@
+"""MLflow stores: tracking URIs, opening a store safely, one experiment per study, one run per
+trial (`Tracker`). Every write of a study goes through one writer in the driver
+(`ablate.tracking.writer`), so a SQLite store sees one writing process."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import subprocess
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ablate.errors import TrackingError
+
+DONE = ("finished", "pruned")  # a trial in one of these is never run again
+FINAL_METRICS = ("val_acc", "best_val_acc", "test_acc", "test_loss", "params", "gmacs",
+                 "throughput_img_s", "latency_ms", "train_img_s", "train_time_s",
+                 "peak_mem_mb", "train_images")
+EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_store_dir() -> Path:
+    """`mlruns/` of this checkout (an editable install), else `./mlruns` made absolute."""
+    here = PACKAGE_ROOT / "mlruns"
+    return here if here.is_dir() else (Path.cwd() / "mlruns").resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{default_store_dir() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(cli_uri: str | None = None, study_uri: str | None = None) -> str:
+    """--tracking-uri, then ABLATE_TRACKING_URI, then the study's tracking.uri, then default.
+    Relative SQLite paths and bare folders are made absolute (Ray changes trials' cwd)."""
+    uri = cli_uri or os.environ.get("ABLATE_TRACKING_URI") or study_uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):])
+        if not path.is_absolute():
+            uri = f"sqlite:///{path.resolve()}"
+    elif "://" not in uri:
+        uri = f"sqlite:///{Path(uri).resolve() / 'mlflow.db'}"
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a SQLite store (`<store>/artifacts`); servers serve their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return None
+
+
+def sqlite_store_exists(uri: str) -> bool:
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
+
+
+@lru_cache(maxsize=1)
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        rev = out.stdout.strip()
+        if out.returncode != 0 or not rev:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=5)
+        return rev + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def client(uri: str):
+    """An MlflowClient for `uri`; raises TrackingError naming the URI if it cannot connect."""
+    from mlflow import MlflowClient
+
+    _quiet_mlflow()
+
+    for attempt in range(5):
+        try:
+            with store_lock(uri):
+                c = MlflowClient(tracking_uri=uri)
+                c.search_experiments(max_results=1)
+            return c
+        except Exception as e:  # noqa: BLE001 - every backend raises its own kind
+            # a second process creating the same new SQLite store races on its schema
+            racing = ("already exists", "migration", "database is locked", "no such table")
+            if any(r in str(e) for r in racing) and attempt < 4:
+                time.sleep(1.0)
+                continue
+            msg = str(e).splitlines()[0][:300]
+            raise TrackingError(f"tracking uri {uri}: cannot open the MLflow store ({msg}); "
+                                "check --tracking-uri / ABLATE_TRACKING_URI / tracking.uri"
+                                ) from None
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """Serialize opening a SQLite store across processes: MLflow creates and migrates the
+    schema on first open, and two processes doing it at once corrupt each other's view."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if not db.parent.is_dir():
+        yield
+        return
+    with open(db.parent / f".{db.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Tracker:
+    """Writes one study's runs. Experiment = study name; one run per trial."""
+
+    def __init__(self, uri: str, experiment: str, tags: dict[str, str] | None = None) -> None:
+        self.uri = uri
+        self.client = client(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            exp_id = self.client.create_experiment(experiment, artifact_location=artifact_root(uri),
+                                                   tags=tags or {})
+        else:
+            exp_id = exp.experiment_id
+            for k, v in (tags or {}).items():
+                self.client.set_experiment_tag(exp_id, k, v)
+        self.experiment_id = exp_id
+
+    def done_trial_ids(self) -> set[str]:
+        return _done_trial_ids(self.client, self.experiment_id)
+
+    def start_run(self, trial: Any, study: Any, extra_tags: dict[str, str] | None = None) -> str:
+        from mlflow.entities import Param, RunTag
+
+        tags = {"ablate.study": study.spec.name, "ablate.trial_id": trial.trial_id,
+                "ablate.cell_id": trial.cell_id, "ablate.grid": str(trial.grid),
+                "ablate.phase": "final", "ablate.status": "running",
+                "ablate.git_revision": git_revision(),
+                "ablate.study_file_hash": study.file_hash, "ablate.seed": str(trial.seed),
+                "ablate.attempts": "1"}
+        for k, v in trial.factors.items():
+            tags[f"factor.{k}"] = "off" if v is None else str(v)
+        tags.update(extra_tags or {})
+        run = self.client.create_run(self.experiment_id, run_name=trial.run_name, tags=tags)
+        rid = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(trial.config).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(rid, params=params[i:i + 100])
+        self.client.log_batch(rid, tags=[RunTag("mlflow.runName", trial.run_name)])
+        import yaml
+
+        self.client.log_text(rid, yaml.safe_dump({"trial_id": trial.trial_id, **trial.config},
+                                                 sort_keys=False), "trial_config.yaml")
+        return rid
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and v == v]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def end_run(self, run_id: str, status: str) -> None:
+        """status: finished, pruned, failed or killed; MLflow's own status follows."""
+        mlflow_status = {"finished": "FINISHED", "pruned": "FINISHED", "failed": "FAILED",
+                         "killed": "KILLED"}[status]
+        self.client.set_tag(run_id, "ablate.status", status)
+        self.client.set_terminated(run_id, mlflow_status)
+
+
+def _search_all(c, exp_ids: list[str], filter_string: str = "") -> list:
+    runs, token = [], None
+    while True:
+        page = c.search_runs(exp_ids, filter_string=filter_string, max_results=5000,
+                             page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _done_trial_ids(c, experiment_id: str) -> set[str]:
+    """Trial ids with a finished or pruned run in the experiment."""
+    return {r.data.tags["ablate.trial_id"] for r in _search_all(c, [experiment_id])
+            if "ablate.trial_id" in r.data.tags and r.data.tags.get("ablate.status") in DONE}
+
+
+def done_trial_ids(uri: str, experiment: str) -> set[str]:
+    """Trial ids already done in a study's experiment; creates nothing (a store or experiment
+    that does not exist yet has none)."""
+    if not sqlite_store_exists(uri):
+        return set()
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return set() if exp is None else _done_trial_ids(c, exp.experiment_id)

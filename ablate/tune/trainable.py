@@ -1,0 +1,118 @@
+"""The one trainable: the seeds of one cell, trained in lock-step in one process.
+
+The grid hands it one seed per Tune trial; an Optuna search hands it every seed of a sampled
+configuration, so each report is the seed mean (what ASHA prunes on and Optuna optimizes).
+`train_cell` is Ray-free; `trainable` is the function Ray Tune runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from pathlib import Path
+from typing import Any
+
+from ablate.study import TrialSpec, trials_for
+
+
+def sampled(config: dict[str, Any]) -> dict[str, Any]:
+    """The dimensions an Optuna search sampled for a trial (dotted keys)."""
+    return {k: v for k, v in config.items() if "." in k}
+
+
+def cell_trials(config: dict[str, Any]) -> tuple[list[TrialSpec], dict[str, dict[str, float]]]:
+    """(trials to train, final metrics of seeds that finished before) of a Tune trial's config.
+
+    `config["cell"]` lists the trials of a grid cell; a search's config holds the study's
+    sections, seeds and keys under `config["search"]` and the sampled values as dotted keys.
+    Raises ValueError for a sampled configuration that cannot run."""
+    if "cell" in config:
+        return [TrialSpec.from_dict(d) for d in config["cell"]], {}
+    search = config["search"]
+    trials = trials_for(search["sections"], sampled(config), search["seeds"], search["keys"])
+    done = search["done"]
+    return ([t for t in trials if t.trial_id not in done],
+            {t.trial_id: done[t.trial_id] for t in trials if t.trial_id in done})
+
+
+def take_fault(fault_file: str | None, trial_id: str, epoch: int) -> bool:
+    """Test hook: ABLATE_FAULT_FILE maps trial ids to {"epoch": k, "times": n}; the trial
+    raises at epoch k, n times in all (the counter lives in the file, across retries)."""
+    if not fault_file or not Path(fault_file).exists():
+        return False
+    with open(fault_file, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        faults = json.load(f)
+        spec = faults.get(trial_id)
+        if not spec or spec.get("epoch", 1) != epoch or spec.get("times", 0) <= 0:
+            return False
+        spec["times"] -= 1
+        f.seek(0)
+        f.truncate()
+        json.dump(faults, f)
+    return True
+
+
+def seed_mean(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of every numeric metric that all rows carry."""
+    keys = set().union(*rows) if rows else set()
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+        if vals and len(vals) == len(rows):
+            out[k] = float(sum(vals) / len(vals))
+    return out
+
+
+def train_cell(config: dict[str, Any], report) -> None:
+    """Data -> one model per seed -> cost profile (once: one architecture) -> the epochs of
+    every seed in lock-step. Each report carries the seed means and, under `per_seed`, each
+    seed's own metrics by trial id (JSON)."""
+    import torch
+
+    from ablate.cost import profile
+    from ablate.data import load_dataset
+    from ablate.train import DTYPES, build_model, fit_epochs, pick_device
+
+    todo, stored = cell_trials(config)
+    ctx = config["context"]
+    if not todo:  # every seed finished before: report what is stored, train nothing
+        epochs = int(config["search"]["sections"]["train"].get("epochs") or 1)
+        report({**seed_mean(list(stored.values())), "epoch": float(epochs), "per_seed": "{}"})
+        return
+    torch.set_num_threads(max(1, int(ctx.get("cpus", 1))))
+    device = pick_device(ctx.get("gpus", 0.0))
+    first = todo[0]
+    data = load_dataset(first.dataset, Path(ctx["root"]) if ctx.get("root") else None)
+    precision = first.train.precision
+    dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
+    cost = None
+    runs = {}
+    for trial in todo:
+        model = build_model(trial, data.image_size, data.channels, data.num_classes)
+        if cost is None:  # the same architecture for every seed: profile it once
+            cost = profile(model, data.image_size, in_chans=data.channels,
+                           num_classes=data.num_classes,
+                           batch_size=trial.train.profile_batch_size, device=device,
+                           dtype=dtype, channels_last=trial.train.channels_last,
+                           min_seconds=trial.train.profile_seconds, warmup=2)
+        extra = {**cost.metrics(), "profile_batch_size": float(cost.batch_size)}
+        runs[trial.trial_id] = fit_epochs(model, data, trial.train, trial.seed, device,
+                                          final_extra=extra)
+    for epoch in range(1, first.train.epochs + 1):
+        per_seed = {tid: next(run) for tid, run in runs.items()}
+        for tid in per_seed:
+            if take_fault(ctx.get("fault_file"), tid, epoch):
+                raise RuntimeError(f"injected fault at epoch {epoch} (ABLATE_FAULT_FILE)")
+        rows = list(per_seed.values())
+        if epoch == first.train.epochs:
+            rows += list(stored.values())
+        report({**cost.metrics(), **seed_mean(rows), "epoch": float(epoch),
+                "per_seed": json.dumps(per_seed)})
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """What Ray Tune runs for one Tune trial."""
+    from ray import tune
+
+    train_cell(config, tune.report)
