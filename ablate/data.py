@@ -46,6 +46,7 @@ class DataBundle:
     classes: list[str]
     mean: tuple[float, ...]  # per channel, in [0, 1] units, of the training split
     std: tuple[float, ...]
+    n_train_full: int = 0  # training images at dataset.fraction 1.0 (what `budget: steps` uses)
 
     @property
     def num_classes(self) -> int:
@@ -98,6 +99,12 @@ def split_indices(labels: np.ndarray, num_classes: int, val_fraction: float, fra
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
+def full_train_size(labels: np.ndarray, num_classes: int, val_fraction: float) -> int:
+    """Training images at fraction 1.0: everything but the per-class val hold-out."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return int(sum(int(n) - round(int(n) * val_fraction) for n in counts))
+
+
 def _to_channels(x: np.ndarray, channels: int | None, origin: str) -> np.ndarray:
     if channels is None or channels == x.shape[1]:
         return x
@@ -145,7 +152,8 @@ def load_dataset(spec: DatasetSpec, root: Path | None = None) -> DataBundle:
     f = train.images.float().div_(255)
     mean = tuple(f.mean(dim=(0, 2, 3)).tolist())
     std = tuple(f.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return DataBundle(train, val, test, list(src.classes), mean, std)
+    return DataBundle(train, val, test, list(src.classes), mean, std,
+                      full_train_size(ty, num_classes, spec.val_fraction))
 
 
 # ---------------------------------------------------------------- batches

@@ -69,6 +69,10 @@ class ModelSpec(Strict):
 
 class TrainSpec(Strict):
     epochs: PositiveInt = 10
+    # epochs: `epochs` passes over the trial's own training subset (a smaller data fraction
+    # takes fewer optimizer steps); steps: the optimizer steps of `epochs` full-data epochs,
+    # whatever the fraction, so the data axis is not confounded with the training budget
+    budget: Literal["epochs", "steps"] = "epochs"
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 512
     lr: PositiveFloat = 1e-3

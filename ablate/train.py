@@ -146,6 +146,23 @@ def evaluate(model: nn.Module, split: Split, data: DataBundle, cfg: TrainSpec,
     return total_loss.item() / n, correct.item() / n
 
 
+def round_steps(cfg: TrainSpec, batches_per_pass: int, n_train_full: int) -> int:
+    """Optimizer steps between two evaluations. `epochs` budget: one pass over the trial's
+    own subset. `steps` budget: one full-data epoch (ceil(n_full / batch size)) whatever the
+    fraction, so every fraction takes the same steps, sees the same learning-rate curve and
+    is validated at the same step counts."""
+    if cfg.budget == "steps":
+        return max(1, math.ceil(n_train_full / cfg.batch_size))
+    return max(1, batches_per_pass)
+
+
+def _endless(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Pass after pass over a split, each pass reshuffled (a small subset under a `steps`
+    budget makes several passes per evaluation)."""
+    while True:
+        yield from batches
+
+
 def fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
                device: torch.device | str = "cpu",
                final_extra: dict[str, float] | None = None) -> Iterator[dict[str, float]]:
@@ -181,17 +198,20 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
                             drop_last=len(data.train) >= cfg.batch_size)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                             fused=device.type == "cuda" or None)
-    sched = make_schedule(opt, cfg, len(train_batches))
+    steps_per_epoch = round_steps(cfg, len(train_batches), data.n_train_full or len(data.train))
+    sched = make_schedule(opt, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    batches = _endless(train_batches)
     start = time.perf_counter()
-    best, val_acc, train_time = -1.0, float("nan"), 0.0
+    best, val_acc, train_time, steps, seen = -1.0, float("nan"), 0.0, 0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)
-        for x, y in train_batches:
+        for _ in range(steps_per_epoch):
+            x, y = next(batches)
             with autocast(device, cfg.precision):
                 loss = loss_fn(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
@@ -203,7 +223,9 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
             scaler.update()
             sched.step()
             loss_sum += loss.detach()
-        train_loss = loss_sum.item() / max(1, len(train_batches))
+            seen += int(y.shape[0])
+        steps += steps_per_epoch
+        train_loss = loss_sum.item() / steps_per_epoch
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - t0
@@ -216,12 +238,16 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         best = max(best, val_acc)
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": train_loss,
                                      "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
-                                     "epoch_time_s": epoch_time}
+                                     "epoch_time_s": epoch_time,
+                                     # the x of the curves: the optimizer step under a steps
+                                     # budget (fractions line up), else the epoch
+                                     "curve_step": steps if cfg.budget == "steps" else epoch}
         if epoch == cfg.epochs:
             test_loss, test_acc = evaluate(model, data.test, data, cfg, device)
             final = {"val_acc": val_acc, "best_val_acc": best, "test_acc": test_acc,
                      "test_loss": test_loss, "train_time_s": train_time,
-                     "train_images": float(len(data.train)), **(final_extra or {})}
+                     "train_images": float(len(data.train)), "train_steps": float(steps),
+                     "train_images_seen": float(seen), **(final_extra or {})}
             metrics.update(final)
         yield metrics
         if (cfg.max_minutes is not None and epoch < cfg.epochs

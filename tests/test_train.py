@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ablate.data import load_dataset
 from ablate.errors import DivergedError
@@ -109,3 +110,37 @@ seeds: [0, 1]
     assert len(alone) == 2
     assert losses([t1, t0]) == alone  # bit-identical, seed 1 trained first in every epoch
     assert losses([t0, t1]) == alone
+
+
+def _steps_and_lrs(fraction: float, budget: str) -> tuple[dict[str, float], list[float]]:
+    """Train on a data fraction; record the learning rate of every optimizer step through
+    torch's global optimizer step hook."""
+    data = load_dataset(DatasetSpec(image_size=16, train_size=400, test_size=40,
+                                    fraction=fraction))
+    lrs: list[float] = []
+    hook = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        final = fit(model(), data, TrainSpec(epochs=3, batch_size=32, budget=budget), seed=0)
+    finally:
+        hook.remove()
+    return final, lrs
+
+
+def test_steps_budget_gives_every_fraction_the_same_steps_and_lr_curve():
+    full, lr_full = _steps_and_lrs(1.0, "steps")
+    quarter, lr_quarter = _steps_and_lrs(0.25, "steps")
+    assert quarter["train_steps"] == full["train_steps"] == len(lr_full)
+    assert lr_quarter == pytest.approx(lr_full, rel=1e-12)
+    # a quarter of the data, so about four passes over it (within one batch of images)
+    assert abs(quarter["train_images_seen"] - full["train_images_seen"]) <= 32
+    assert quarter["train_images"] < full["train_images"] / 3
+
+
+def test_epochs_budget_gives_a_smaller_fraction_proportionally_fewer_steps():
+    full, _ = _steps_and_lrs(1.0, "epochs")
+    quarter, _ = _steps_and_lrs(0.25, "epochs")
+    for run in (full, quarter):  # one pass over its own subset per epoch (full batches only)
+        assert run["train_steps"] == 3 * (run["train_images"] // 32)
+    assert quarter["train_steps"] < 0.3 * full["train_steps"]
+    assert quarter["train_images_seen"] == pytest.approx(3 * quarter["train_images"], abs=3 * 32)

@@ -19,8 +19,8 @@ from ablate.errors import TrackingError
 DONE = ("finished", "pruned")  # a trial in one of these is never run again
 FINAL_METRICS = ("val_acc", "best_val_acc", "test_acc", "test_loss", "params", "gmacs",
                  "throughput_img_s", "latency_ms", "train_img_s", "train_time_s",
-                 "peak_mem_mb", "train_images")
-EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
+                 "peak_mem_mb", "train_images", "train_steps", "train_images_seen")
+EPOCH_METRICS = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -12,9 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ablate.tracking.store import FINAL_METRICS, Tracker
-
-PER_EPOCH = ("train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
+from ablate.tracking.store import EPOCH_METRICS, FINAL_METRICS, Tracker
 
 
 class RunWriter:
@@ -61,7 +59,7 @@ class RunWriter:
             self.nodes[trial_id] = node
             tags = {"ablate.node_ip": str(node), "ablate.hostname": str(hostname)}
             self._write(trial_id, lambda rid: self.tracker.set_tags(rid, tags))
-        per_epoch = {k: metrics[k] for k in PER_EPOCH if k in metrics}
+        per_epoch = {k: metrics[k] for k in EPOCH_METRICS if k in metrics}
         self._write(trial_id, lambda rid: self.tracker.log_metrics(rid, per_epoch, step=step))
         if "test_acc" in metrics:
             final = {k: metrics[k] for k in (*FINAL_METRICS, "profile_batch_size")

@@ -79,7 +79,8 @@ class StudyCallback(Callback):
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         per_seed = json.loads(result.get("per_seed") or "{}")
         for tid, metrics in per_seed.items():
-            self.writer.result(tid, metrics, epoch, node=result.get("node_ip"),
+            step = int(metrics.get("curve_step", epoch))
+            self.writer.result(tid, metrics, step, node=result.get("node_ip"),
                                hostname=result.get("hostname", ""))
         acc = result.get("val_acc")
         if acc is not None and (self.progress.best is None or acc > self.progress.best):
