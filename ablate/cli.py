@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ablate import __version__
-from ablate.errors import AblateError
+from ablate.errors import AblateError, mask_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ablation studies of vision architectures: is it attention, patches "
@@ -203,7 +203,13 @@ def run(study: StudyArg,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run and what "
                                                                 "would be skipped.")] = False,
         verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show Ray's own output."
-                                              )] = False) -> None:
+                                              )] = False,
+        force_unlock: Annotated[bool, typer.Option(
+            "--force-unlock", help="Take the study over from a driver known to be dead "
+                                   "(its lease would expire after 60 s anyway).")] = False,
+        keep_trial_dirs: Annotated[bool, typer.Option(
+            "--keep-trial-dirs", help="Keep Ray's trial folders of a finished study.")] = False,
+        ) -> None:
     """Run a study's trials on Ray Tune and log every trial to MLflow (resumable)."""
     from ablate.study import load_study
     from ablate.tracking import resolve_tracking_uri
@@ -215,18 +221,18 @@ def run(study: StudyArg,
             uri = resolve_tracking_uri(tracking_uri, s.spec.tracking.uri)
             todo, skipped = plan_run(s, uri)
             out.print(f"{s.spec.name}: {len(todo)} to run, {len(skipped)} skipped (finished) "
-                      f"[tracking: {uri}]", highlight=False, markup=False)
+                      f"[tracking: {mask_url(uri)}]", highlight=False, markup=False)
             for t in todo:
                 out.print(f"  run   {t.trial_id}  {t.run_name}", highlight=False, markup=False)
             for t in skipped:
                 out.print(f"  skip  {t.trial_id}  {t.run_name}", highlight=False, markup=False)
             return
-        summary = run_study(s, tracking_uri, address, verbose, out)
+        summary = run_study(s, tracking_uri, address, verbose, out, force_unlock, keep_trial_dirs)
     except AblateError as e:
         raise _fail(e) from None
     if summary.interrupted:
         err.print("interrupted: running trials were marked killed; `ablate run` again resumes")
-        raise typer.Exit(130)
+        raise typer.Exit(143 if summary.terminated else 130)
 
 
 @app.command()

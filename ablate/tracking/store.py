@@ -148,6 +148,7 @@ class Tracker:
             for k, v in (tags or {}).items():
                 self.client.set_experiment_tag(exp_id, k, v)
         self.experiment_id = exp_id
+        self.run_tags: dict[str, str] = {}  # added to every run this tracker starts
 
     def done_trial_ids(self) -> set[str]:
         return _done_trial_ids(self.client, self.experiment_id)
@@ -163,6 +164,7 @@ class Tracker:
                 "ablate.attempts": "1"}
         for k, v in trial.factors.items():
             tags[f"factor.{k}"] = "off" if v is None else str(v)
+        tags.update(self.run_tags)
         tags.update(extra_tags or {})
         run = self.client.create_run(self.experiment_id, run_name=trial.run_name, tags=tags)
         rid = run.info.run_id

@@ -3,12 +3,14 @@ resume. A trial whose id already has a finished run is never run again."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import signal
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from ablate.tracking import (  # noqa: E402
     resolve_tracking_uri,
     sqlite_store_exists,
 )
+from ablate.tracking.lease import DRIVER_TAG, StudyLease, reconcile  # noqa: E402
 from ablate.tune.callback import StudyCallback  # noqa: E402
 from ablate.tune.progress import Progress  # noqa: E402
 from ablate.tune.trainable import trainable  # noqa: E402
@@ -45,6 +48,7 @@ class RunSummary:
     failed: int
     tracking_uri: str
     interrupted: bool = False
+    terminated: bool = False  # stopped by SIGTERM (exit 143) rather than Ctrl-C (130)
 
 
 def data_root(study: Study) -> str | None:
@@ -120,40 +124,90 @@ def _dirname(trial) -> str:
     return f"{cell[0]['trial_id']}_{trial.trial_id}" if cell else trial.trial_id
 
 
-def _open_store_and_ray(study: Study, uri: str, address: str | None, verbose: bool
-                        ) -> tuple[Tracker, bool]:
-    """Open (or create) the tracking store while Ray starts: the two overlap."""
+@contextlib.contextmanager
+def _held(study: Study, uri: str, console: Console, force_unlock: bool = False
+          ) -> Iterator[Tracker]:
+    """Open (or create) the study's experiment and hold its lease for the whole run: a second
+    driver of the same study exits 2 at once. Runs a dead driver left RUNNING are marked
+    killed first (with the lease held, nobody else can be running them)."""
     tags = {"ablate.study_file_hash": study.file_hash, "ablate.study_file": str(study.path),
             "mlflow.note.content": study.spec.description or study.spec.name}
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        opening = pool.submit(Tracker, uri, study.experiment, tags)
-        started_ray = _init_ray(address, verbose)
-        try:
-            return opening.result(), started_ray
-        except BaseException:
-            if started_ray:
-                import ray
-
-                ray.shutdown()
-            raise
+    tracker = Tracker(uri, study.experiment, tags)
+    with StudyLease(tracker.client, tracker.experiment_id, study.spec.name,
+                    force_unlock) as lease:
+        tracker.run_tags[DRIVER_TAG] = lease.id
+        stale = reconcile(tracker, lease)
+        if stale:
+            console.print(f"{study.spec.name}: marked {stale} run(s) of a driver that died "
+                          "killed; their trials run again", highlight=False)
+        yield tracker
 
 
-def _fit(study: Study, uri: str, address: str | None, verbose: bool, console: Console,
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c() -> Iterator[dict[str, bool]]:
+    """SIGTERM (docker stop, systemd, Kubernetes, batch schedulers) takes Ctrl-C's path: Tune
+    stops gracefully, running trials are marked killed, Ray is shut down. Main thread only."""
+    got = {"term": False}
+
+    def on_term(signum, frame):
+        got["term"] = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    global _on_term
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield got
+        return
+    _on_term = on_term
+    try:
+        yield got
+    finally:
+        _on_term = None
+        signal.signal(signal.SIGTERM, previous)
+
+
+_on_term = None  # the SIGTERM handler of the run in progress, re-armed after ray.init
+
+
+def _rearm_python_signal_handlers() -> None:
+    """ray.init replaces the SIGTERM handler (natively: abort, exit -6; in Python: exit 15);
+    put ours back so SIGTERM takes Ctrl-C's graceful path."""
+    if _on_term is not None:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, _on_term)
+
+
+def trial_storage() -> Path:
+    """Ray's trial folders: a private per-user directory (mode 0700), not a shared /tmp path."""
+    path = Path(tempfile.gettempdir()) / f"ablate-ray-{os.getuid()}"
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid != os.getuid():
+        raise AblateError(f"{path}: Ray trial directory belongs to another user; set TMPDIR "
+                          "to a directory of your own")
+    path.chmod(0o700)
+    return path
+
+
+def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, console: Console,
          progress: Progress, param_space: dict[str, Any], tune_kwargs: dict[str, Any],
-         optuna_study: str | None = None) -> bool:
+         optuna_study: str | None = None, keep_trial_dirs: bool = False) -> bool:
     """Run a Tuner with ablate's settings and the study's one writer; returns whether the run
-    was interrupted. Open runs are marked killed and Ray is shut down (if we started it)
-    whatever happens."""
+    was interrupted. Open runs are marked killed and Ray is shut down (if we started
+    it) whatever happens."""
+    import shutil
+
     from ray import tune
 
     spec = study.spec
     res = spec.resources
     concurrency = _concurrency(res)
-    tracker, started_ray = _open_store_and_ray(study, uri, address, verbose)
+    started_ray = _init_ray(address, verbose)
+    _rearm_python_signal_handlers()
     callback = StudyCallback(RunWriter(tracker, study), progress, console, concurrency,
                              optuna_study)
-    storage = Path(tempfile.gettempdir()) / "ablate-ray"
-    storage.mkdir(parents=True, exist_ok=True)
+    storage = trial_storage()
+    name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     interrupted = False
     live = console.is_terminal and not verbose
     status = console.status(progress.line(concurrency)) if live else None
@@ -169,7 +223,7 @@ def _fit(study: Study, uri: str, address: str | None, verbose: bool, console: Co
                                         trial_dirname_creator=_dirname,
                                         trial_name_creator=_dirname, **tune_kwargs),
             run_config=tune.RunConfig(
-                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                name=name,
                 storage_path=str(storage), verbose=2 if verbose else 0, log_to_file=True,
                 failure_config=tune.FailureConfig(max_failures=spec.failures.max_retries),
                 callbacks=[callback], progress_reporter=None))
@@ -187,17 +241,35 @@ def _fit(study: Study, uri: str, address: str | None, verbose: bool, console: Co
             ray.shutdown()
     console.print(f"{spec.name}: {progress.line(concurrency)}", highlight=False)
     # Tune stops gracefully on Ctrl-C and returns: unfinished trials mean we were interrupted
-    return interrupted or progress.ended < progress.total
+    interrupted = interrupted or progress.ended < progress.total
+    if not interrupted and not keep_trial_dirs:
+        shutil.rmtree(storage / name, ignore_errors=True)
+    return interrupted
 
 
 def run_study(study: Study, tracking_uri: str | None = None, address: str | None = None,
-              verbose: bool = False, console: Console | None = None) -> RunSummary:
+              verbose: bool = False, console: Console | None = None,
+              force_unlock: bool = False, keep_trial_dirs: bool = False) -> RunSummary:
     """Run every trial of a study that has no finished run yet (grid), or an Optuna search
-    until `search.n_trials` trials are complete."""
+    until `search.n_trials` trials are complete. One driver per study at a time."""
     console = console or Console(soft_wrap=True)
-    if study.spec.search.method == "optuna":
-        return run_search(study, tracking_uri, address, verbose, console)
     uri = resolve_tracking_uri(tracking_uri, study.spec.tracking.uri)
+    if study.spec.search.method == "optuna":
+        search.open_storage(study.spec.search.storage)  # unreachable: say so, create nothing
+    with _sigterm_stops_like_ctrl_c() as got:
+        try:
+            with _held(study, uri, console, force_unlock) as tracker:
+                run = _run_search if study.spec.search.method == "optuna" else _run_grid
+                summary = run(study, tracker, address, verbose, console, keep_trial_dirs)
+        except KeyboardInterrupt:  # before or after Tune's own Ctrl-C handling
+            summary = RunSummary(len(study.trials), 0, 0, 0, 0, uri, interrupted=True)
+    summary.terminated = got["term"]
+    return summary
+
+
+def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool,
+              console: Console, keep_trial_dirs: bool) -> RunSummary:
+    uri = tracker.uri
     todo, skipped = plan_run(study, uri)
     if not todo:
         console.print(f"{study.spec.name}: all {len(study.trials)} trials already finished; "
@@ -210,9 +282,10 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
     console.print(f"{study.spec.name}: {len(todo)} trials to run, {len(skipped)} already "
                   f"finished (tracking: {mask_url(uri)})", highlight=False)
     interrupted = _fit(
-        study, uri, address, verbose, console, progress,
+        study, tracker, address, verbose, console, progress,
         {"context": context, "cell": tune.grid_search([[t.to_dict()] for t in todo])},
-        dict(scheduler=_scheduler(study.spec, max(t.train.epochs for t in todo))))
+        dict(scheduler=_scheduler(study.spec, max(t.train.epochs for t in todo))),
+        keep_trial_dirs=keep_trial_dirs)
     return RunSummary(len(study.trials), len(skipped), progress.done, progress.pruned,
                       progress.failed, uri, interrupted)
 
@@ -255,8 +328,8 @@ def sampler_seed(name: str, n_told: int) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def run_search(study: Study, tracking_uri: str | None = None, address: str | None = None,
-               verbose: bool = False, console: Console | None = None) -> RunSummary:
+def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bool,
+                console: Console, keep_trial_dirs: bool) -> RunSummary:
     """An Optuna search through Ray Tune: continues until `n_trials` trials are complete."""
     import optuna
     from optuna.trial import TrialState
@@ -264,9 +337,8 @@ def run_search(study: Study, tracking_uri: str | None = None, address: str | Non
 
     from ablate.tune.searcher import OptunaAskTell
 
-    console = console or Console(soft_wrap=True)
     spec = study.spec
-    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri)
+    uri = tracker.uri
     storage, name, ost = open_search_study(spec)
     n_done = len(ost.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
                                                         TrialState.PRUNED)))
@@ -293,9 +365,10 @@ def run_search(study: Study, tracking_uri: str | None = None, address: str | Non
                         "keys": list(search.full_space(spec)),
                         "done": _finished_metrics(study, uri)}}
     progress = Progress(total=remaining, skipped=n_done)
-    interrupted = _fit(study, uri, address, verbose, console, progress, space,
-                       dict(search_alg=searcher, scheduler=_scheduler(spec, spec.train.epochs),
-                            num_samples=remaining), optuna_study=name)
+    interrupted = _fit(
+        study, tracker, address, verbose, console, progress, space,
+        dict(search_alg=searcher, scheduler=_scheduler(spec, spec.train.epochs),
+             num_samples=remaining), optuna_study=name, keep_trial_dirs=keep_trial_dirs)
     _print_pareto(console, storage, name, spec)
     return RunSummary(spec.search.n_trials, n_done, progress.done, progress.pruned,
                       progress.failed, uri, interrupted)

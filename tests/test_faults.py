@@ -1,0 +1,170 @@
+"""Driver faults: SIGKILL, SIGTERM and SIGINT mid-study, and two drivers of one study.
+
+Real `ablate run` processes on a real SQLite MLflow store; signals go to the driver alone
+(never a process group), and every process a test starts is stopped by its own PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ablate.tracking import load_runs
+from ablate.tracking.lease import LEASE_TAG, holder_alive
+from ablate.tracking.store import client
+from tests.conftest import write
+
+pytestmark = pytest.mark.slow
+
+STUDY = """\
+name: faults
+dataset: {name: synthetic, image_size: 16, train_size: 240, test_size: 80}
+model: {dim: 16, depth: 2, heads: 2, patch_size: 4}
+train: {epochs: EPOCHS, batch_size: 32, eval_batch_size: 128, profile_batch_size: 8,
+        profile_seconds: 0.02, warmup_epochs: 0.2}
+factors:
+  model.mixer: [mlp, identity, conv, pool]
+seeds: [0]
+resources: {cpus_per_trial: 1, max_concurrent: 2}
+"""
+EXE = Path(sys.executable).with_name("ablate")
+
+
+def start(path: Path, uri: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([str(EXE), "run", str(path), "--tracking-uri", uri, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL, cwd=path.parent)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def lease(uri: str) -> dict | None:
+    c = client(uri)  # waits out a store being created by the driver
+    exp = c.get_experiment_by_name("faults")
+    raw = exp.tags.get(LEASE_TAG) if exp else None
+    return json.loads(raw) if raw else None
+
+
+def wait_for_a_trial_epoch(uri: str, db: Path, proc: subprocess.Popen, timeout=120) -> None:
+    """Until a run started by `proc` (the lease holder) has logged an epoch."""
+    deadline = time.time() + timeout
+    while True:
+        held = lease(uri) if db.exists() else None
+        if held and held["pid"] == proc.pid:
+            c = client(uri)
+            exp = c.get_experiment_by_name("faults")
+            runs = c.search_runs([exp.experiment_id],
+                                 filter_string=f"tags.`ablate.driver` = '{held['id']}'")
+            if any("val_acc" in r.data.metrics for r in runs):
+                return
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+
+
+def test_a_second_driver_of_the_study_exits_2_naming_the_first(tmp_path):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    path = write(tmp_path / "f.yaml", STUDY.replace("EPOCHS", "60"))
+    first = start(path, uri)
+    try:
+        wait_for_a_trial_epoch(uri, db, first)
+        runs_before = len(load_runs("faults", uri))
+        second = subprocess.run([str(EXE), "run", str(path), "--tracking-uri", uri],
+                                capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"host {socket.gethostname()} pid {first.pid}" in second.stderr
+        assert "--force-unlock" in second.stderr and "Traceback" not in second.stderr
+        assert len(load_runs("faults", uri)) == runs_before  # it started nothing
+        first.send_signal(signal.SIGTERM)  # what docker stop and batch schedulers send
+        output, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 143, output
+    df = load_runs("faults", uri)
+    assert set(df["status"]) <= {"killed", "finished"} and "killed" in set(df["status"])
+    assert {MlflowClient(uri).get_run(r).info.status for r in df["run_id"]} <= {"KILLED",
+                                                                                "FINISHED"}
+    assert lease(uri) is None  # released on the way out
+
+
+def test_random_sigkill_sigterm_sigint_then_the_study_finishes_each_trial_once(tmp_path):
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    path = write(tmp_path / "f.yaml", STUDY.replace("EPOCHS", "40"))
+    rng = random.Random(int(os.environ.get("ABLATE_FAULT_SEED", "0")))
+    ray_of_dead_drivers: set[int] = set()
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+        proc = start(path, uri)
+        try:
+            wait_for_a_trial_epoch(uri, db, proc)
+            time.sleep(rng.uniform(0.0, 3.0))  # a random moment while trials train
+            ray_of_dead_drivers |= descendants(proc.pid)
+            proc.send_signal(sig)
+            output, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        expected = {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
+        assert proc.returncode in (expected, 0), output  # 0: it finished first
+    final = start(path, uri)
+    output, _ = final.communicate(timeout=600)
+    assert final.returncode == 0, output
+    df = load_runs("faults", uri)
+    finished = df[df["status"] == "finished"]
+    assert sorted(finished["trial_id"].value_counts().tolist()) == [1, 1, 1, 1]
+    assert set(df["status"]) <= {"finished", "killed"}
+    statuses = {MlflowClient(uri).get_run(r).info.status for r in df["run_id"]}
+    assert "RUNNING" not in statuses
+    deadline = time.time() + 60
+    while any(alive(p) for p in ray_of_dead_drivers) and time.time() < deadline:
+        time.sleep(1)
+    left = sorted(p for p in ray_of_dead_drivers if alive(p))
+    for p in left:  # ours: started by a driver this test started
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"processes of dead drivers still alive a minute later: {left}"
+
+
+def test_lease_of_a_dead_or_silent_holder_does_not_hold():
+    now = time.time()
+    here, other = socket.gethostname(), "some-other-host"
+    assert holder_alive({"id": "a", "host": here, "pid": os.getpid(), "beat": now})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    assert not holder_alive({"id": "a", "host": here, "pid": int(dead), "beat": now})
+    assert holder_alive({"id": "a", "host": other, "pid": 1, "beat": now - 10})
+    assert not holder_alive({"id": "a", "host": other, "pid": 1, "beat": now - 3600})
