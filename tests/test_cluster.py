@@ -3,10 +3,14 @@ two-node Ray cluster on this machine's loopback addresses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest
 import yaml
 
 from ablate.tracking import load_runs
-from tests.conftest import ROOT, free_port, write
+from tests.conftest import ROOT, descendants, free_port, stop_tree, write
 
 DOCKER = ROOT / "docker"
 
@@ -112,38 +116,40 @@ failures: {{max_retries: 3}}
 
 @pytest.fixture
 def two_nodes(tmp_path):
+    """A head (127.0.0.2) and a worker (127.0.0.3) started by this test with `--block`, in
+    their own temp dir, and stopped by the PIDs it started: never `ray stop`, which would stop
+    every Ray process on the host."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
-    subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True)
-    head = subprocess.run(
-        [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(port),
-         "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=120)
-    assert head.returncode == 0, head.stderr
-    worker = subprocess.Popen(
-        [str(RAY), "start", "--address", f"127.0.0.2:{port}", "--node-ip-address",
-         "127.0.0.3", "--num-cpus", "1", "--block", "--disable-usage-stats"],
+    temp = tempfile.mkdtemp(prefix="rt")  # short: Ray's socket paths have a length limit
+    head = subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.2", "--port",
+         str(port), "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
+         "--temp-dir", temp],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 90
-    while True:  # wait for the second node to join
-        probe = subprocess.run(
-            [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.2:{port}', "
-             "logging_level='ERROR', log_to_driver=False); "
-             "print(len([n for n in ray.nodes() if n['Alive']]))"],
-            env=env, capture_output=True, text=True)
-        if probe.stdout.strip().endswith("2"):
-            break
-        assert time.time() < deadline, probe.stderr
-        time.sleep(1)
-    yield {"address": f"127.0.0.2:{port}", "env": env, "worker": worker}
-    worker.terminate()
+    worker = None
     try:
-        worker.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-    subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True)
-
-
+        worker = subprocess.Popen(
+            [str(RAY), "start", "--address", f"127.0.0.2:{port}", "--node-ip-address",
+             "127.0.0.3", "--num-cpus", "1", "--block", "--disable-usage-stats"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 90
+        while True:  # wait for the second node to join
+            probe = subprocess.run(
+                [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.2:{port}', "
+                 "logging_level='ERROR', log_to_driver=False); "
+                 "print(len([n for n in ray.nodes() if n['Alive']]))"],
+                env=env, capture_output=True, text=True)
+            if probe.stdout.strip().endswith("2"):
+                break
+            assert time.time() < deadline and head.poll() is None, probe.stderr
+            time.sleep(1)
+        yield {"address": f"127.0.0.2:{port}", "env": env, "worker": worker}
+    finally:
+        for proc in (worker, head):
+            if proc is not None:
+                stop_tree(proc.pid)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.cluster
@@ -190,8 +196,10 @@ def test_worker_node_lost_mid_study_trials_retry_elsewhere(two_nodes, tmp_path):
             assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
             time.sleep(1)
         # the node crashes: its raylet and every worker process on it die at once
-        subprocess.run(["pkill", "-9", "-f", r"node.ip.address=127\.0\.0\.3"], check=False)
-        two_nodes["worker"].kill()
+        node = two_nodes["worker"]
+        for pid in descendants(node.pid) | {node.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:

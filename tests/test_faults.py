@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from ablate.tracking import load_runs
 from ablate.tracking.lease import LEASE_TAG, holder_alive
 from ablate.tracking.store import client
-from tests.conftest import write
+from tests.conftest import alive, descendants, write
 
 pytestmark = pytest.mark.slow
 
@@ -43,32 +43,6 @@ def start(path: Path, uri: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([str(EXE), "run", str(path), "--tracking-uri", uri, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             stdin=subprocess.DEVNULL, cwd=path.parent)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def lease(uri: str) -> dict | None:
