@@ -25,6 +25,24 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def needs_service(available: bool, what: str):
+    """Skip a test whose system service is missing, with the reason; but where
+    ABLATE_REQUIRE_SERVICES=1 (CI sets it) fail instead, so a failed install is never a
+    silent green run."""
+    if os.environ.get("ABLATE_REQUIRE_SERVICES") == "1":
+        def require(fn):
+            import functools
+
+            @functools.wraps(fn)
+            def wrapper(*args, **kwargs):
+                if not available:
+                    pytest.fail(f"{what} is required (ABLATE_REQUIRE_SERVICES=1) but missing")
+                return fn(*args, **kwargs)
+            return wrapper
+        return require
+    return pytest.mark.skipif(not available, reason=f"{what} is missing here")
+
+
 def needs_cifar():
     return pytest.mark.skipif(not CIFAR_JPG.exists(),
                               reason=f"{CIFAR_JPG} is absent (it lies in ../shared/data beside "

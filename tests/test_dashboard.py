@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from ablate.study import load_study
 from ablate.tracking import Tracker
-from tests.conftest import ROOT, free_port, wait_http, write
+from tests.conftest import ROOT, free_port, needs_service, wait_http, write
 
 APP = str(ROOT / "dashboard" / "app.py")
 VALS = {("attention", 0.5): [0.50, 0.52, 0.54], ("attention", 1.0): [0.80, 0.80, 0.80],
@@ -146,8 +146,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                    reason="Debian's chromium is not installed (.ci/run installs it)")
+@needs_service(Path(CHROMIUM).exists(),
+               "Debian's chromium (apt-get install -y chromium; .ci/run installs it)")
 def test_real_browser_renders_the_frontier(store, tmp_path):
     from playwright.sync_api import sync_playwright
 

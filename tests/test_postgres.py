@@ -15,13 +15,13 @@ import pytest
 from ablate.study import load_study
 from ablate.tracking import load_curves, load_runs
 from ablate.tune.driver import run_study
-from tests.conftest import free_port, wait_http, write
+from tests.conftest import free_port, needs_service, wait_http, write
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-pytestmark = [pytest.mark.postgres, pytest.mark.skipif(
-    not (PG_BIN / "initdb").exists(),
-    reason="Debian's postgresql is not installed here (.ci/run installs it: "
-           "apt-get install -y postgresql)")]
+pytestmark = [pytest.mark.postgres]
+needs_postgres = needs_service((PG_BIN / "initdb").exists(),
+                               "Debian's postgresql (apt-get install -y postgresql; .ci/run "
+                               "installs it)")
 
 
 
@@ -92,6 +92,7 @@ SAME = ("val_acc", "best_val_acc", "test_acc", "test_loss", "params", "gmacs",
         "train_images")
 
 
+@needs_postgres
 def test_server_on_postgres_gives_the_same_runs_as_local(mlflow_server, tmp_path):
     study = load_study(write(tmp_path / "s.yaml", STUDY))
     local = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -125,6 +126,7 @@ def test_server_on_postgres_gives_the_same_runs_as_local(mlflow_server, tmp_path
     assert again.skipped == 2 and again.finished == 0
 
 
+@needs_postgres
 def test_optuna_storage_on_postgres(postgres, tmp_path):
     import optuna
 
