@@ -298,3 +298,44 @@ def test_cell_id_is_shared_by_seeds_and_nothing_else(tmp_path):
     assert len(by_cell) == 6
     for members in by_cell.values():
         assert len({m for m, _ in members}) == 1 and {s for _, s in members} == {0, 1, 2}
+
+
+def test_store_is_wal_and_a_reader_never_breaks_the_writer(ray_session, tmp_path):
+    """The dashboard reads while a study writes: with the SQLite store in WAL mode, neither
+    side sees 'database is locked' and every run is complete afterwards."""
+    import sqlite3
+    import threading
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    study = load_study(write(tmp_path / "w.yaml", SMOKE.replace(
+        "[attention, mlp, conv, dual, pool, identity]", "[mlp, conv, pool, identity]")))
+    errors: list[BaseException] = []
+    reads = 0
+    stop = threading.Event()
+
+    def reader() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            if db.exists():
+                try:
+                    load_runs("smoke", uri)
+                    reads += 1
+                except Exception as e:  # noqa: BLE001 - recorded and asserted on below
+                    errors.append(e)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        summary = run_study(study, uri)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert reads > 10
+    assert summary.finished == 4
+    df = load_runs("smoke", uri)
+    assert len(df) == 4 and set(df["status"]) == {"finished"} and df["test_acc"].notna().all()
+    with sqlite3.connect(db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -100,6 +100,7 @@ def client(uri: str):
             with store_lock(uri):
                 c = MlflowClient(tracking_uri=uri)
                 c.search_experiments(max_results=1)
+                use_wal(uri)
             return c
         except Exception as e:  # noqa: BLE001 - every backend raises its own kind
             # a second process creating the same new SQLite store races on its schema
@@ -112,6 +113,19 @@ def client(uri: str):
                                 "check --tracking-uri / ABLATE_TRACKING_URI / tracking.uri"
                                 ) from None
     raise AssertionError("unreachable")
+
+
+def use_wal(uri: str) -> None:
+    """Put a SQLite store in write-ahead-log mode (it persists in the file): readers (the
+    dashboard, `ablate status`) then never block the study's writer, nor it them."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists():
+        with contextlib.closing(sqlite3.connect(path, timeout=30)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
 
 
 @contextlib.contextmanager
