@@ -148,6 +148,43 @@ def _expand_tree(node: Any, path: str, problems: list[tuple[str, str]], keep: se
 
 # ---------------------------------------------------------------- loading and validation
 
+MAX_STUDY_BYTES = 1 << 20  # 1 MiB
+MAX_YAML_NODES = 100_000  # after alias expansion: a "billion laughs" file is a few hundred bytes
+MAX_YAML_DEPTH = 20
+
+
+def _check_yaml_shape(f: str, text: str) -> None:
+    """Refuse absurd nesting (from the event stream) and alias bombs (the size the document
+    would have with its aliases expanded, counted on the composed graph where each alias is
+    still one shared node) before anything is built."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise StudyError(f, [("", f"nested deeper than {MAX_YAML_DEPTH} levels; a "
+                                          "study file is a few flat sections")])
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) not in sizes:
+            if isinstance(node, yaml.SequenceNode):
+                sizes[id(node)] = 1 + sum(size(n) for n in node.value)
+            elif isinstance(node, yaml.MappingNode):
+                sizes[id(node)] = 1 + sum(size(k) + size(v) for k, v in node.value)
+            else:
+                sizes[id(node)] = 1
+        return sizes[id(node)]
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None and size(root) > MAX_YAML_NODES:
+        raise StudyError(f, [("", f"expands to {size(root):,} values through YAML aliases "
+                                  f"(*ref), over the limit of {MAX_YAML_NODES:,}; write the "
+                                  "values out")])
+
+
 def read_study_file(path: str | Path) -> tuple[dict[str, Any], str]:
     """Read and parse a study file into a mapping; returns it with the file's sha256."""
     p = Path(path)
@@ -157,9 +194,15 @@ def read_study_file(path: str | Path) -> tuple[dict[str, Any], str]:
     if p.is_dir():
         raise StudyError(f, [("", "is a directory: give a study file such as "
                                   "studies/quickstart.yaml")])
+    if p.stat().st_size > MAX_STUDY_BYTES:
+        raise StudyError(f, [("", f"is {p.stat().st_size:,} bytes, over the "
+                                  f"{MAX_STUDY_BYTES:,}-byte limit for a study file; a study "
+                                  "lists factors, not data")])
     data = p.read_bytes()
     try:
-        raw = yaml.safe_load(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        _check_yaml_shape(f, text)
+        raw = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise StudyError(f, [("", "is not UTF-8 text: a study file is YAML")]) from None
     except yaml.YAMLError as e:

@@ -234,3 +234,31 @@ def test_cli_subprocess_exit_code_and_help(tmp_path):
         assert r.exit_code == 0 and "Usage" in r.output
     v = runner.invoke(app, ["--version"])
     assert v.exit_code == 0 and "ablate 0.1.0" in v.output
+
+
+def test_billion_laughs_is_refused_fast_naming_the_limit(tmp_path):
+    import time
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i in range(1, 9):
+        prev, cur = chr(ord("a") + i - 1), chr(ord("a") + i)
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    lines.append("name: [*i, *i, *i, *i, *i, *i, *i, *i, *i]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 1000
+    t = time.perf_counter()
+    with pytest.raises(StudyError, match=r"bomb.yaml: expands to [\d,]+ values through YAML"):
+        load_study(path)
+    assert time.perf_counter() - t < 5  # a guard against a hang, not a speed target
+
+
+def test_deep_nesting_and_huge_files_are_refused(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: x\ndescription: " + "[" * 50 + "]" * 50 + "\n")
+    with pytest.raises(StudyError, match=r"deep.yaml: nested deeper than 20 levels"):
+        load_study(deep)
+    big = tmp_path / "big.yaml"
+    big.write_text("name: x\n" + "#" * (2 << 20) + "\n")
+    with pytest.raises(StudyError, match=r"big.yaml: is 2,097,161 bytes, over the 1,048,576"):
+        load_study(big)
