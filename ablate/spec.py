@@ -55,7 +55,7 @@ class ModelSpec(Strict):
     dim: PositiveInt | None = None
     depth: PositiveInt | None = None
     patch_size: PositiveInt | None = None
-    heads: PositiveInt | None = None
+    heads: PositiveInt | None = Field(None, description="None: dim // 64 (ViT's 64-d heads)")
     mlp_ratio: PositiveFloat | None = None
     token_mlp_ratio: PositiveFloat | None = None
     kernel_size: PositiveInt | None = None
@@ -65,6 +65,8 @@ class ModelSpec(Strict):
     token_learner_at: NonNegativeInt | None = None
     token_learner_version: Literal["1.0", "1.1"] | None = None
     token_fuser: bool | None = None
+    pos_embed: Literal["learned", "cpe", "none"] | None = Field(
+        None, description="None: the mixer's paper (attention learned, dual cpe, others none)")
 
 
 class TrainSpec(Strict):

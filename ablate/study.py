@@ -258,6 +258,7 @@ def _check_factors(spec: StudySpec, problems: list[tuple[str, str]]) -> None:
 def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[str]:
     """Reasons a (dataset, model) cell cannot run; empty when it can."""
     from ablate.models import BACKBONE_DEFAULTS, MIXERS, REFERENCES
+    from ablate.models.backbone import default_heads
 
     reasons = []
     if ms.arch != "backbone":
@@ -274,21 +275,31 @@ def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[s
     size = ds.known_image_size()
     depth = ms.depth or BACKBONE_DEFAULTS["depth"]
     dim = ms.dim or BACKBONE_DEFAULTS["dim"]
-    heads = ms.heads or BACKBONE_DEFAULTS["heads"]
+    heads = ms.heads or default_heads(dim)
     if size is not None and size % patch:
         reasons.append(f"model.patch_size: {patch} does not divide the image size {size}")
-    if ms.kernel_size is not None and not cls.has_kernel:
+    if ms.kernel_size is not None and "kernel_size" not in cls.uses:
         kind = "is a factor" if kernel_is_factor else "is set"
-        with_kernel = ", ".join(k for k, c in MIXERS.items() if c.has_kernel)
+        with_kernel = ", ".join(k for k, c in MIXERS.items() if "kernel_size" in c.uses)
         reasons.append(f"model.kernel_size {kind} but mixer '{mixer}' has no kernel: give "
                        f"kernel sizes only to {with_kernel} (use a list of factor grids)")
     if cls.pairs and depth % 2:
         reasons.append(f"model.depth: mixer '{mixer}' runs blocks in pairs, depth {depth} must "
                        "be even")
-    if mixer in ("attention", "dual") and dim % heads:
+    if "heads" in cls.uses and dim % heads:
         reasons.append(f"model.heads: dim {dim} is not divisible by heads {heads}")
+    kernel = ms.kernel_size or cls.default_kernel
+    if "kernel_size" in cls.uses and kernel is not None and cls.kernel_problem(kernel):
+        reasons.append(f"model.kernel_size: mixer '{mixer}': {cls.kernel_problem(kernel)}")
+    at = ms.token_learner_at if ms.token_learner_at is not None else depth // 2
+    if (ms.pos_embed or cls.default_pos_embed) == "cpe":
+        if not cls.mixes:
+            reasons.append(f"model.pos_embed: cpe is a convolution across patches, which mixer "
+                           f"'{mixer}' (no token mixing) must not have: use learned or none")
+        if ms.tokens is not None and at < depth:
+            reasons.append("model.pos_embed: cpe needs the patch grid before every block, and "
+                           "the TokenLearner removes it: use learned or none with tokens")
     if ms.tokens is not None:
-        at = ms.token_learner_at if ms.token_learner_at is not None else depth // 2
         if at > depth:
             reasons.append(f"model.token_learner_at: {at} is past the last block ({depth})")
         if size is not None and size % patch == 0 and ms.tokens > (size // patch) ** 2:
@@ -297,30 +308,22 @@ def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[s
                            f"size {patch}")
         if cls.needs_grid and at < depth:
             reasons.append(f"model.tokens: TokenLearner removes the patch grid that mixer "
-                           f"'{mixer}' needs after it; use tokens with attention, mlp or "
-                           f"identity")
+                           f"'{mixer}' needs after it; use tokens with "
+                           + ", ".join(k for k, c in MIXERS.items() if not c.needs_grid))
     elif ms.token_learner_at is not None or ms.token_fuser:
         reasons.append("model.token_learner_at/token_fuser are set but model.tokens is not")
     return reasons
 
 
 def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) -> dict[str, Any]:
-    """The fully resolved config a trial id hashes: model defaults filled in."""
-    from ablate.models import BACKBONE_DEFAULTS, MIXERS
+    """The fully resolved config a trial id hashes: model defaults filled in, and what the
+    model ignores blanked (None)."""
+    from ablate.models import resolve_args
 
     model = ms.model_dump(mode="json")
     if ms.arch == "backbone":
-        for k, v in BACKBONE_DEFAULTS.items():
-            if k in model and model[k] is None:
-                model[k] = v
-        cls = MIXERS.get(model["mixer"])
-        if cls is not None and cls.has_kernel and model["kernel_size"] is None:
-            model["kernel_size"] = cls.default_kernel
-        if model["tokens"] is None:
-            model["token_learner_at"] = model["token_learner_version"] = None
-            model["token_fuser"] = None
-        elif model["token_learner_at"] is None:
-            model["token_learner_at"] = model["depth"] // 2
+        args = resolve_args(**{k: v for k, v in model.items() if k != "arch"})
+        model = {"arch": ms.arch, **{k: args[k] for k in model if k != "arch"}}
     else:
         model = {"arch": ms.arch}
     dataset = ds.model_dump(mode="json")

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from ablate.cli import app
 from ablate.cost import METRICS, count_gmacs, count_params, profile
+from ablate.errors import ModelError
 from ablate.models import MIXERS, REFERENCES, create_model
 from ablate.models.backbone import Backbone
 
@@ -63,13 +64,13 @@ def test_token_mlp_is_sized_for_learned_tokens_and_fuser_restores_grid(mixer):
 
 
 def test_mixers_differ_only_in_token_mixing():
-    """Two models that differ only in `mixer` have identical parameters outside the mixer
-    branch (norm1 -> mixer; identity has no branch)."""
+    """Two models that differ only in `mixer` (position information held fixed) have identical
+    parameters outside the mixer branch (norm1 -> mixer; identity has no branch)."""
     shapes = {}
     for name in MIXERS:
-        m = create_model(**dict(SMALL, mixer=name))
+        m = create_model(**dict(SMALL, mixer=name, pos_embed="none"))
         shapes[name] = {k: v.shape for k, v in m.state_dict().items()
-                        if ".mixer." not in k and ".norm1." not in k and k != "pos_embed"}
+                        if ".mixer." not in k and ".norm1." not in k}
     first = next(iter(shapes.values()))
     assert all(s == first for s in shapes.values())
 
@@ -184,3 +185,56 @@ def test_profile_cli_json():
     assert bad.exit_code == 2 and "unknown architecture" in bad.output
     listing = runner.invoke(app, ["models"])
     assert listing.exit_code == 0 and "davit_tiny" in listing.output
+
+
+@pytest.mark.parametrize(("dim", "heads"), [(192, 3), (384, 6), (768, 12), (64, 1), (32, 1)])
+def test_default_heads_are_64_dimensional(dim, heads):
+    """`heads: null` follows ViT (Ti/S/B: 3/6/12 heads of 64 dims), at least one head."""
+    for mixer in ("attention", "dual"):
+        m = create_model(**dict(SMALL, mixer=mixer, dim=dim, heads=None))
+        att = m.blocks[0].mixer
+        assert (att.heads if mixer == "attention" else att.attn.heads) == heads
+
+
+def test_profile_attention_at_dim_64():
+    res = CliRunner().invoke(app, ["profile", "--mixer", "attention", "--dim", "64", "--depth",
+                                   "1", "--image-size", "16", "--no-timing", "--json"])
+    assert res.exit_code == 0, res.output
+
+
+def test_pos_embed_choices_and_paper_defaults():
+    def kinds(m):
+        return (m.pos_embed is not None, all(b.cpe is not None for b in m.blocks))
+
+    expected = {"attention": (True, False), "dual": (False, True)}
+    for name in MIXERS:
+        assert kinds(create_model(**dict(SMALL, mixer=name))) == expected.get(name, (False, False))
+    assert kinds(create_model(**dict(SMALL, mixer="attention", pos_embed="cpe"))) == (False, True)
+    assert kinds(create_model(**dict(SMALL, mixer="attention", pos_embed="none"))) == (False,
+                                                                                      False)
+    assert kinds(create_model(**dict(SMALL, mixer="mlp", pos_embed="learned"))) == (True, False)
+    with pytest.raises(ModelError, match="identity"):
+        create_model(**dict(SMALL, mixer="identity", pos_embed="cpe"))
+    with pytest.raises(ModelError, match="TokenLearner"):
+        create_model(**dict(SMALL, mixer="attention", pos_embed="cpe", tokens=4))
+
+
+def _shuffle_patches(x: torch.Tensor, patch: int, perm: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    g = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    g = g.reshape(b, -1, c, patch, patch)[:, perm]
+    g = g.reshape(b, h // patch, w // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return g.reshape(b, c, h, w)
+
+
+def test_dual_with_cpe_sees_patch_order():
+    """Without position information, DaViT's pair (one window covering the grid) cannot tell
+    a shuffled image from the original; with the conditional position encoding it can."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    perm = torch.randperm(16)
+    for pos, blind in (("none", True), ("cpe", False)):
+        m = create_model(**dict(SMALL, mixer="dual", window_size=4, pos_embed=pos)).eval()
+        with torch.no_grad():
+            diff = (m(x) - m(_shuffle_patches(x, 4, perm))).abs().max().item()
+        assert (diff < 1e-5) == blind, (pos, diff)

@@ -95,6 +95,14 @@ BAD_CASES = {
                       "did you mean 'mlp'"),
     "fp16_without_gpu": (GOOD.replace("epochs: 1", "epochs: 1, precision: fp16"),
                          "fp16 needs a GPU"),
+    "cpe_on_identity": (GOOD.replace("[attention, mlp]", "[identity]").replace(
+        "patch_size: 4", "patch_size: 4, pos_embed: cpe"), "model.pos_embed: cpe is a convolution"),
+    "cpe_with_tokens": (GOOD.replace("patch_size: 4", "patch_size: 4, tokens: 4, pos_embed: cpe"),
+                        "the TokenLearner removes it"),
+    "even_pool_kernel": (GOOD.replace("  model.mixer: [attention, mlp]\n",
+                                      "  model.mixer: [pool]\n  model.kernel_size: [3, 4]\n"),
+                         "model.kernel_size: mixer 'pool': pooling keeps the grid's size only "
+                         "with an odd kernel, not 4"),
     "odd_depth_dual": (GOOD.replace("[attention, mlp]", "[dual]").replace("depth: 2",
                                                                           "depth: 3"),
                        "must be even"),
@@ -234,3 +242,23 @@ def test_cli_subprocess_exit_code_and_help(tmp_path):
         assert r.exit_code == 0 and "Usage" in r.output
     v = runner.invoke(app, ["--version"])
     assert v.exit_code == 0 and "ablate 0.1.0" in v.output
+
+
+def test_pos_embed_is_a_factor_and_enters_the_trial_id(tmp_path):
+    s = load_study(write(tmp_path / "s.yaml", GOOD.replace("model.mixer: [attention, mlp]",
+                                                          "model.pos_embed: [none, learned]")))
+    assert {t.config["model"]["pos_embed"] for t in s.trials} == {"none", "learned"}
+    assert len({t.cell_id for t in s.trials}) == 2
+    d = load_study(write(tmp_path / "d.yaml", GOOD.replace("[attention, mlp]",
+                                                          "[attention, dual, mlp]")))
+    resolved = {t.factors["model.mixer"]: t.config["model"]["pos_embed"] for t in d.trials}
+    assert resolved == {"attention": "learned", "dual": "cpe", "mlp": "none"}
+
+
+def test_heads_default_to_64_dimensional_heads(tmp_path):
+    """ViT's convention: dim 64 -> 1 head, dim 192 -> 3; no 'not divisible' error for dim 64."""
+    text = GOOD.replace("heads: 2, ", "").replace("model.mixer: [attention, mlp]",
+                                                   "model.dim: [64, 192]")
+    s = load_study(write(tmp_path / "s.yaml", text))
+    assert {t.factors["model.dim"]: t.config["model"]["heads"] for t in s.trials} == {64: 1,
+                                                                                     192: 3}
