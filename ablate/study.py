@@ -302,6 +302,9 @@ def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[s
     if ms.tokens is not None:
         if at > depth:
             reasons.append(f"model.token_learner_at: {at} is past the last block ({depth})")
+        if ms.token_fuser and at == depth:
+            reasons.append(f"model.token_fuser: no block follows the TokenLearner at {at} = "
+                           "depth, so the fuser would fuse nothing: lower token_learner_at")
         if size is not None and size % patch == 0 and ms.tokens > (size // patch) ** 2:
             reasons.append(f"model.tokens: {ms.tokens} TokenLearner tokens exceed the "
                            f"{(size // patch) ** 2} patches of a {size}px image at patch "

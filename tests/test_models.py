@@ -238,3 +238,58 @@ def test_dual_with_cpe_sees_patch_order():
         with torch.no_grad():
             diff = (m(x) - m(_shuffle_patches(x, 4, perm))).abs().max().item()
         assert (diff < 1e-5) == blind, (pos, diff)
+
+
+def test_token_fuser_runs_at_every_block_after_the_token_learner():
+    """TokenLearner -> block on S tokens -> TokenFuser back onto the N positions + the grid,
+    at every block from `token_learner_at` on: perturbing one learned token's output of any
+    such block changes that block's output grid."""
+    torch.manual_seed(0)
+    depth, at, s = 4, 1, 3
+    model = create_model(**dict(SMALL, depth=depth, tokens=s, token_learner_at=at,
+                                token_fuser=True)).eval()
+    assert len(model.token_fusers) == depth - at
+    # the reference initialises the fuser's token mixing to zero: at first each block after
+    # the TokenLearner leaves the grid unchanged; give it trained-like weights
+    assert all(f.mix.weight.abs().sum() == 0 for f in model.token_fusers)
+    for f in model.token_fusers:
+        torch.nn.init.normal_(f.mix.weight, std=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    n = (16 // 4) ** 2
+    push = torch.randn(SMALL["dim"]) * (torch.arange(s) == 0)[:, None]  # token 0 only
+    for i in range(at, depth):
+        grids = []
+        for delta in (0.0, 1.0):
+            hooks = [model.blocks[i].register_forward_hook(
+                lambda _m, _inp, out, d=delta: out + d * push),
+                model.token_fusers[i - at].register_forward_hook(
+                lambda _m, inp, out, g=grids: g.append(out + inp[1]))]
+            with torch.no_grad():
+                model.forward_features(x)
+            for h in hooks:
+                h.remove()
+        assert grids[0].shape == (2, n, SMALL["dim"])
+        assert (grids[0] - grids[1]).abs().max() > 1e-4, i
+    assert model.token_counts == [n] * at + [s] * (depth - at)
+
+
+def test_token_fuser_vit_s16_parameter_count():
+    """ViT-S/16 (global pooling) with TokenLearner 1.1 + TokenFuser at blocks 6..11, 8 tokens:
+    the parameter count of the reference implementation (scenic's EncoderModFuser), written
+    out: one TokenLearner and one TokenFuser per block from layer 6 on."""
+    c, depth, s, b, n, classes = 384, 12, 8, 64, 196, 1000
+    ln = 2 * c
+    block = 2 * ln + (3 * c * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c)
+    learner = ln + (c * b + b) + (b * s + s)
+    fuser = ln + (s * s + s) + ln + ln + (c * b + b) + (b * s + s)
+    stem = 3 * 16 * 16 * c + c + n * c  # patch embedding + learned position embedding
+    expected = stem + depth * block + (depth - 6) * (learner + fuser) + ln + c * classes + classes
+    model = create_model(dim=c, depth=depth, patch_size=16, heads=6, tokens=s,
+                         token_learner_at=6, token_fuser=True)
+    assert count_params(model) == expected
+
+
+def test_token_learner_v10_convolutions_have_no_bias():
+    model = create_model(**dict(SMALL, tokens=4, token_learner_version="1.0"))
+    convs = [m for m in model.token_learners.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(c.bias is None for c in convs)

@@ -103,6 +103,9 @@ BAD_CASES = {
                                       "  model.mixer: [pool]\n  model.kernel_size: [3, 4]\n"),
                          "model.kernel_size: mixer 'pool': pooling keeps the grid's size only "
                          "with an odd kernel, not 4"),
+    "fuser_after_last_block": (GOOD.replace(
+        "patch_size: 4", "patch_size: 4, tokens: 4, token_learner_at: 2, token_fuser: true"),
+        "the fuser would fuse nothing"),
     "odd_depth_dual": (GOOD.replace("[attention, mlp]", "[dual]").replace("depth: 2",
                                                                           "depth: 3"),
                        "must be even"),

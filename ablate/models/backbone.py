@@ -126,6 +126,9 @@ class Backbone(nn.Module):
                 raise ValueError(f"tokens {tokens} exceed the {n} patches")
             if cls.needs_grid and self.tl_at < depth:
                 raise ValueError(f"mixer {mixer!r} needs the patch grid after the TokenLearner")
+            if token_fuser and self.tl_at == depth:
+                raise ValueError("token_fuser needs blocks after token_learner_at: with "
+                                 f"token_learner_at = depth = {depth} it would fuse nothing")
         if pos_embed == "cpe" and self.tl_at is not None and self.tl_at < depth:
             raise ValueError("pos_embed 'cpe' needs the patch grid after the TokenLearner")
         if pos_embed == "cpe" and not cls.mixes:
@@ -141,10 +144,14 @@ class Backbone(nn.Module):
                     kernel_size=k, window_size=window_size, index=i)
             blocks.append(Block(dim, m, mlp_ratio, rates[i], cpe=pos_embed == "cpe"))
         self.blocks = nn.ModuleList(blocks)
-        self.token_learner = (
-            TokenLearner(dim, tokens, token_learner_version) if tokens is not None else None
-        )
-        self.token_fuser = TokenFuser(dim, tokens) if tokens is not None and token_fuser else None
+        # TokenLearner alone: one learner at `tl_at`, the later blocks run on its tokens.
+        # With TokenFuser (the paper's Fig. 3): every later block gets its own learner and
+        # fuser, runs on the learned tokens, and the fuser maps them back onto the grid.
+        n_tl = 0 if tokens is None else (depth - self.tl_at if token_fuser else 1)
+        self.token_learners = nn.ModuleList(
+            TokenLearner(dim, tokens, token_learner_version) for _ in range(n_tl))
+        self.token_fusers = nn.ModuleList(
+            TokenFuser(dim, tokens) for _ in range(n_tl if token_fuser else 0))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         self.token_counts: list[int] = []  # tokens entering each block, filled by forward
@@ -158,23 +165,28 @@ class Backbone(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for f in self.token_fusers:
+            f.reset_mix()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         hw: tuple[int, int] | None = self.grid
-        grid_tokens = None
         counts = []
         for i, blk in enumerate(self.blocks):
-            if self.token_learner is not None and i == self.tl_at:
-                grid_tokens, x, hw = x, self.token_learner(x, hw), None
+            if self.token_fusers and i >= self.tl_at:
+                j = i - self.tl_at
+                tokens = self.token_learners[j](x, hw)
+                counts.append(tokens.shape[1])
+                x = x + self.token_fusers[j](blk(tokens, None), x)
+                continue
+            if self.token_learners and i == self.tl_at:
+                x, hw = self.token_learners[0](x, hw), None
             counts.append(x.shape[1])
             x = blk(x, hw)
-        if self.token_learner is not None and self.tl_at == len(self.blocks):
-            grid_tokens, x = x, self.token_learner(x, hw)
-        if self.token_fuser is not None and grid_tokens is not None:
-            x = self.token_fuser(x, grid_tokens)
+        if self.token_learners and not self.token_fusers and self.tl_at == len(self.blocks):
+            x = self.token_learners[0](x, hw)
         self.token_counts = counts
         return self.norm(x).mean(dim=1)
 
