@@ -36,6 +36,8 @@ class DatasetSpec(Strict):
     test_size: PositiveInt = Field(1000, description="synthetic only")
     seed: int = Field(0, description="synthetic generator seed")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    allow_no_val: bool = Field(False, description="true: val_fraction 0 is intended (no "
+                                                  "val metrics; nothing may select on them)")
     split_seed: int = 0
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     max_train: PositiveInt | None = None

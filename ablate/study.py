@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home 
     did_you_mean,
     split_key,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,16 @@ class Study:
     file_hash: str
     trials: list[TrialSpec]
     factor_keys: list[str]
+    warnings: list[str] = field(default_factory=list)  # `file: path: message` lines
 
     @property
     def experiment(self) -> str:
         return self.spec.tracking.experiment or self.spec.name
+
+
+def _yaml(v: Any) -> str:
+    """A level as the study file writes it."""
+    return "null" if v is None else json.dumps(v) if isinstance(v, bool) else str(v)
 
 
 def _fmt(v: Any) -> str:
@@ -255,12 +265,38 @@ def _check_factors(spec: StudySpec, problems: list[tuple[str, str]]) -> None:
                         problems.append((f"{path}[{i}]", msg))
 
 
-def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[str]:
-    """Reasons a (dataset, model) cell cannot run; empty when it can."""
+def _check_validation_split(spec: StudySpec, problems: list[tuple[str, str]]) -> None:
+    """val_fraction 0 leaves val_acc undefined: only on explicit request, and only when no
+    scheduler or search objective selects on a validation metric."""
+    zeros = ["dataset.val_fraction"] if spec.dataset.val_fraction == 0 else []
+    for gi, grid in enumerate(spec.grids()):
+        gpath = f"factors[{gi}]" if isinstance(spec.factors, list) else "factors"
+        zeros += [f"{gpath}.dataset.val_fraction[{i}]"
+                  for i, v in enumerate(grid.get("dataset.val_fraction", [])) if v == 0]
+    if not zeros:
+        return
+    needs = []
+    if spec.scheduler.name != "fifo" and spec.scheduler.metric.startswith("val"):
+        needs.append(f"scheduler.metric {spec.scheduler.metric}")
+    if spec.search.method == "optuna":
+        needs += [f"search objective {k}" for k in spec.search.objectives if k.startswith("val")]
+    for path in zeros:
+        if not spec.dataset.allow_no_val:
+            problems.append((path, "0 leaves no validation split, so val_acc and best_val_acc "
+                                   "are undefined: use a fraction such as 0.1, or set "
+                                   "dataset.allow_no_val: true if no metric needs validation"))
+        elif needs:
+            problems.append((path, f"0 leaves no validation split, but {', '.join(needs)} "
+                                   "selects on it: use a fraction such as 0.1"))
+
+
+def check_cell(ds: DatasetSpec, ms: ModelSpec, factor_keys: Iterable[str] = ()) -> list[str]:
+    """Reasons a (dataset, model) cell cannot run, or would not run what its factors say
+    (`factor_keys`: the dotted keys the study varies in this cell); empty when it can."""
     from ablate.models import BACKBONE_DEFAULTS, MIXERS, REFERENCES
     from ablate.models.backbone import default_heads
 
-    reasons = []
+    reasons = [r for k in factor_keys if (r := _ignored(ms, k))]
     if ms.arch != "backbone":
         if ms.arch not in REFERENCES and not ms.arch.startswith("timm:"):
             reasons.append(f"model.arch: unknown architecture {ms.arch!r}; use backbone, "
@@ -278,10 +314,10 @@ def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[s
     heads = ms.heads or default_heads(dim)
     if size is not None and size % patch:
         reasons.append(f"model.patch_size: {patch} does not divide the image size {size}")
-    if ms.kernel_size is not None and "kernel_size" not in cls.uses:
-        kind = "is a factor" if kernel_is_factor else "is set"
+    if ms.kernel_size is not None and "kernel_size" not in cls.uses and not any(
+            k == "model.kernel_size" for k in factor_keys):
         with_kernel = ", ".join(k for k, c in MIXERS.items() if "kernel_size" in c.uses)
-        reasons.append(f"model.kernel_size {kind} but mixer '{mixer}' has no kernel: give "
+        reasons.append(f"model.kernel_size: is set but mixer '{mixer}' has no kernel: give "
                        f"kernel sizes only to {with_kernel} (use a list of factor grids)")
     if cls.pairs and depth % 2:
         reasons.append(f"model.depth: mixer '{mixer}' runs blocks in pairs, depth {depth} must "
@@ -318,17 +354,45 @@ def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[s
     return reasons
 
 
+def _ignored(ms: ModelSpec, key: str) -> str | None:
+    """Why the factor `key` has no effect on this cell's model, or None when it has one."""
+    from ablate.models import MIXERS
+    from ablate.models.backbone import TOKEN_FIELDS
+
+    section, _, name = key.partition(".")
+    if section != "model" or name == "arch" or getattr(ms, name, None) is None:
+        return None
+    if ms.arch != "backbone":
+        return (f"model.{name}: is a factor but model.arch '{ms.arch}' ignores it (only the "
+                f"backbone takes it): vary it in a factor grid of its own with the backbone")
+    resolved = resolved_model(ms)
+    if resolved.get(name) is not None:
+        return None
+    if name in TOKEN_FIELDS:
+        return (f"model.{name}: is a factor but model.tokens is not set, so there is no "
+                "TokenLearner to take it: set model.tokens in the same factor grid")
+    mixer = resolved["mixer"]
+    users = ", ".join(k for k, c in MIXERS.items() if name in c.uses)
+    return (f"model.{name}: is a factor but mixer '{mixer}' does not use it: give {name} only "
+            f"to {users} (use a list of factor grids)")
+
+
+def resolved_model(ms: ModelSpec) -> dict[str, Any]:
+    """The model part of a resolved config: the backbone's arguments as it resolves them
+    (defaults filled in, ignored ones None); only the name for any other architecture."""
+    from ablate.models import resolve_args
+
+    if ms.arch != "backbone":
+        return {"arch": ms.arch}
+    model = ms.model_dump(mode="json")
+    args = resolve_args(**{k: v for k, v in model.items() if k != "arch"})
+    return {"arch": ms.arch, **{k: args[k] for k in model if k != "arch"}}
+
+
 def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) -> dict[str, Any]:
     """The fully resolved config a trial id hashes: model defaults filled in, and what the
     model ignores blanked (None)."""
-    from ablate.models import resolve_args
-
-    model = ms.model_dump(mode="json")
-    if ms.arch == "backbone":
-        args = resolve_args(**{k: v for k, v in model.items() if k != "arch"})
-        model = {"arch": ms.arch, **{k: args[k] for k in model if k != "arch"}}
-    else:
-        model = {"arch": ms.arch}
+    model = resolved_model(ms)
     dataset = ds.model_dump(mode="json")
     return {"dataset": dataset, "model": model, "train": ts.model_dump(mode="json"),
             "seed": seed}
@@ -357,35 +421,66 @@ def _apply(base: dict[str, dict[str, Any]], overrides: dict[str, Any]
             TrainSpec.model_validate(sections["train"]))
 
 
-def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]]
-                   ) -> tuple[list[TrialSpec], list[str]]:
+def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]],
+                   warnings: list[tuple[str, str]]) -> tuple[list[TrialSpec], list[str]]:
     grids = spec.grids()
     keys: list[str] = []
     for g in grids:
         keys += [k for k in g if k not in keys]
     trials: list[TrialSpec] = []
-    seen: set[str] = set()
+    cells: dict[str, Cell] = {}
+    base = {s: getattr(spec, s).model_dump() for s in SECTION_MODELS}
     for gi, grid in enumerate(grids):
-        gkeys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in gkeys)):
-            base = {s: getattr(spec, s).model_dump() for s in SECTION_MODELS}
-            ds, ms, ts = _apply(base, dict(zip(gkeys, combo, strict=True)))
-            reasons = check_cell(ds, ms, "model.kernel_size" in gkeys)
+        where = "factors" + (f"[{gi}]" if isinstance(spec.factors, list) else "")
+        for combo in itertools.product(*grid.values()):
+            levels = dict(zip(grid, combo, strict=True))
+            ds, ms, ts = _apply(base, levels)
+            text = ", ".join(f"{k}={_fmt(v)}" for k, v in levels.items())
+            label = f"{where} {{{text}}}" if text else where
+            reasons = check_cell(ds, ms, grid)
+            for r in reasons:
+                path, _, msg = r.partition(": ")
+                problems.append((label, f"{path}: {msg}") if text else (path, msg))
             if reasons:
-                where = "factors" + (f"[{gi}]" if isinstance(spec.factors, list) else "")
-                cell = ", ".join(f"{k}={_fmt(v)}" for k, v in zip(gkeys, combo, strict=True))
-                for r in reasons:
-                    path, _, msg = r.partition(": ")
-                    problems.append((f"{where} {{{cell}}}" if cell else path, msg if not cell
-                                     else f"{path}: {msg}"))
                 continue
-            for seed in spec.seeds:
-                trial = TrialSpec.build(ds, ms, ts, seed, gi, keys)
-                if trial.trial_id in seen:
-                    continue
-                seen.add(trial.trial_id)
-                trials.append(trial)
+            built = [TrialSpec.build(ds, ms, ts, seed, gi, keys) for seed in spec.seeds]
+            if merge_cell(cells, Cell(label, gi, levels, built[0]), problems, warnings):
+                trials += built
     return trials, keys
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell as written (`levels`) and the first of its trials."""
+
+    label: str
+    grid: int
+    levels: dict[str, Any]
+    trial: TrialSpec
+
+
+def merge_cell(cells: dict[str, Cell], cell: Cell, problems: list[tuple[str, str]],
+               warnings: list[tuple[str, str]]) -> bool:
+    """Record `cell`; False when an earlier cell is the same trial. Same trial with different
+    factor labels is an error (a factor the model ignores); a level that resolves to another
+    level of the same grid (such as null and the model default) is merged with a warning;
+    overlapping grids merge silently (their union is the study)."""
+    prev = cells.setdefault(cell.trial.cell_id, cell)
+    if prev is cell:
+        return True
+    differ = [k for k in cell.trial.factors if cell.trial.factors[k] != prev.trial.factors.get(k)]
+    if differ:
+        problems.append((f"{prev.label} and {cell.label}",
+                         f"are the same trial although {', '.join(differ)} differ: the model "
+                         "ignores it; remove it from one of the cells"))
+    elif prev.grid == cell.grid:
+        for k, v in cell.levels.items():
+            if prev.levels.get(k) != v:
+                both = _fmt(cell.trial.factors.get(k))
+                warnings.append((cell.label, f"{k}={_yaml(v)} is the same model as "
+                                 f"{k}={_yaml(prev.levels.get(k))} (both resolve to {both}): "
+                                 "merged, run once"))
+    return False
 
 
 def _level(config: dict[str, Any], objs: tuple[Strict, ...], key: str) -> Any:
@@ -420,12 +515,17 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
             raise StudyError(file, problems)
         return Study(spec, Path(file).resolve(), file_hash, [], list(spec.search.space))
     _check_factors(spec, problems)
+    _check_validation_split(spec, problems)
     if problems:
         raise StudyError(file, problems)
-    trials, keys = _expand_trials(spec, problems)
+    warnings: list[tuple[str, str]] = []
+    trials, keys = _expand_trials(spec, problems, warnings)
     if problems:
         raise StudyError(file, problems)
-    return Study(spec, Path(file).resolve(), file_hash, trials, keys)
+    lines = StudyError(file, warnings).lines() if warnings else []
+    for line in lines:
+        log.warning(line)
+    return Study(spec, Path(file).resolve(), file_hash, trials, keys, lines)
 
 
 def load_study(path: str | Path) -> Study:
@@ -452,7 +552,7 @@ def trials_for(base: dict[str, dict[str, Any]], overrides: dict[str, Any], seeds
     `base` sections updated with dotted `overrides`. Raises ValueError for a cell that
     cannot run."""
     ds, ms, ts = _apply(base, overrides)
-    reasons = check_cell(ds, ms, "model.kernel_size" in overrides)
+    reasons = check_cell(ds, ms, overrides)
     if reasons:
         raise ValueError("; ".join(reasons))
     return [TrialSpec.build(ds, ms, ts, seed, 0, keys) for seed in seeds]
