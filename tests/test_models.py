@@ -110,24 +110,17 @@ def test_backbone_rejects_impossible_configs():
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
-def test_reference_params_and_gmacs(name):
-    ref = REFERENCES[name]
-    model = create_model(name)
-    assert count_params(model) == ref.params
-    g = count_gmacs(model, ref.image_size)
-    assert abs(g / ref.gmacs - 1) < 0.01, (g, ref.gmacs)
+def test_reference_trains_at_another_size(name):
+    """References take another image size and class count (their parameters, MACs and outputs
+    against timm's: tests/test_equivalence.py)."""
     small = create_model(name, image_size=32, num_classes=5)
     y = small(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 5) and torch.isfinite(y).all()
     y.sum().backward()
 
 
-def test_our_vit_counts_match_timms():
-    timm = pytest.importorskip("timm")
-    ours = create_model("vit_tiny_patch16_224")
-    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    assert count_params(ours) == count_params(theirs)
-    assert abs(count_gmacs(ours, 224) - count_gmacs(theirs, 224)) < 1e-6
+def test_timm_arch_builds_for_the_dataset():
+    pytest.importorskip("timm")
     via = create_model("timm:vit_tiny_patch16_224", num_classes=10, image_size=32)
     assert via(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 

@@ -6,6 +6,7 @@ parameter counts as timm 1.0.31 and forward MACs within 1% (tests/test_models.py
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,6 +226,30 @@ REFERENCES: dict[str, Reference] = {
     "davit_base": Reference(DaViT, dict(depths=(1, 1, 9, 1), dims=(128, 256, 512, 1024),
                                         heads=(4, 8, 16, 32)), 87_954_408, 15.51, paper="DaViT"),
 }
+
+
+_BLOCK = r"^((?:blocks\.\d+\.)?)"  # a ConvMixer block's keys, in the model or alone
+# timm's parameter and buffer names -> ours, per family: (pattern, replacement) in order.
+# Loading timm's weights (pretrained ones too) through these is how the tests prove that our
+# references compute what timm's models compute.
+TIMM_NAMES: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
+    VisionTransformer: ((r"^patch_embed\.proj\.", "patch_embed."), (r"(^|\.)attn\.", r"\1mixer.")),
+    MlpMixer: ((r"^stem\.proj\.", "stem."), (r"(^|\.)mlp_tokens\.", r"\1mixer."),
+               (r"(^|\.)mlp_channels\.", r"\1mlp.")),
+    ConvMixer: ((_BLOCK + r"0\.fn\.0\.", r"\1dw."), (_BLOCK + r"0\.fn\.2\.", r"\1bn1."),
+                (_BLOCK + r"1\.", r"\1pw."), (_BLOCK + r"3\.", r"\1bn2.")),
+    DaViT: (),  # same names
+}
+
+
+def from_timm(state: dict[str, torch.Tensor], family: type[nn.Module]) -> dict[str, torch.Tensor]:
+    """A timm state dict (a whole model's or one block's) renamed to ours for `family`."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in TIMM_NAMES[family]:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
 
 
 def build_reference(name: str, num_classes: int | None = None, image_size: int | None = None,
