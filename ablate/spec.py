@@ -36,6 +36,8 @@ class DatasetSpec(Strict):
     test_size: PositiveInt = Field(1000, description="synthetic only")
     seed: int = Field(0, description="synthetic generator seed")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    allow_no_val: bool = Field(False, description="true: val_fraction 0 is intended (no "
+                                                  "val metrics; nothing may select on them)")
     split_seed: int = 0
     fraction: float = Field(1.0, gt=0.0, le=1.0)
     max_train: PositiveInt | None = None
@@ -55,7 +57,7 @@ class ModelSpec(Strict):
     dim: PositiveInt | None = None
     depth: PositiveInt | None = None
     patch_size: PositiveInt | None = None
-    heads: PositiveInt | None = None
+    heads: PositiveInt | None = Field(None, description="None: dim // 64 (ViT's 64-d heads)")
     mlp_ratio: PositiveFloat | None = None
     token_mlp_ratio: PositiveFloat | None = None
     kernel_size: PositiveInt | None = None
@@ -65,6 +67,8 @@ class ModelSpec(Strict):
     token_learner_at: NonNegativeInt | None = None
     token_learner_version: Literal["1.0", "1.1"] | None = None
     token_fuser: bool | None = None
+    pos_embed: Literal["learned", "cpe", "none"] | None = Field(
+        None, description="None: the mixer's paper (attention learned, dual cpe, others none)")
 
 
 class TrainSpec(Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ablate.cells import (
+    Cell,
+    check_cell,
+    check_validation_split,
+    fmt_level,
+    merge_cell,
+    resolved_model,
+)
 from ablate.errors import StudyError
 from ablate.search import check_search
 from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home is ablate.study
@@ -35,6 +44,8 @@ from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home 
     did_you_mean,
     split_key,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,7 @@ class TrialSpec:
 
     @property
     def run_name(self) -> str:
-        parts = [f"{k.split('.', 1)[1]}={_fmt(v)}" for k, v in self.factors.items()]
+        parts = [f"{k.split('.', 1)[1]}={fmt_level(v)}" for k, v in self.factors.items()]
         return " ".join([*parts, f"seed={self.seed}"])
 
     @property
@@ -94,16 +105,11 @@ class Study:
     file_hash: str
     trials: list[TrialSpec]
     factor_keys: list[str]
+    warnings: list[str] = field(default_factory=list)  # `file: path: message` lines
 
     @property
     def experiment(self) -> str:
         return self.spec.tracking.experiment or self.spec.name
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "off"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # ---------------------------------------------------------------- environment variables
@@ -298,74 +304,10 @@ def _check_factors(spec: StudySpec, problems: list[tuple[str, str]]) -> None:
                         problems.append((f"{path}[{i}]", msg))
 
 
-def check_cell(ds: DatasetSpec, ms: ModelSpec, kernel_is_factor: bool) -> list[str]:
-    """Reasons a (dataset, model) cell cannot run; empty when it can."""
-    from ablate.models import BACKBONE_DEFAULTS, MIXERS, REFERENCES
-
-    reasons = []
-    if ms.arch != "backbone":
-        if ms.arch not in REFERENCES and not ms.arch.startswith("timm:"):
-            reasons.append(f"model.arch: unknown architecture {ms.arch!r}; use backbone, "
-                           f"timm:<name> or one of {', '.join(REFERENCES)}")
-        return reasons
-    mixer = ms.mixer or BACKBONE_DEFAULTS["mixer"]
-    if mixer not in MIXERS:
-        return [f"model.mixer: unknown mixer {mixer!r}"
-                + did_you_mean(mixer, list(MIXERS)).replace("known keys", "choose one of")]
-    cls = MIXERS[mixer]
-    patch = ms.patch_size or BACKBONE_DEFAULTS["patch_size"]
-    size = ds.known_image_size()
-    depth = ms.depth or BACKBONE_DEFAULTS["depth"]
-    dim = ms.dim or BACKBONE_DEFAULTS["dim"]
-    heads = ms.heads or BACKBONE_DEFAULTS["heads"]
-    if size is not None and size % patch:
-        reasons.append(f"model.patch_size: {patch} does not divide the image size {size}")
-    if ms.kernel_size is not None and not cls.has_kernel:
-        kind = "is a factor" if kernel_is_factor else "is set"
-        with_kernel = ", ".join(k for k, c in MIXERS.items() if c.has_kernel)
-        reasons.append(f"model.kernel_size {kind} but mixer '{mixer}' has no kernel: give "
-                       f"kernel sizes only to {with_kernel} (use a list of factor grids)")
-    if cls.pairs and depth % 2:
-        reasons.append(f"model.depth: mixer '{mixer}' runs blocks in pairs, depth {depth} must "
-                       "be even")
-    if mixer in ("attention", "dual") and dim % heads:
-        reasons.append(f"model.heads: dim {dim} is not divisible by heads {heads}")
-    if ms.tokens is not None:
-        at = ms.token_learner_at if ms.token_learner_at is not None else depth // 2
-        if at > depth:
-            reasons.append(f"model.token_learner_at: {at} is past the last block ({depth})")
-        if size is not None and size % patch == 0 and ms.tokens > (size // patch) ** 2:
-            reasons.append(f"model.tokens: {ms.tokens} TokenLearner tokens exceed the "
-                           f"{(size // patch) ** 2} patches of a {size}px image at patch "
-                           f"size {patch}")
-        if cls.needs_grid and at < depth:
-            reasons.append(f"model.tokens: TokenLearner removes the patch grid that mixer "
-                           f"'{mixer}' needs after it; use tokens with attention, mlp or "
-                           f"identity")
-    elif ms.token_learner_at is not None or ms.token_fuser:
-        reasons.append("model.token_learner_at/token_fuser are set but model.tokens is not")
-    return reasons
-
-
 def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) -> dict[str, Any]:
-    """The fully resolved config a trial id hashes: model defaults filled in."""
-    from ablate.models import BACKBONE_DEFAULTS, MIXERS
-
-    model = ms.model_dump(mode="json")
-    if ms.arch == "backbone":
-        for k, v in BACKBONE_DEFAULTS.items():
-            if k in model and model[k] is None:
-                model[k] = v
-        cls = MIXERS.get(model["mixer"])
-        if cls is not None and cls.has_kernel and model["kernel_size"] is None:
-            model["kernel_size"] = cls.default_kernel
-        if model["tokens"] is None:
-            model["token_learner_at"] = model["token_learner_version"] = None
-            model["token_fuser"] = None
-        elif model["token_learner_at"] is None:
-            model["token_learner_at"] = model["depth"] // 2
-    else:
-        model = {"arch": ms.arch}
+    """The fully resolved config a trial id hashes: model defaults filled in, and what the
+    model ignores blanked (None)."""
+    model = resolved_model(ms)
     dataset = ds.model_dump(mode="json")
     return {"dataset": dataset, "model": model, "train": ts.model_dump(mode="json"),
             "seed": seed}
@@ -394,34 +336,31 @@ def _apply(base: dict[str, dict[str, Any]], overrides: dict[str, Any]
             TrainSpec.model_validate(sections["train"]))
 
 
-def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]]
-                   ) -> tuple[list[TrialSpec], list[str]]:
+def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]],
+                   warnings: list[tuple[str, str]]) -> tuple[list[TrialSpec], list[str]]:
     grids = spec.grids()
     keys: list[str] = []
     for g in grids:
         keys += [k for k in g if k not in keys]
     trials: list[TrialSpec] = []
-    seen: set[str] = set()
+    cells: dict[str, Cell] = {}
+    base = {s: getattr(spec, s).model_dump() for s in SECTION_MODELS}
     for gi, grid in enumerate(grids):
-        gkeys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in gkeys)):
-            base = {s: getattr(spec, s).model_dump() for s in SECTION_MODELS}
-            ds, ms, ts = _apply(base, dict(zip(gkeys, combo, strict=True)))
-            reasons = check_cell(ds, ms, "model.kernel_size" in gkeys)
+        where = "factors" + (f"[{gi}]" if isinstance(spec.factors, list) else "")
+        for combo in itertools.product(*grid.values()):
+            levels = dict(zip(grid, combo, strict=True))
+            ds, ms, ts = _apply(base, levels)
+            text = ", ".join(f"{k}={fmt_level(v)}" for k, v in levels.items())
+            label = f"{where} {{{text}}}" if text else where
+            reasons = check_cell(ds, ms, grid)
+            for r in reasons:
+                path, _, msg = r.partition(": ")
+                problems.append((label, f"{path}: {msg}") if text else (path, msg))
             if reasons:
-                where = "factors" + (f"[{gi}]" if isinstance(spec.factors, list) else "")
-                cell = ", ".join(f"{k}={_fmt(v)}" for k, v in zip(gkeys, combo, strict=True))
-                for r in reasons:
-                    path, _, msg = r.partition(": ")
-                    problems.append((f"{where} {{{cell}}}" if cell else path, msg if not cell
-                                     else f"{path}: {msg}"))
                 continue
-            for seed in spec.seeds:
-                trial = TrialSpec.build(ds, ms, ts, seed, gi, keys)
-                if trial.trial_id in seen:
-                    continue
-                seen.add(trial.trial_id)
-                trials.append(trial)
+            built = [TrialSpec.build(ds, ms, ts, seed, gi, keys) for seed in spec.seeds]
+            if merge_cell(cells, Cell(label, gi, levels, built[0]), problems, warnings):
+                trials += built
     return trials, keys
 
 
@@ -457,12 +396,17 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
             raise StudyError(file, problems)
         return Study(spec, Path(file).resolve(), file_hash, [], list(spec.search.space))
     _check_factors(spec, problems)
+    check_validation_split(spec, problems)
     if problems:
         raise StudyError(file, problems)
-    trials, keys = _expand_trials(spec, problems)
+    warnings: list[tuple[str, str]] = []
+    trials, keys = _expand_trials(spec, problems, warnings)
     if problems:
         raise StudyError(file, problems)
-    return Study(spec, Path(file).resolve(), file_hash, trials, keys)
+    lines = StudyError(file, warnings).lines() if warnings else []
+    for line in lines:
+        log.warning(line)
+    return Study(spec, Path(file).resolve(), file_hash, trials, keys, lines)
 
 
 def load_study(path: str | Path) -> Study:
@@ -477,7 +421,7 @@ def cells_per_factor(study: Study) -> dict[str, dict[str, int]]:
     for key in study.factor_keys:
         counts: dict[str, int] = {}
         for t in study.trials:
-            lv = _fmt(t.factors.get(key))
+            lv = fmt_level(t.factors.get(key))
             counts[lv] = counts.get(lv, 0) + 1
         out[key] = counts
     return out
@@ -489,7 +433,7 @@ def trials_for(base: dict[str, dict[str, Any]], overrides: dict[str, Any], seeds
     `base` sections updated with dotted `overrides`. Raises ValueError for a cell that
     cannot run."""
     ds, ms, ts = _apply(base, overrides)
-    reasons = check_cell(ds, ms, "model.kernel_size" in overrides)
+    reasons = check_cell(ds, ms, overrides)
     if reasons:
         raise ValueError("; ".join(reasons))
     return [TrialSpec.build(ds, ms, ts, seed, 0, keys) for seed in seeds]

@@ -204,7 +204,8 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     batches = _endless(train_batches)
     start = time.perf_counter()
-    best, val_acc, train_time, steps, seen = -1.0, float("nan"), 0.0, 0, 0
+    best, val_acc, train_time = float("nan"), float("nan"), 0.0  # best NaN: no val split
+    steps, seen = 0, 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -235,7 +236,8 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         val_loss, val_acc = evaluate(model, data.val, data, cfg, device)
         if not math.isfinite(val_loss) and len(data.val):
             raise DivergedError(f"diverged at epoch {epoch}: validation loss is {val_loss}")
-        best = max(best, val_acc)
+        if math.isfinite(val_acc):
+            best = val_acc if math.isnan(best) else max(best, val_acc)
         metrics: dict[str, float] = {"epoch": epoch, "train_loss": train_loss,
                                      "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                                      "epoch_time_s": epoch_time,

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from ablate.cli import app
 from ablate.cost import METRICS, count_gmacs, count_params, profile
+from ablate.errors import ModelError
 from ablate.models import MIXERS, REFERENCES, create_model
 from ablate.models.backbone import Backbone
 
@@ -63,13 +64,13 @@ def test_token_mlp_is_sized_for_learned_tokens_and_fuser_restores_grid(mixer):
 
 
 def test_mixers_differ_only_in_token_mixing():
-    """Two models that differ only in `mixer` have identical parameters outside the mixer
-    branch (norm1 -> mixer; identity has no branch)."""
+    """Two models that differ only in `mixer` (position information held fixed) have identical
+    parameters outside the mixer branch (norm1 -> mixer; identity has no branch)."""
     shapes = {}
     for name in MIXERS:
-        m = create_model(**dict(SMALL, mixer=name))
+        m = create_model(**dict(SMALL, mixer=name, pos_embed="none"))
         shapes[name] = {k: v.shape for k, v in m.state_dict().items()
-                        if ".mixer." not in k and ".norm1." not in k and k != "pos_embed"}
+                        if ".mixer." not in k and ".norm1." not in k}
     first = next(iter(shapes.values()))
     assert all(s == first for s in shapes.values())
 
@@ -109,24 +110,17 @@ def test_backbone_rejects_impossible_configs():
 
 
 @pytest.mark.parametrize("name", list(REFERENCES))
-def test_reference_params_and_gmacs(name):
-    ref = REFERENCES[name]
-    model = create_model(name)
-    assert count_params(model) == ref.params
-    g = count_gmacs(model, ref.image_size)
-    assert abs(g / ref.gmacs - 1) < 0.01, (g, ref.gmacs)
+def test_reference_trains_at_another_size(name):
+    """References take another image size and class count (their parameters, MACs and outputs
+    against timm's: tests/test_equivalence.py)."""
     small = create_model(name, image_size=32, num_classes=5)
     y = small(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 5) and torch.isfinite(y).all()
     y.sum().backward()
 
 
-def test_our_vit_counts_match_timms():
-    timm = pytest.importorskip("timm")
-    ours = create_model("vit_tiny_patch16_224")
-    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    assert count_params(ours) == count_params(theirs)
-    assert abs(count_gmacs(ours, 224) - count_gmacs(theirs, 224)) < 1e-6
+def test_timm_arch_builds_for_the_dataset():
+    pytest.importorskip("timm")
     via = create_model("timm:vit_tiny_patch16_224", num_classes=10, image_size=32)
     assert via(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
@@ -184,3 +178,111 @@ def test_profile_cli_json():
     assert bad.exit_code == 2 and "unknown architecture" in bad.output
     listing = runner.invoke(app, ["models"])
     assert listing.exit_code == 0 and "davit_tiny" in listing.output
+
+
+@pytest.mark.parametrize(("dim", "heads"), [(192, 3), (384, 6), (768, 12), (64, 1), (32, 1)])
+def test_default_heads_are_64_dimensional(dim, heads):
+    """`heads: null` follows ViT (Ti/S/B: 3/6/12 heads of 64 dims), at least one head."""
+    for mixer in ("attention", "dual"):
+        m = create_model(**dict(SMALL, mixer=mixer, dim=dim, heads=None))
+        att = m.blocks[0].mixer
+        assert (att.heads if mixer == "attention" else att.attn.heads) == heads
+
+
+def test_profile_attention_at_dim_64():
+    res = CliRunner().invoke(app, ["profile", "--mixer", "attention", "--dim", "64", "--depth",
+                                   "1", "--image-size", "16", "--no-timing", "--json"])
+    assert res.exit_code == 0, res.output
+
+
+def test_pos_embed_choices_and_paper_defaults():
+    def kinds(m):
+        return (m.pos_embed is not None, all(b.cpe is not None for b in m.blocks))
+
+    expected = {"attention": (True, False), "dual": (False, True)}
+    for name in MIXERS:
+        assert kinds(create_model(**dict(SMALL, mixer=name))) == expected.get(name, (False, False))
+    assert kinds(create_model(**dict(SMALL, mixer="attention", pos_embed="cpe"))) == (False, True)
+    assert kinds(create_model(**dict(SMALL, mixer="attention", pos_embed="none"))) == (False,
+                                                                                      False)
+    assert kinds(create_model(**dict(SMALL, mixer="mlp", pos_embed="learned"))) == (True, False)
+    with pytest.raises(ModelError, match="identity"):
+        create_model(**dict(SMALL, mixer="identity", pos_embed="cpe"))
+    with pytest.raises(ModelError, match="TokenLearner"):
+        create_model(**dict(SMALL, mixer="attention", pos_embed="cpe", tokens=4))
+
+
+def _shuffle_patches(x: torch.Tensor, patch: int, perm: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    g = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    g = g.reshape(b, -1, c, patch, patch)[:, perm]
+    g = g.reshape(b, h // patch, w // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return g.reshape(b, c, h, w)
+
+
+def test_dual_with_cpe_sees_patch_order():
+    """Without position information, DaViT's pair (one window covering the grid) cannot tell
+    a shuffled image from the original; with the conditional position encoding it can."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    perm = torch.randperm(16)
+    for pos, blind in (("none", True), ("cpe", False)):
+        m = create_model(**dict(SMALL, mixer="dual", window_size=4, pos_embed=pos)).eval()
+        with torch.no_grad():
+            diff = (m(x) - m(_shuffle_patches(x, 4, perm))).abs().max().item()
+        assert (diff < 1e-5) == blind, (pos, diff)
+
+
+def test_token_fuser_runs_at_every_block_after_the_token_learner():
+    """TokenLearner -> block on S tokens -> TokenFuser back onto the N positions + the grid,
+    at every block from `token_learner_at` on: perturbing one learned token's output of any
+    such block changes that block's output grid."""
+    torch.manual_seed(0)
+    depth, at, s = 4, 1, 3
+    model = create_model(**dict(SMALL, depth=depth, tokens=s, token_learner_at=at,
+                                token_fuser=True)).eval()
+    assert len(model.token_fusers) == depth - at
+    # the reference initialises the fuser's token mixing to zero: at first each block after
+    # the TokenLearner leaves the grid unchanged; give it trained-like weights
+    assert all(f.mix.weight.abs().sum() == 0 for f in model.token_fusers)
+    for f in model.token_fusers:
+        torch.nn.init.normal_(f.mix.weight, std=0.5)
+    x = torch.randn(2, 3, 16, 16)
+    n = (16 // 4) ** 2
+    push = torch.randn(SMALL["dim"]) * (torch.arange(s) == 0)[:, None]  # token 0 only
+    for i in range(at, depth):
+        grids = []
+        for delta in (0.0, 1.0):
+            hooks = [model.blocks[i].register_forward_hook(
+                lambda _m, _inp, out, d=delta: out + d * push),
+                model.token_fusers[i - at].register_forward_hook(
+                lambda _m, inp, out, g=grids: g.append(out + inp[1]))]
+            with torch.no_grad():
+                model.forward_features(x)
+            for h in hooks:
+                h.remove()
+        assert grids[0].shape == (2, n, SMALL["dim"])
+        assert (grids[0] - grids[1]).abs().max() > 1e-4, i
+    assert model.token_counts == [n] * at + [s] * (depth - at)
+
+
+def test_token_fuser_vit_s16_parameter_count():
+    """ViT-S/16 (global pooling) with TokenLearner 1.1 + TokenFuser at blocks 6..11, 8 tokens:
+    the parameter count of the reference implementation (scenic's EncoderModFuser), written
+    out: one TokenLearner and one TokenFuser per block from layer 6 on."""
+    c, depth, s, b, n, classes = 384, 12, 8, 64, 196, 1000
+    ln = 2 * c
+    block = 2 * ln + (3 * c * c + 3 * c) + (c * c + c) + (c * 4 * c + 4 * c) + (4 * c * c + c)
+    learner = ln + (c * b + b) + (b * s + s)
+    fuser = ln + (s * s + s) + ln + ln + (c * b + b) + (b * s + s)
+    stem = 3 * 16 * 16 * c + c + n * c  # patch embedding + learned position embedding
+    expected = stem + depth * block + (depth - 6) * (learner + fuser) + ln + c * classes + classes
+    model = create_model(dim=c, depth=depth, patch_size=16, heads=6, tokens=s,
+                         token_learner_at=6, token_fuser=True)
+    assert count_params(model) == expected
+
+
+def test_token_learner_v10_convolutions_have_no_bias():
+    model = create_model(**dict(SMALL, tokens=4, token_learner_version="1.0"))
+    convs = [m for m in model.token_learners.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 4 and all(c.bias is None for c in convs)

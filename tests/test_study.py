@@ -29,6 +29,11 @@ seeds: [0, 1]
 runner = CliRunner()
 
 
+def add_factor(line: str) -> str:
+    """GOOD with one more factor line, e.g. `model.heads: [1, 2]`."""
+    return GOOD.replace("seeds:", f"  {line}\nseeds:")
+
+
 def snapshot(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*")}
 
@@ -81,7 +86,8 @@ BAD_CASES = {
     "kernel_factor_on_attention": (GOOD.replace("  model.mixer: [attention, mlp]\n",
                                                 "  model.mixer: [attention, conv]\n"
                                                 "  model.kernel_size: [3, 5]\n"),
-                                   "model.kernel_size is a factor but mixer 'attention'"),
+                                   "model.kernel_size: is a factor but mixer 'attention' does "
+                                   "not use it"),
     "fraction_zero": (GOOD.replace("image_size: 32", "image_size: 32, fraction: 0"),
                       "dataset.fraction"),
     "fraction_factor_big": (GOOD.replace("model.mixer: [attention, mlp]",
@@ -95,6 +101,41 @@ BAD_CASES = {
                       "did you mean 'mlp'"),
     "fp16_without_gpu": (GOOD.replace("epochs: 1", "epochs: 1, precision: fp16"),
                          "fp16 needs a GPU"),
+    "cpe_on_identity": (GOOD.replace("[attention, mlp]", "[identity]").replace(
+        "patch_size: 4", "patch_size: 4, pos_embed: cpe"), "model.pos_embed: cpe is a convolution"),
+    "cpe_with_tokens": (GOOD.replace("patch_size: 4", "patch_size: 4, tokens: 4, pos_embed: cpe"),
+                        "the TokenLearner removes it"),
+    "even_pool_kernel": (GOOD.replace("  model.mixer: [attention, mlp]\n",
+                                      "  model.mixer: [pool]\n  model.kernel_size: [3, 4]\n"),
+                         "model.kernel_size: mixer 'pool': pooling keeps the grid's size only "
+                         "with an odd kernel, not 4"),
+    "fuser_after_last_block": (GOOD.replace(
+        "patch_size: 4", "patch_size: 4, tokens: 4, token_learner_at: 2, token_fuser: true"),
+        "the fuser would fuse nothing"),
+    "heads_factor_on_mlp": (add_factor("model.heads: [1, 2]"),
+                            "model.heads: is a factor but mixer 'mlp' does not use it: give "
+                            "heads only to attention, dual"),
+    "window_factor_on_attention": (add_factor("model.window_size: [2, 4]"),
+                                   "model.window_size: is a factor but mixer 'attention'"),
+    "token_mlp_ratio_factor_on_attention": (add_factor("model.token_mlp_ratio: [0.5, 1.0]"),
+                                            "model.token_mlp_ratio: is a factor but mixer "
+                                            "'attention'"),
+    "token_learner_factor_without_tokens": (add_factor("model.token_learner_version: ['1.0']"),
+                                            "model.tokens is not set, so there is no "
+                                            "TokenLearner"),
+    "dim_factor_on_timm": ("name: t\nmodel: {arch: 'timm:resnet18'}\n"
+                           "factors: {model.dim: [64, 128]}\n",
+                           "model.dim: is a factor but model.arch 'timm:resnet18' ignores it"),
+    "heads_factor_on_reference": ("name: t\nmodel: {arch: vit_tiny_patch16_224}\n"
+                                  "factors: {model.heads: [3]}\n",
+                                  "model.arch 'vit_tiny_patch16_224' ignores it"),
+    "val_fraction_zero": (GOOD.replace("image_size: 32", "image_size: 32, val_fraction: 0"),
+                          "dataset.val_fraction: 0 leaves no validation split"),
+    "val_fraction_zero_factor": (add_factor("dataset.val_fraction: [0.1, 0]"),
+                                 "factors.dataset.val_fraction[1]: 0 leaves no validation"),
+    "val_fraction_zero_with_asha": (GOOD.replace(
+        "image_size: 32", "image_size: 32, val_fraction: 0, allow_no_val: true")
+        + "scheduler: {name: asha}\n", "but scheduler.metric val_acc selects on it"),
     "odd_depth_dual": (GOOD.replace("[attention, mlp]", "[dual]").replace("depth: 2",
                                                                           "depth: 3"),
                        "must be even"),
@@ -262,3 +303,65 @@ def test_deep_nesting_and_huge_files_are_refused(tmp_path):
     big.write_text("name: x\n" + "#" * (2 << 20) + "\n")
     with pytest.raises(StudyError, match=r"big.yaml: is 2,097,161 bytes, over the 1,048,576"):
         load_study(big)
+
+
+def test_pos_embed_is_a_factor_and_enters_the_trial_id(tmp_path):
+    s = load_study(write(tmp_path / "s.yaml", GOOD.replace("model.mixer: [attention, mlp]",
+                                                          "model.pos_embed: [none, learned]")))
+    assert {t.config["model"]["pos_embed"] for t in s.trials} == {"none", "learned"}
+    assert len({t.cell_id for t in s.trials}) == 2
+    d = load_study(write(tmp_path / "d.yaml", GOOD.replace("[attention, mlp]",
+                                                          "[attention, dual, mlp]")))
+    resolved = {t.factors["model.mixer"]: t.config["model"]["pos_embed"] for t in d.trials}
+    assert resolved == {"attention": "learned", "dual": "cpe", "mlp": "none"}
+
+
+def test_heads_default_to_64_dimensional_heads(tmp_path):
+    """ViT's convention: dim 64 -> 1 head, dim 192 -> 3; no 'not divisible' error for dim 64."""
+    text = GOOD.replace("heads: 2, ", "").replace("model.mixer: [attention, mlp]",
+                                                   "model.dim: [64, 192]")
+    s = load_study(write(tmp_path / "s.yaml", text))
+    assert {t.factors["model.dim"]: t.config["model"]["heads"] for t in s.trials} == {64: 1,
+                                                                                     192: 3}
+
+
+def test_val_fraction_zero_runs_when_asked_for_and_nothing_needs_it(tmp_path):
+    text = GOOD.replace("image_size: 32", "image_size: 32, val_fraction: 0, allow_no_val: true")
+    s = load_study(write(tmp_path / "s.yaml", text))
+    assert len(s.trials) == 4 and all(t.dataset.val_fraction == 0 for t in s.trials)
+
+
+def test_level_equal_to_the_model_default_is_merged_with_a_warning(tmp_path, caplog):
+    """heads null means dim // 64 = 3 at dim 192 (ViT-Ti): [null, 3] is one model, run once."""
+    text = GOOD.replace("heads: 2, ", "").replace("dim: 32", "dim: 192").replace(
+        "model.mixer: [attention, mlp]", "model.heads: [null, 3]")
+    s = load_study(write(tmp_path / "s.yaml", text))
+    assert len(s.trials) == 2 and {t.seed for t in s.trials} == {0, 1}
+    assert [t.factors["model.heads"] for t in s.trials] == [3, 3]
+    assert len(s.warnings) == 1
+    assert s.warnings[0].startswith(f"{tmp_path / 's.yaml'}: factors {{model.heads=3}}: ")
+    merged = "model.heads=3 is the same model as model.heads=null (both resolve to 3)"
+    assert merged in s.warnings[0]
+    assert s.warnings[0] in caplog.text
+
+
+def test_two_cells_that_are_one_trial_under_different_labels_are_an_error():
+    """The safety net behind the ignored-factor rule: whatever makes two differently labelled
+    cells resolve to one trial, the study is rejected naming both."""
+    from ablate.study import Cell, DatasetSpec, ModelSpec, TrainSpec, TrialSpec, merge_cell
+
+    ds, ts = DatasetSpec(), TrainSpec()
+    a = TrialSpec.build(ds, ModelSpec(arch="timm:resnet18", dim=64), ts, 0, 0, ["model.dim"])
+    b = TrialSpec.build(ds, ModelSpec(arch="timm:resnet18", dim=128), ts, 0, 0, ["model.dim"])
+    assert a.cell_id == b.cell_id and a.factors != b.factors
+    cells: dict = {}
+    problems: list = []
+    warnings: list = []
+    assert merge_cell(cells, Cell("factors {model.dim=64}", 0, {"model.dim": 64}, a),
+                      problems, warnings)
+    assert not merge_cell(cells, Cell("factors {model.dim=128}", 0, {"model.dim": 128}, b),
+                          problems, warnings)
+    assert problems == [("factors {model.dim=64} and factors {model.dim=128}",
+                         "are the same trial although model.dim differ: the model ignores it; "
+                         "remove it from one of the cells")]
+    assert warnings == []

@@ -144,3 +144,13 @@ def test_epochs_budget_gives_a_smaller_fraction_proportionally_fewer_steps():
         assert run["train_steps"] == 3 * (run["train_images"] // 32)
     assert quarter["train_steps"] < 0.3 * full["train_steps"]
     assert quarter["train_images_seen"] == pytest.approx(3 * quarter["train_images"], abs=3 * 32)
+
+
+def test_no_validation_split_gives_nan_val_metrics_not_a_fake_best():
+    """val_fraction 0 (allowed only on request): best_val_acc is undefined (NaN), never -1."""
+    data = load_dataset(DatasetSpec(image_size=16, train_size=200, test_size=40, val_fraction=0,
+                                    allow_no_val=True))
+    assert len(data.val) == 0
+    final = fit(model(), data, TrainSpec(epochs=1, batch_size=32), seed=0)
+    assert math.isnan(final["val_acc"]) and math.isnan(final["best_val_acc"])
+    assert 0 <= final["test_acc"] <= 1

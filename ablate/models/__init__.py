@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
 from ablate.errors import ModelError
-from ablate.models.backbone import Backbone
-from ablate.models.mixers import MIXERS, TokenMixer
+from ablate.models.backbone import BACKBONE_DEFAULTS, Backbone, resolve_args
+from ablate.models.mixers import MIXER_FIELDS, MIXERS, POS_EMBEDS, TokenMixer
 from ablate.models.reference import REFERENCES, build_reference
-
-BACKBONE_DEFAULTS: dict[str, Any] = {
-    name: p.default for name, p in inspect.signature(Backbone.__init__).parameters.items()
-    if name != "self"
-}
 
 
 def create_model(arch: str = "backbone", **kwargs: Any) -> nn.Module:
@@ -56,4 +50,5 @@ def create_model(arch: str = "backbone", **kwargs: Any) -> nn.Module:
     )
 
 
-__all__ = ["BACKBONE_DEFAULTS", "MIXERS", "REFERENCES", "Backbone", "TokenMixer", "create_model"]
+__all__ = ["BACKBONE_DEFAULTS", "MIXERS", "MIXER_FIELDS", "POS_EMBEDS", "REFERENCES", "Backbone",
+           "TokenMixer", "create_model", "resolve_args"]

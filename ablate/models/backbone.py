@@ -6,10 +6,13 @@ differ only in `mixer` differ only in token mixing. Defaults are ViT-Tiny/16 at 
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from torch import nn
 
-from ablate.models.mixers import MIXERS, TokenMixer
+from ablate.models.mixers import MIXER_FIELDS, MIXERS, POS_EMBEDS, ConvPosEnc, TokenMixer
 from ablate.models.tokenlearner import TokenFuser, TokenLearner
 
 
@@ -43,11 +46,18 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """norm -> token mixer -> residual; norm -> channel MLP -> residual."""
+def default_heads(dim: int) -> int:
+    """ViT's convention of 64-dimensional heads (ViT-Ti/S/B: 3/6/12), at least one head."""
+    return max(1, dim // 64)
 
-    def __init__(self, dim: int, mixer: TokenMixer, mlp_ratio: float, drop_path: float) -> None:
+
+class Block(nn.Module):
+    """[cpe ->] norm -> token mixer -> residual; norm -> channel MLP -> residual."""
+
+    def __init__(self, dim: int, mixer: TokenMixer, mlp_ratio: float, drop_path: float,
+                 cpe: bool = False) -> None:
         super().__init__()
+        self.cpe = ConvPosEnc(dim) if cpe else None  # DaViT: position by a conv before attention
         # the mixer branch's pre-norm belongs to the branch: no branch, no norm
         self.norm1 = nn.LayerNorm(dim, eps=1e-6) if mixer.mixes else None
         self.mixer = mixer
@@ -56,6 +66,9 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
+        if self.cpe is not None:
+            assert hw is not None, "the conditional position encoding needs the patch grid"
+            x = self.cpe(x, hw)
         if self.norm1 is not None:
             x = x + self.drop_path(self.mixer(self.norm1(x), hw))
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -73,7 +86,7 @@ class Backbone(nn.Module):
         depth: int = 12,
         patch_size: int = 16,
         mixer: str = "attention",
-        heads: int = 3,
+        heads: int | None = None,
         mlp_ratio: float = 4.0,
         token_mlp_ratio: float = 0.5,
         kernel_size: int | None = None,
@@ -83,6 +96,7 @@ class Backbone(nn.Module):
         token_learner_at: int | None = None,
         token_learner_version: str = "1.1",
         token_fuser: bool = False,
+        pos_embed: str | None = None,
     ) -> None:
         super().__init__()
         if mixer not in MIXERS:
@@ -92,8 +106,15 @@ class Backbone(nn.Module):
             raise ValueError(f"patch_size {patch_size} does not divide image_size {image_size}")
         if cls.pairs and depth % 2:
             raise ValueError(f"mixer {mixer!r} runs blocks in pairs: depth {depth} must be even")
-        if kernel_size is not None and not cls.has_kernel:
+        if kernel_size is not None and "kernel_size" not in cls.uses:
             raise ValueError(f"mixer {mixer!r} has no kernel_size")
+        k = cls.default_kernel if kernel_size is None else kernel_size
+        if k is not None and cls.kernel_problem(k):
+            raise ValueError(f"kernel_size: {cls.kernel_problem(k)}")
+        heads = default_heads(dim) if heads is None else heads
+        pos_embed = cls.default_pos_embed if pos_embed is None else pos_embed
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, not {pos_embed!r}")
         self.grid = (image_size // patch_size, image_size // patch_size)
         n = self.grid[0] * self.grid[1]
         self.tl_at = None
@@ -105,21 +126,32 @@ class Backbone(nn.Module):
                 raise ValueError(f"tokens {tokens} exceed the {n} patches")
             if cls.needs_grid and self.tl_at < depth:
                 raise ValueError(f"mixer {mixer!r} needs the patch grid after the TokenLearner")
+            if token_fuser and self.tl_at == depth:
+                raise ValueError("token_fuser needs blocks after token_learner_at: with "
+                                 f"token_learner_at = depth = {depth} it would fuse nothing")
+        if pos_embed == "cpe" and self.tl_at is not None and self.tl_at < depth:
+            raise ValueError("pos_embed 'cpe' needs the patch grid after the TokenLearner")
+        if pos_embed == "cpe" and not cls.mixes:
+            raise ValueError(f"pos_embed 'cpe' mixes tokens, which mixer {mixer!r} must not")
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, n, dim)) if cls.pos_embed else None
+        learned = pos_embed == "learned"
+        self.pos_embed = nn.Parameter(torch.zeros(1, n, dim)) if learned else None
         rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
-        k = cls.default_kernel if kernel_size is None else kernel_size
         blocks = []
         for i in range(depth):
             n_i = tokens if self.tl_at is not None and i >= self.tl_at else n
             m = cls(dim, heads=heads, num_tokens=n_i, token_mlp_ratio=token_mlp_ratio,
                     kernel_size=k, window_size=window_size, index=i)
-            blocks.append(Block(dim, m, mlp_ratio, rates[i]))
+            blocks.append(Block(dim, m, mlp_ratio, rates[i], cpe=pos_embed == "cpe"))
         self.blocks = nn.ModuleList(blocks)
-        self.token_learner = (
-            TokenLearner(dim, tokens, token_learner_version) if tokens is not None else None
-        )
-        self.token_fuser = TokenFuser(dim, tokens) if tokens is not None and token_fuser else None
+        # TokenLearner alone: one learner at `tl_at`, the later blocks run on its tokens.
+        # With TokenFuser (the paper's Fig. 3): every later block gets its own learner and
+        # fuser, runs on the learned tokens, and the fuser maps them back onto the grid.
+        n_tl = 0 if tokens is None else (depth - self.tl_at if token_fuser else 1)
+        self.token_learners = nn.ModuleList(
+            TokenLearner(dim, tokens, token_learner_version) for _ in range(n_tl))
+        self.token_fusers = nn.ModuleList(
+            TokenFuser(dim, tokens) for _ in range(n_tl if token_fuser else 0))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, num_classes)
         self.token_counts: list[int] = []  # tokens entering each block, filled by forward
@@ -133,25 +165,60 @@ class Backbone(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for f in self.token_fusers:
+            f.reset_mix()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         hw: tuple[int, int] | None = self.grid
-        grid_tokens = None
         counts = []
         for i, blk in enumerate(self.blocks):
-            if self.token_learner is not None and i == self.tl_at:
-                grid_tokens, x, hw = x, self.token_learner(x, hw), None
+            if self.token_fusers and i >= self.tl_at:
+                j = i - self.tl_at
+                tokens = self.token_learners[j](x, hw)
+                counts.append(tokens.shape[1])
+                x = x + self.token_fusers[j](blk(tokens, None), x)
+                continue
+            if self.token_learners and i == self.tl_at:
+                x, hw = self.token_learners[0](x, hw), None
             counts.append(x.shape[1])
             x = blk(x, hw)
-        if self.token_learner is not None and self.tl_at == len(self.blocks):
-            grid_tokens, x = x, self.token_learner(x, hw)
-        if self.token_fuser is not None and grid_tokens is not None:
-            x = self.token_fuser(x, grid_tokens)
+        if self.token_learners and not self.token_fusers and self.tl_at == len(self.blocks):
+            x = self.token_learners[0](x, hw)
         self.token_counts = counts
         return self.norm(x).mean(dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
+
+
+BACKBONE_DEFAULTS: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(Backbone.__init__).parameters.items()
+    if name != "self"
+}
+TOKEN_FIELDS = ("token_learner_at", "token_learner_version", "token_fuser")
+
+
+def resolve_args(**kwargs: Any) -> dict[str, Any]:
+    """The backbone's arguments as the model resolves them: defaults filled in, and what the
+    model ignores (another mixer's arguments, TokenLearner's without tokens) set to None.
+    A trial id hashes this, so two trials differ exactly where their models differ."""
+    args = {**BACKBONE_DEFAULTS, **{k: v for k, v in kwargs.items() if v is not None}}
+    cls = MIXERS.get(args["mixer"])
+    if cls is None:
+        return args
+    for name in MIXER_FIELDS - cls.uses:
+        args[name] = None
+    if "heads" in cls.uses and args["heads"] is None:
+        args["heads"] = default_heads(args["dim"])
+    if "kernel_size" in cls.uses and args["kernel_size"] is None:
+        args["kernel_size"] = cls.default_kernel
+    if args["pos_embed"] is None:
+        args["pos_embed"] = cls.default_pos_embed
+    if args["tokens"] is None:
+        args.update(dict.fromkeys(TOKEN_FIELDS))
+    elif args["token_learner_at"] is None:
+        args["token_learner_at"] = args["depth"] // 2
+    return args

@@ -13,17 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+POS_EMBEDS = ("learned", "cpe", "none")
+
 
 class TokenMixer(nn.Module):
-    """Base class. Class attributes tell the study validator what a mixer can run on."""
+    """Base class. Class attributes tell the backbone and the study validator what a mixer
+    takes and can run on; they are the one place a mixer declares it."""
 
+    uses: ClassVar[frozenset[str]] = frozenset()  # mixer-specific backbone arguments it honours
     needs_grid: ClassVar[bool] = False  # needs the (H, W) patch grid (no TokenLearner before it)
-    has_kernel: ClassVar[bool] = False  # honours `kernel_size`
     default_kernel: ClassVar[int | None] = None
     pairs: ClassVar[bool] = False  # blocks come in pairs: `depth` must be even
-    pos_embed: ClassVar[bool] = False  # the backbone adds a learned position embedding
+    default_pos_embed: ClassVar[str] = "none"  # the paper's position information: POS_EMBEDS
     mixes: ClassVar[bool] = True  # False: the block skips the mixer branch (and its norm)
     # Subclasses define forward(x: (B, N, C), hw: (H, W) | None) -> (B, N, C).
+
+    @classmethod
+    def kernel_problem(cls, kernel_size: int) -> str | None:
+        """Why this mixer cannot take `kernel_size`, or None when it can."""
+        return None
 
 
 def _to_grid(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -38,7 +46,8 @@ def _from_grid(x: torch.Tensor) -> torch.Tensor:
 class Attention(TokenMixer):
     """Global multi-head self-attention (ViT)."""
 
-    pos_embed = True
+    uses = frozenset({"heads"})
+    default_pos_embed = "learned"
 
     def __init__(self, dim: int, *, heads: int, **_: object) -> None:
         super().__init__()
@@ -58,6 +67,8 @@ class Attention(TokenMixer):
 class TokenMLP(TokenMixer):
     """Token-mixing MLP across the token axis (MLP-Mixer), hidden = token_mlp_ratio x dim."""
 
+    uses = frozenset({"token_mlp_ratio"})
+
     def __init__(self, dim: int, *, num_tokens: int, token_mlp_ratio: float, **_: object) -> None:
         super().__init__()
         hidden = max(1, int(token_mlp_ratio * dim))
@@ -72,8 +83,8 @@ class TokenMLP(TokenMixer):
 class DepthwiseConv(TokenMixer):
     """Depthwise k x k convolution over the patch grid (ConvMixer's spatial mixing)."""
 
+    uses = frozenset({"kernel_size"})
     needs_grid = True
-    has_kernel = True
     default_kernel = 9
 
     def __init__(self, dim: int, *, kernel_size: int, **_: object) -> None:
@@ -148,8 +159,10 @@ class ChannelAttention(nn.Module):
 class DualAttention(TokenMixer):
     """DaViT's pair: even blocks spatial-window attention, odd blocks channel-group attention."""
 
+    uses = frozenset({"heads", "window_size"})
     needs_grid = True
     pairs = True
+    default_pos_embed = "cpe"
 
     def __init__(self, dim: int, *, heads: int, window_size: int, index: int, **_: object) -> None:
         super().__init__()
@@ -170,9 +183,16 @@ class DualAttention(TokenMixer):
 class Pooling(TokenMixer):
     """Average pooling minus identity (PoolFormer): mixing with no learned weights."""
 
+    uses = frozenset({"kernel_size"})
     needs_grid = True
-    has_kernel = True
     default_kernel = 3
+
+    @classmethod
+    def kernel_problem(cls, kernel_size: int) -> str | None:
+        if kernel_size % 2 == 0:
+            return (f"pooling keeps the grid's size only with an odd kernel, not {kernel_size}: "
+                    "use 3, 5, 7, ...")
+        return None
 
     def __init__(self, dim: int, *, kernel_size: int, **_: object) -> None:
         super().__init__()
@@ -196,6 +216,17 @@ class NoMixing(TokenMixer):
         return torch.zeros_like(x)
 
 
+class ConvPosEnc(nn.Module):
+    """DaViT's conditional position encoding: x + depthwise 3x3 conv(x) over the patch grid."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return x + _from_grid(self.proj(_to_grid(x, hw)))
+
+
 MIXERS: dict[str, type[TokenMixer]] = {
     "attention": Attention,
     "mlp": TokenMLP,
@@ -204,4 +235,5 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "pool": Pooling,
     "identity": NoMixing,
 }
-
+# every mixer-specific argument some mixer honours: the others ignore it
+MIXER_FIELDS: frozenset[str] = frozenset().union(*(c.uses for c in MIXERS.values()))

@@ -6,6 +6,8 @@ parameter counts as timm 1.0.31 and forward MACs within 1% (tests/test_models.py
 
 from __future__ import annotations
 
+import re
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ablate.models.backbone import Block, DropPath, Mlp
-from ablate.models.mixers import Attention, ChannelAttention, TokenMLP, WindowAttention
+from ablate.models.mixers import (
+    Attention,
+    ChannelAttention,
+    ConvPosEnc,
+    TokenMLP,
+    WindowAttention,
+)
 
 
 class VisionTransformer(nn.Module):
@@ -112,19 +120,9 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-class ConvPosEnc(nn.Module):
-    """DaViT's conditional position encoding: x + depthwise 3x3 conv(x)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(x)
-
-
 class DaViTBlock(nn.Module):
-    """One DaViT block (spatial-window or channel-group attention) on an NCHW map."""
+    """One DaViT block (spatial-window or channel-group attention) on an NCHW map:
+    cpe -> attention -> residual, cpe -> MLP -> residual."""
 
     def __init__(self, dim: int, heads: int, spatial: bool, window_size: int,
                  mlp_ratio: float, drop_path: float) -> None:
@@ -138,11 +136,29 @@ class DaViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        x = self.cpe1(x).flatten(2).transpose(1, 2)
+        x = self.cpe1(x.flatten(2).transpose(1, 2), (h, w))
         x = x + self.drop_path(self.attn(self.norm1(x), (h, w)))
-        x = self.cpe2(x.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
+        x = self.cpe2(x, (h, w))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+class DaViTStage(nn.Module):
+    """Downsampling (LayerNorm -> 2x2 stride-2 conv; none in stage 0), then (spatial, channel)
+    block pairs."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, window_size: int,
+                 mlp_ratio: float, rates: list[float]) -> None:
+        super().__init__()
+        self.downsample = nn.Sequential(OrderedDict(
+            norm=LayerNorm2d(in_dim), conv=nn.Conv2d(in_dim, dim, 2, 2))) if in_dim else None
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(*[DaViTBlock(dim, heads, spatial, window_size, mlp_ratio, rates[j])
+                            for spatial in (True, False)])
+            for j in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x if self.downsample is None else self.downsample(x))
 
 
 class DaViT(nn.Module):
@@ -154,24 +170,19 @@ class DaViT(nn.Module):
                  mlp_ratio: float = 4.0, in_chans: int = 3, num_classes: int = 1000,
                  drop_path: float = 0.0, image_size: int = 224) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], 7, 4, 3), LayerNorm2d(dims[0]))
+        self.stem = nn.Sequential(OrderedDict(conv=nn.Conv2d(in_chans, dims[0], 7, 4, 3),
+                                              norm=LayerNorm2d(dims[0])))
         rates = torch.linspace(0, drop_path, sum(depths)).tolist()
-        stages, k = [], 0
-        for i, (d, dim, h) in enumerate(zip(depths, dims, heads, strict=True)):
-            layers: list[nn.Module] = []
-            if i > 0:
-                layers += [LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], dim, 2, 2)]
-            for _ in range(d):
-                for spatial in (True, False):
-                    layers.append(DaViTBlock(dim, h, spatial, window_size, mlp_ratio, rates[k]))
-                k += 1
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes)
+        starts = [sum(depths[:i]) for i in range(len(depths))]
+        self.stages = nn.Sequential(*[
+            DaViTStage(dims[i - 1] if i else 0, dims[i], depths[i], heads[i], window_size,
+                       mlp_ratio, rates[starts[i]:starts[i] + depths[i]])
+            for i in range(len(depths))])
+        self.head = nn.Sequential(OrderedDict(norm=nn.LayerNorm(dims[-1]),
+                                              fc=nn.Linear(dims[-1], num_classes)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.stages(self.stem(x)).mean(dim=(2, 3))))
+        return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
 
 
 @dataclass(frozen=True)
@@ -215,6 +226,30 @@ REFERENCES: dict[str, Reference] = {
     "davit_base": Reference(DaViT, dict(depths=(1, 1, 9, 1), dims=(128, 256, 512, 1024),
                                         heads=(4, 8, 16, 32)), 87_954_408, 15.51, paper="DaViT"),
 }
+
+
+_BLOCK = r"^((?:blocks\.\d+\.)?)"  # a ConvMixer block's keys, in the model or alone
+# timm's parameter and buffer names -> ours, per family: (pattern, replacement) in order.
+# Loading timm's weights (pretrained ones too) through these is how the tests prove that our
+# references compute what timm's models compute.
+TIMM_NAMES: dict[type[nn.Module], tuple[tuple[str, str], ...]] = {
+    VisionTransformer: ((r"^patch_embed\.proj\.", "patch_embed."), (r"(^|\.)attn\.", r"\1mixer.")),
+    MlpMixer: ((r"^stem\.proj\.", "stem."), (r"(^|\.)mlp_tokens\.", r"\1mixer."),
+               (r"(^|\.)mlp_channels\.", r"\1mlp.")),
+    ConvMixer: ((_BLOCK + r"0\.fn\.0\.", r"\1dw."), (_BLOCK + r"0\.fn\.2\.", r"\1bn1."),
+                (_BLOCK + r"1\.", r"\1pw."), (_BLOCK + r"3\.", r"\1bn2.")),
+    DaViT: (),  # same names
+}
+
+
+def from_timm(state: dict[str, torch.Tensor], family: type[nn.Module]) -> dict[str, torch.Tensor]:
+    """A timm state dict (a whole model's or one block's) renamed to ours for `family`."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in TIMM_NAMES[family]:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
 
 
 def build_reference(name: str, num_classes: int | None = None, image_size: int | None = None,
