@@ -130,7 +130,9 @@ def type2_ss(d: Design, means: np.ndarray) -> dict[Term, np.ndarray]:
 
 def _bootstrap_means(d: Design, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Cell means (C x B) and within-cell sums of squares (B) of `n_boot` resamples that
-    draw each cell's seeds with replacement."""
+    draw each cell's seeds with replacement (deviations from the cell mean scaled so that a
+    resample's expected variance equals the sample's: with 3 seeds, plain resampling would
+    shrink the noise by a third and bias every share upwards)."""
     rng = np.random.default_rng(seed)
     y = d.data.groupby("_cell")["_y"].apply(lambda v: v.to_numpy()).sort_index()
     means = np.empty((len(y), n_boot))
@@ -140,6 +142,9 @@ def _bootstrap_means(d: Design, n_boot: int, seed: int) -> tuple[np.ndarray, np.
         by_n.setdefault(len(v), []).append(i)
     for n, idx in by_n.items():
         vals = np.stack([y.iloc[i] for i in idx])                  # cells x n
+        if n > 1:  # seeds drawn with replacement understate the spread by (n - 1) / n:
+            mu = vals.mean(axis=1, keepdims=True)                  # inflate the deviations
+            vals = mu + (vals - mu) * np.sqrt(n / (n - 1))         # (modified residuals)
         pick = rng.integers(0, n, size=(n_boot, len(idx), n))
         draws = vals[np.arange(len(idx))[None, :, None], pick]     # B x cells x n
         m = draws.mean(axis=2)

@@ -58,6 +58,12 @@ class Design:
     def seeds(self) -> tuple[int, int]:
         return int(self.cells["n"].min()), int(self.cells["n"].max())
 
+    @property
+    def typical_seeds(self) -> int:
+        """Seeds in the median cell: a verdict needs at least 2 (a few cells that lost a
+        seed do not void it; a study run with one seed never gets one)."""
+        return int(self.cells["n"].median())
+
     def note(self) -> str:
         if self.balanced:
             return (f"balanced: {len(self.cells)} cells x {self.seeds[0]} seeds "

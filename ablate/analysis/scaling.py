@@ -15,7 +15,13 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from ablate.analysis.design import Design
-from ablate.analysis.seeds import HIGHER_IS_BETTER, aggregate, factor_columns, label, numeric
+from ablate.analysis.seeds import (
+    HIGHER_IS_BETTER,
+    aggregate,
+    factor_columns,
+    label,
+    numeric,
+)
 
 MIXER = "factor.model.mixer"
 FRACTION = "factor.dataset.fraction"

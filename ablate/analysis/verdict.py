@@ -134,7 +134,7 @@ def _share(t: TermStats, seeds: int) -> str:
 
 def factor_clause(fit: GridFit, key: str, metric: str, grid_note: str) -> tuple[str, bool]:
     """'<name> explains S% of the variance [CI]; A beats B by X [CI]' and whether it holds."""
-    seeds = fit.design.seeds[0]
+    seeds = fit.design.typical_seeds
     t = fit.main[key]
     a, b = decisive(fit, key)
     d = pair(fit, key, a, b)
@@ -172,7 +172,7 @@ def _question(a: Analysis, title: str, keys: tuple[str, ...]) -> str:
         names = " and ".join(short(k) for k in keys)
         return f"{title}: not tested: {names} {'is' if len(keys) == 1 else 'are'} not a " \
                "factor of this study."
-    clauses, holds, seeds = [], [], min(f.design.seeds[0] for _, f in present)
+    clauses, holds, seeds = [], [], min(f.design.typical_seeds for _, f in present)
     for k, f in present:
         note = f", grid {f.design.index}" if len(a.fits) > 1 else ""
         text, ok = factor_clause(f, k, a.metric, note)
@@ -181,7 +181,7 @@ def _question(a: Analysis, title: str, keys: tuple[str, ...]) -> str:
         holds.append(ok)
     body = "; ".join(clauses)
     if seeds < 2:
-        return (f"{title}: inconclusive: {seeds} seed per cell (a claim needs at least 2); "
+        return (f"{title}: inconclusive: {seeds} seed per cell (a claim needs at least 2 seeds); "
                 f"{body}.")
     if not any(holds):
         return f"{title}: inconclusive: the decisive difference's CI includes 0; {body}."
@@ -194,7 +194,7 @@ def interaction_sentence(a: Analysis) -> str:
         return "Interactions: none estimable (fewer than two factors in every grid, or " \
                "missing cells)."
     f, t = max(inter, key=lambda ft: ft[1].share if math.isfinite(ft[1].share) else -1)
-    seeds = f.design.seeds[0]
+    seeds = f.design.typical_seeds
     grid = f" in grid {f.design.index}" if len(a.fits) > 1 else ""
     x, y = (short(k) for k in t.term)
     text = f"Largest interaction: {x} x {y}{grid}, {_share(t, seeds)}"
