@@ -43,6 +43,7 @@ class Analysis:
     cost: dict | None = None
     frontiers: dict[str, pd.DataFrame] = field(default_factory=dict)
     verdict: list[str] = field(default_factory=list)
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # the finished runs analysed
 
     @property
     def n_used(self) -> int:
@@ -55,10 +56,15 @@ def analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | N
     (`tracking.load_runs`). Raises AnalysisError when there is nothing to analyse."""
     if df.empty:
         raise AnalysisError("no runs: run the study first (`ablate run STUDY.yaml`)")
+    if "status" in df and not (df["status"] == "finished").any():
+        raise AnalysisError(f"no finished runs ({status_counts(df)}): wait for trials to "
+                            "finish or `ablate run` the study again")
     if metric not in df or df[metric].isna().all():
-        have = sorted(c for c in df.columns if c.endswith(("acc", "loss")))
-        raise AnalysisError(f"metric {metric!r}: no run has it; pick one of {have} with "
-                            "--metric")
+        meta = ("seed", "grid", "factor.", "params.", "optuna.")
+        have = sorted(c for c in df.select_dtypes("number").columns
+                      if not c.startswith(meta) and df[c].notna().any())
+        raise AnalysisError(f"metric {metric!r}: no run has it; pick one of "
+                            f"{', '.join(have) or 'none'} with --metric")
     ok, excluded = split_status(df, metric)
     if ok.empty:
         raise AnalysisError(f"no finished runs with {metric} ({status_counts(df)}): wait for "
@@ -67,7 +73,7 @@ def analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | N
     if not fits:
         raise AnalysisError("every factor has one level among the finished runs: nothing to "
                             "compare; add levels to `factors` (or --factor with 2+ values)")
-    a = Analysis(metric, len(df), status_counts(df), excluded, fits)
+    a = Analysis(metric, len(df), status_counts(df), excluded, fits, runs=ok)
     for f in fits:
         for key in (FRACTION, PATCH):
             s = slopes(f.design, key)
