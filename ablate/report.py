@@ -211,13 +211,31 @@ def to_json(a: Analysis, prov: dict[str, Any]) -> str:
     return json.dumps({**analysis.to_dict(a), "provenance": prov}, indent=2, default=str)
 
 
+def shares_frame(a: Analysis) -> pd.DataFrame:
+    """Every term's share of the variance with its CI, all grids."""
+    return pd.DataFrame([{"term": term_name(t), "share": s.share, "ci_low": s.share_ci[0],
+                          "ci_high": s.share_ci[1], "grid": f.design.index}
+                         for f in a.fits for t, s in f.terms.items()])
+
+
+def scaling_figures(a: Analysis) -> list[tuple[str, Any]]:
+    """The metric against data fraction and patch size (log2 axes), one curve per mixer."""
+    figs = []
+    for key in (analysis.FRACTION, analysis.PATCH):
+        for f in a.fits:
+            t = f.tables.get((analysis.MIXER, key))
+            t = f.tables.get((key, analysis.MIXER)) if t is None else t
+            if t is not None:
+                curve = t.assign(**{key: t[key].map(analysis.numeric)})
+                figs.append((f"{short(key)} scaling, grid {f.design.index}",
+                             plots.scaling_figure(curve, a.metric, key, analysis.MIXER)))
+    return figs
+
+
 def figures(a: Analysis) -> list[tuple[str, Any]]:
-    """(title, Plotly figure) for the HTML report and the dashboard, in reading order."""
-    figs: list[tuple[str, Any]] = []
-    rows = [{"term": term_name(t), "share": s.share, "ci_low": s.share_ci[0],
-             "ci_high": s.share_ci[1], "grid": f.design.index}
-            for f in a.fits for t, s in f.terms.items()]
-    figs.append(("Share of the variance", plots.shares_figure(pd.DataFrame(rows), a.metric)))
+    """(title, Plotly figure) for the HTML report, in reading order."""
+    figs: list[tuple[str, Any]] = [
+        ("Share of the variance", plots.shares_figure(shares_frame(a), a.metric))]
     for f in a.fits:
         title = f"Marginal means, grid {f.design.index}"
         figs.append((title, plots.effects_figure({k: f.emms[k] for k in f.design.keys},
@@ -228,14 +246,7 @@ def figures(a: Analysis) -> list[tuple[str, Any]]:
         x, g = (t[1], t[0]) if analysis.numeric(f.design.levels[t[1]][0]) is not None else t
         figs.append((f"Largest interaction: {term_name(t)}",
                      plots.interaction_figure(f.tables[t], x, g, a.metric)))
-    for key in (analysis.FRACTION, analysis.PATCH):
-        for f in a.fits:
-            t = f.tables.get((analysis.MIXER, key))
-            t = f.tables.get((key, analysis.MIXER)) if t is None else t
-            if t is not None:
-                curve = t.assign(**{key: t[key].map(analysis.numeric)})
-                figs.append((f"{short(key)} scaling, grid {f.design.index}",
-                             plots.scaling_figure(curve, a.metric, key, analysis.MIXER)))
+    figs += scaling_figures(a)
     if "gmacs" in a.frontiers:
         agg = analysis.aggregate(a.runs, a.metric)
         agg = agg[agg["gmacs"].notna()]

@@ -156,6 +156,14 @@ def _bootstrap_means(d: Design, n_boot: int, seed: int) -> tuple[np.ndarray, np.
 def anova_table(d: Design) -> pd.DataFrame:
     """statsmodels' type II ANOVA of the grid (`ols` formula + `anova_lm`), its rows keyed by
     our terms. Factors enter as ordered categoricals, so the first level is the reference."""
+    terms = terms_of(d)
+    names = [*(term_name(t) for t in terms), "Residual"]
+    n_params = 1 + sum(len(v) - 1 for v in d.levels.values())
+    if len(d.data) <= n_params:  # saturated: sums of squares but no test
+        ss = type2_ss(d, d.cells["mean"].to_numpy()[:, None])
+        rows = [[float(ss[t][0]), float(len(d.levels[t[0]]) - 1), np.nan, np.nan]
+                for t in terms] + [[0.0, 0.0, np.nan, np.nan]]
+        return pd.DataFrame(rows, index=names, columns=["sum_sq", "df", "F", "PR(>F)"])
     alias = {k: f"f{i}" for i, k in enumerate(d.keys)}
     frame = pd.DataFrame({"y": d.data["_y"].to_numpy()})
     for k, a in alias.items():
@@ -166,10 +174,9 @@ def anova_table(d: Design) -> pd.DataFrame:
         warnings.simplefilter("ignore")
         fit = smf.ols("y ~ " + " + ".join(rhs), frame).fit()
         table = anova_lm(fit, typ=2)
-    terms = terms_of(d)
     if len(table) != len(terms) + 1:  # pragma: no cover - statsmodels changed its layout
         raise RuntimeError(f"anova_lm returned {list(table.index)} for terms {terms}")
-    table.index = [*(term_name(t) for t in terms), "Residual"]
+    table.index = names
     return table
 
 

@@ -161,6 +161,10 @@ def _build(index: int, sub: pd.DataFrame, lab: pd.DataFrame, keys: list[str], y:
     for a, b in itertools.combinations(keys, 2):
         full = len(levels[a]) * len(levels[b])
         (inter if len(cells[[a, b]].drop_duplicates()) == full else dropped).append((a, b))
+    n_main = 1 + sum(len(v) - 1 for v in levels.values())
+    n_inter = sum((len(levels[a]) - 1) * (len(levels[b]) - 1) for a, b in inter)
+    if len(data) - n_main - n_inter <= 0:  # no residual left to test against (one seed)
+        dropped, inter = dropped + inter, []
     return Design(index, keys, levels, data, cells, fixed, inter, dropped, superseded)
 
 
