@@ -36,8 +36,11 @@ from ablate.analysis.verdict import Analysis, analyse, fit_for, sentences, to_di
 
 def _fits(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | None
           ) -> list[GridFit]:
+    from threadpoolctl import threadpool_limits
+
     d = df[df[metric].notna()] if metric in df else df.iloc[0:0]
-    return [fit_grid(x, n_boot=0) for x in designs(d, metric, grids) if x.keys]
+    with threadpool_limits(limits=1, user_api="blas"):  # small matrices: see `analyse`
+        return [fit_grid(x, n_boot=0) for x in designs(d, metric, grids) if x.keys]
 
 
 def main_effects(df: pd.DataFrame, metric: str, factors: Sequence[str] | None = None,

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ablate.analysis.seeds import OFF, factor_columns, label, labels, order_levels
+from ablate.analysis.seeds import (
+    OFF,
+    factor_columns,
+    join_labels,
+    label,
+    labels,
+    order_levels,
+)
 
 
 @dataclass
@@ -130,7 +137,7 @@ def _build(index: int, sub: pd.DataFrame, lab: pd.DataFrame, keys: list[str], y:
            fixed: dict[str, str]) -> Design | None:
     keys = [k for k in keys if lab[k].nunique() > 1]
     superseded = 0
-    key_lab = lab[keys].agg("|".join, axis=1) if keys else pd.Series("", index=lab.index)
+    key_lab = join_labels(lab[keys])
     if "cell_id" in sub and sub["cell_id"].notna().any() and keys:
         # Two cell ids with the same levels: the study was edited (say, its lr). Keep the
         # newest configuration's runs; older ones are not extra seeds.

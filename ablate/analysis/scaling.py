@@ -60,7 +60,7 @@ def slopes(d: Design, x_key: str, group: str | None = MIXER, level: float = 0.95
     xmat = np.column_stack(cols)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = sm.OLS(data["_y"].to_numpy(), xmat).fit()
+        res = sm.OLS(data["_y"].to_numpy(), xmat).fit(method="qr" if d.complete else "pinv")
     beta, cov, df = np.asarray(res.params), np.asarray(res.cov_params()), float(res.df_resid)
     tq = stats.t.ppf(0.5 + level / 2, df) if df > 0 else math.nan
     per = {}

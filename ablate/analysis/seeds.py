@@ -105,11 +105,20 @@ def t_halfwidth(std: float, n: int, level: float = 0.95) -> float:
     return float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
 
 
+def join_labels(lab: pd.DataFrame) -> pd.Series:
+    """One string per row joining its level labels (vectorised: 5,000 runs in milliseconds)."""
+    if lab.shape[1] == 0:
+        return pd.Series("", index=lab.index)
+    cols = [lab[c].astype(str) for c in lab.columns]
+    return cols[0].str.cat(cols[1:], sep="|") if len(cols) > 1 else cols[0]
+
+
 def cell_keys(df: pd.DataFrame, factors: Sequence[str]) -> pd.Series:
     """The configuration a run belongs to: its `cell_id` (the resolved config without the
     seed), else (runs ablate did not create) its factor levels."""
-    by_levels = (pd.Series("cfg", index=df.index) if not factors else
-                 pd.DataFrame({f: labels(df[f]) for f in factors}).agg("|".join, axis=1))
+    if "cell_id" in df and df["cell_id"].notna().all():
+        return df["cell_id"].astype(object)
+    by_levels = join_labels(pd.DataFrame({f: labels(df[f]) for f in factors}, index=df.index))
     if "cell_id" in df:
         return df["cell_id"].astype(object).where(df["cell_id"].notna(), "cfg:" + by_levels)
     return "cfg:" + by_levels

@@ -53,7 +53,18 @@ class Analysis:
 def analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | None = None,
             n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
     """Everything `ablate report` and the Verdict tab show, from a runs DataFrame
-    (`tracking.load_runs`). Raises AnalysisError when there is nothing to analyse."""
+    (`tracking.load_runs`). Raises AnalysisError when there is nothing to analyse.
+    BLAS runs on one thread here: the matrices are small (cells x coefficients), and on a
+    busy 2-core machine OpenBLAS's threads spin against each other (25 s instead of 2 s for
+    a 5,000-run study, measured with benchmarks/bench_dashboard.py)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _analyse(df, metric, grids, n_boot, seed)
+
+
+def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | None,
+             n_boot: int, seed: int) -> Analysis:
     if df.empty:
         raise AnalysisError("no runs: run the study first (`ablate run STUDY.yaml`)")
     if "status" in df and not (df["status"] == "finished").any():
