@@ -273,6 +273,43 @@ def status(study: StudyArg, tracking_uri: UriOpt = None,
 
 
 @app.command()
+def report(
+    study: Annotated[Path | None, typer.Argument(help="Study file (YAML); leave out with "
+                                                      "--experiment.", show_default=False)]
+    = None,
+    tracking_uri: UriOpt = None,
+    metric: Annotated[str, typer.Option(help="test_acc to report a finished study; val_acc "
+                                             "for anything that selects.")] = "test_acc",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write "
+                                                "(html default: report-<study>.html; md and "
+                                                "json default: stdout).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="html | md | json")] = "html",
+    experiment: Annotated[str | None, typer.Option(help="Analyse any MLflow experiment by "
+                                                        "its params instead of a study.")]
+    = None,
+    factor: Annotated[list[str] | None, typer.Option("--factor", help="With --experiment: a "
+                                                     "run param to compare (repeat).")] = None,
+    seed_key: Annotated[str | None, typer.Option(help="With --experiment: the param that "
+                                                      "holds the seed.")] = None,
+) -> None:
+    """The verdict: is it attention, patches or data? ANOVA, effects and CIs per grid."""
+    from ablate.report import experiment_source, make_report, study_source
+
+    try:
+        if (study is None) == (experiment is None):
+            raise AblateError("ablate report: give a study file or --experiment NAME (one)")
+        src = (study_source(study, tracking_uri) if study is not None else
+               experiment_source(experiment, factor or [], seed_key, tracking_uri))
+        path, text = make_report(src, metric, fmt, output)
+    except AblateError as e:
+        raise _fail(e) from None
+    if path is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        err.print(f"wrote {path}", highlight=False, markup=False)
+
+
+@app.command()
 def dashboard(tracking_uri: UriOpt = None,
               host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")]
               = "127.0.0.1",

@@ -37,6 +37,10 @@ class TrackingError(AblateError):
     """The tracking store cannot be reached or written."""
 
 
+class AnalysisError(AblateError):
+    """Runs cannot be analysed: no such metric, no finished runs, nothing that varies."""
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss. Not a user error: the trial fails, the study goes on."""
 

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
 
-from ablate.analysis import OFF
+from ablate.analysis import KNOWN_ORDER, OFF, label, numeric, order_levels
 
 SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "star", "cross", "hexagon",
            "triangle-down", "pentagon"]
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
           "#7f7f7f", "#bcbd22", "#17becf"]
+
+
+# One colour per level, the same in every figure of the app and the report: the mixers have
+# fixed colours; any other level takes the palette's colours in level order.
+MIXER_COLORS = dict(zip(KNOWN_ORDER, COLORS, strict=False))
+OTHER_COLORS = ["#17becf", "#bcbd22", "#7f7f7f", "#e377c2", "#8c564b", "#393b79", "#637939",
+                "#8c6d31", "#843c39", "#7b4173"]
+
+
+def level_colors(levels: list[str]) -> dict[str, str]:
+    """Colour of each level label: mixers their own, other levels OTHER_COLORS in order."""
+    out, i = {}, 0
+    for lv in order_levels(str(v) for v in levels):
+        if lv in MIXER_COLORS:
+            out[lv] = MIXER_COLORS[lv]
+        else:
+            out[lv] = OTHER_COLORS[i % len(OTHER_COLORS)]
+            i += 1
+    return out
 
 
 def _label(col: str) -> str:
@@ -30,16 +51,19 @@ def frontier_figure(agg: pd.DataFrame, front: pd.DataFrame, cost: str, metric: s
     """One marker per configuration (seed mean, CI error bars), the frontier as a line."""
     fig = go.Figure()
     factors = [c for c in agg.columns if c.startswith("factor.")]
-    groups = [(None, agg)] if color is None else list(agg.groupby(color, sort=True))
+    keyed = agg.assign(_c=agg[color].map(label)) if color else agg
+    groups = [(None, agg)] if color is None else [
+        (lv, keyed[keyed["_c"] == lv]) for lv in order_levels(keyed["_c"])]
+    colors = level_colors([lv for lv, _ in groups]) if color else {}
     sym_levels = sorted(agg[symbol].astype(str).unique()) if symbol else []
-    for gi, (level, g) in enumerate(groups):
+    for level, g in groups:
         symbols = ([SYMBOLS[sym_levels.index(str(v)) % len(SYMBOLS)] for v in g[symbol]]
                    if symbol else "circle")
         err = (g["ci_high"] - g["mean"]).fillna(0)
         fig.add_trace(go.Scatter(
             x=g[cost], y=g["mean"], mode="markers",
             name=f"{_label(color)}={level}" if color else "configurations",
-            marker=dict(size=11, symbol=symbols, color=COLORS[gi % len(COLORS)],
+            marker=dict(size=11, symbol=symbols, color=colors.get(level, COLORS[0]),
                         line=dict(width=1, color="white")),
             error_y=dict(type="data", array=err.tolist(), visible=True, thickness=1),
             text=[_config_text(r, factors) for _, r in g.iterrows()],
@@ -58,8 +82,19 @@ def frontier_figure(agg: pd.DataFrame, front: pd.DataFrame, cost: str, metric: s
     return fig
 
 
+def _axis(levels: list[str]) -> tuple[list, dict]:
+    """x positions of a factor's levels and the axis settings: numeric levels on a log2 axis
+    (positions log2(level), ticks labelled with the levels), others categorical."""
+    nums = [numeric(v) for v in levels]
+    if levels and all(x is not None and x > 0 for x in nums):
+        xs = [math.log2(x) for x in nums]
+        return xs, dict(tickmode="array", tickvals=xs, ticktext=levels, type="linear")
+    return list(levels), dict(type="category", categoryorder="array", categoryarray=levels)
+
+
 def effects_figure(effects: dict[str, pd.DataFrame], metric: str) -> go.Figure:
-    """Main effect of each factor: level means with CI, one subplot column per factor."""
+    """Main effect of each factor: marginal means as points with 95% CI error bars (no lines
+    joining categories), one subplot per factor, numeric factors on log2 axes."""
     from plotly.subplots import make_subplots
 
     names = list(effects)
@@ -67,37 +102,85 @@ def effects_figure(effects: dict[str, pd.DataFrame], metric: str) -> go.Figure:
                         subplot_titles=[_label(n) for n in names])
     for i, name in enumerate(names, start=1):
         t = effects[name]
+        levels = [str(v) for v in t["level"]]
+        xs, axis = _axis(levels)
+        colors = level_colors(levels)
         fig.add_trace(go.Scatter(
-            x=[str(v) for v in t["level"]], y=t["mean"], mode="markers+lines", name=_label(name),
-            error_y=dict(type="data", array=(t["ci_high"] - t["mean"]).fillna(0).tolist()),
-            showlegend=False), row=1, col=i)
-    fig.update_layout(title=f"main effects on {metric} (mean over other factors, 95% CI)",
+            x=xs, y=t["mean"], mode="markers", name=_label(name), text=levels,
+            marker=dict(size=11, color=[colors[v] for v in levels]),
+            error_y=dict(type="data", symmetric=False,
+                         array=(t["ci_high"] - t["mean"]).fillna(0).tolist(),
+                         arrayminus=(t["mean"] - t["ci_low"]).fillna(0).tolist()),
+            hovertemplate="%{text}: %{y:.4f}<extra></extra>", showlegend=False), row=1, col=i)
+        fig.update_xaxes(row=1, col=i, title_text=_label(name) + (
+            " (log2)" if axis["type"] == "linear" else ""), **axis)
+    fig.update_layout(title=f"marginal means of {metric} (95% CI over seeds)",
                       template="plotly_white", height=420)
     fig.update_yaxes(title_text=metric, row=1, col=1)
     return fig
 
 
 def interaction_figure(table: pd.DataFrame, f1: str, f2: str, metric: str) -> go.Figure:
-    fig = go.Figure(go.Heatmap(z=table.to_numpy(), x=[str(c) for c in table.columns],
-                               y=[str(i) for i in table.index], colorscale="Viridis",
-                               texttemplate="%{z:.3f}", colorbar=dict(title=metric)))
-    fig.update_layout(title=f"{metric}: {_label(f1)} x {_label(f2)}", xaxis_title=_label(f2),
-                      yaxis_title=_label(f1), template="plotly_white", height=420)
+    """Marginal means of each (f1, f2) pair (long table: f1, f2, mean, ci_low, ci_high): f1
+    on x (log2 when numeric), one colour per f2 level; lines only along a numeric f1."""
+    fig = go.Figure()
+    l1 = list(dict.fromkeys(str(v) for v in table[f1]))
+    l2 = list(dict.fromkeys(str(v) for v in table[f2]))
+    xs, axis = _axis(l1)
+    pos = dict(zip(l1, xs, strict=True))
+    colors = level_colors(l2)
+    for lv in l2:
+        g = table[table[f2].astype(str) == lv]
+        fig.add_trace(go.Scatter(
+            x=[pos[str(v)] for v in g[f1]], y=g["mean"], name=f"{_label(f2)}={lv}",
+            mode="lines+markers" if axis["type"] == "linear" else "markers",
+            marker=dict(size=10, color=colors[lv]), line=dict(color=colors[lv]),
+            error_y=dict(type="data", symmetric=False,
+                         array=(g["ci_high"] - g["mean"]).fillna(0).tolist(),
+                         arrayminus=(g["mean"] - g["ci_low"]).fillna(0).tolist())))
+    fig.update_layout(title=f"{metric}: {_label(f1)} x {_label(f2)} (marginal means, 95% CI)",
+                      xaxis_title=_label(f1), yaxis_title=metric, template="plotly_white",
+                      height=420, legend_title_text="")
+    fig.update_xaxes(**axis)
     return fig
 
 
 def scaling_figure(curves: pd.DataFrame, metric: str, fraction: str, group: str) -> go.Figure:
+    """The metric against a numeric factor (log2 axis), one coloured curve per group level."""
     fig = go.Figure()
-    for gi, (level, g) in enumerate(curves.groupby(group, sort=True)):
-        g = g.sort_values(fraction)
+    levels = list(dict.fromkeys(str(v) for v in curves[group]))
+    colors = level_colors(levels)
+    for level in levels:
+        g = curves[curves[group].astype(str) == level].sort_values(fraction)
         fig.add_trace(go.Scatter(
-            x=g[fraction], y=g["mean"], mode="lines+markers", name=str(level),
-            line=dict(color=COLORS[gi % len(COLORS)]),
-            error_y=dict(type="data", array=(g["ci_high"] - g["mean"]).fillna(0).tolist())))
-    fig.update_layout(title=f"data scaling: {metric} vs training-data fraction",
-                      xaxis_title="dataset.fraction", yaxis_title=metric,
-                      legend_title_text=_label(group), template="plotly_white", height=420)
-    fig.update_xaxes(type="log")
+            x=g[fraction], y=g["mean"], mode="lines+markers", name=level,
+            line=dict(color=colors[level]), marker=dict(color=colors[level]),
+            error_y=dict(type="data", symmetric=False,
+                         array=(g["ci_high"] - g["mean"]).fillna(0).tolist(),
+                         arrayminus=(g["mean"] - g["ci_low"]).fillna(0).tolist())))
+    vals = sorted(curves[fraction].dropna().unique()) if len(curves) else []
+    fig.update_layout(title=f"{metric} vs {_label(fraction)} (marginal means, 95% CI)",
+                      xaxis_title=f"{fraction.removeprefix('factor.')} (log2 axis)",
+                      yaxis_title=metric, legend_title_text=_label(group),
+                      template="plotly_white", height=420)
+    fig.update_xaxes(type="log", tickvals=vals, ticktext=[f"{v:g}" for v in vals])
+    return fig
+
+
+def shares_figure(shares: pd.DataFrame, metric: str) -> go.Figure:
+    """Share of the variance of each term (rows: term, share, ci_low, ci_high, grid) as bars
+    with bootstrap 95% CIs."""
+    names = [f"{t}" + (f" (grid {g})" if shares["grid"].nunique() > 1 else "")
+             for t, g in zip(shares["term"], shares["grid"], strict=True)]
+    fig = go.Figure(go.Bar(
+        x=names, y=100 * shares["share"], marker_color="#4c78a8",
+        error_y=dict(type="data", symmetric=False,
+                     array=(100 * (shares["ci_high"] - shares["share"])).fillna(0).tolist(),
+                     arrayminus=(100 * (shares["share"] - shares["ci_low"])).fillna(0).tolist()),
+        hovertemplate="%{x}: %{y:.1f}%<extra></extra>"))
+    fig.update_layout(title=f"share of the variance of {metric} (bootstrap 95% CI over seeds)",
+                      yaxis_title="% of total sum of squares", template="plotly_white",
+                      height=420)
     return fig
 
 
@@ -106,20 +189,18 @@ def curves_figure(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, group: 
     """Per-epoch `metric` of each run, coloured by the level of `group`."""
     fig = go.Figure()
     sub = curves[curves["metric"] == metric]
-    levels: list[str] = []
+    colors = level_colors(runs[group].map(label).unique().tolist()) if group else {}
     for rid, g in sub.groupby("run_id", sort=False):
         row = runs[runs["run_id"] == rid]
         if row.empty:
             continue
-        level = OFF if group is None or pd.isna(row[group].iloc[0]) else str(row[group].iloc[0])
-        if level not in levels:
-            levels.append(level)
+        level = OFF if group is None else label(row[group].iloc[0])
         g = g.sort_values("step")
         shown = {t.legendgroup for t in fig.data}
         fig.add_trace(go.Scatter(x=g["step"], y=g["value"], mode="lines",
                                  name=f"{_label(group)}={level}" if group else level,
                                  legendgroup=level, showlegend=level not in shown,
-                                 line=dict(color=COLORS[levels.index(level) % len(COLORS)]),
+                                 line=dict(color=colors.get(level, COLORS[0])),
                                  hovertext=row["run_name"].iloc[0]))
     fig.update_layout(title=f"{metric} per epoch", xaxis_title="epoch", yaxis_title=metric,
                       template="plotly_white", height=420)

@@ -12,7 +12,7 @@ import os
 import pandas as pd
 import streamlit as st
 
-from ablate import analysis, plots, tracking
+from ablate import analysis, plots, report, tracking
 from ablate.errors import AblateError
 
 ACC_METRICS = ["val_acc", "best_val_acc", "test_acc"]
@@ -55,7 +55,10 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
     wanted = st.query_params.get("study")  # links can name a study: /?study=quickstart
     index = names.index(wanted) if wanted in names else 0
     study = st.sidebar.selectbox("study", names, index=index, key="study")
-    metric = st.sidebar.selectbox("accuracy metric", ACC_METRICS, key="metric")
+    metric = st.sidebar.selectbox("accuracy metric", ACC_METRICS, key="metric",
+                                  help="; ".join(f"{k}: {v}" for k, v in
+                                                 analysis.METRIC_HELP.items()))
+    st.sidebar.caption(analysis.METRIC_HELP.get(metric, ""))
     df = runs(study, uri)
     if st.sidebar.button("refresh", key="refresh"):
         st.cache_data.clear()
@@ -68,7 +71,8 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
     if df.empty:
         return study, metric, df
     statuses = sorted(df["status"].dropna().unique())
-    default = [s for s in statuses if s in ("finished", "pruned")] or statuses
+    # only finished runs enter an average by default: pruned runs stopped early
+    default = [s for s in statuses if s == analysis.FINISHED] or statuses
     chosen = st.sidebar.multiselect("status", statuses, default=default, key="status")
     keep = df["status"].isin(chosen)
     for f in analysis.factor_columns(df):
@@ -122,35 +126,63 @@ def frontier_tab(df: pd.DataFrame, metric: str, factors: list[str]) -> None:
     st.dataframe(show, hide_index=True, key="frontier_table")
 
 
-def effects_tab(df: pd.DataFrame, metric: str, factors: list[str]) -> None:
-    if not factors:
-        st.info("This study has no factors: nothing to compare.")
+@st.cache_data(ttl=TTL_S, show_spinner=False, max_entries=8)
+def analysed(df: pd.DataFrame, metric: str) -> analysis.Analysis | str:
+    """The verdict's analysis of these runs (finished ones), or the reason there is none."""
+    try:
+        return analysis.analyse(df, metric)
+    except AblateError as e:
+        return str(e)
+
+
+def verdict_tab(a: analysis.Analysis | str, study: str) -> None:
+    if isinstance(a, str):
+        st.warning(f"No verdict yet: {a}")
         return
-    effects = analysis.main_effects(df, metric, factors)
+    st.markdown("\n".join(f"- {s}" for s in a.verdict))
+    st.caption(" ".join(f"Grid {f.design.index}: {f.design.note()}." for f in a.fits) +
+               f" Shares: bootstrap 95% CIs over seeds ({a.fits[0].n_boot} resamples).")
+    st.plotly_chart(plots.shares_figure(report.shares_frame(a), a.metric), width="stretch",
+                    key="shares_chart")
+    rows = [pw.assign(grid=f.design.index, factor=analysis.short(k))
+            for f in a.fits for k, pw in f.pairwise.items()]
+    table = pd.concat(rows, ignore_index=True)[["grid", "factor", "a", "b", "diff", "ci_low",
+                                                 "ci_high", "p_holm"]]
+    st.caption("Pairwise differences of marginal means (a - b), Bonferroni 95% CIs, Holm p.")
+    st.dataframe(table, hide_index=True, key="pairwise_table")
+    prov = {"study": study, "tracking_uri": tracking.resolve_tracking_uri(
+        os.environ.get("ABLATE_TRACKING_URI")), "source": "dashboard"}
+    st.download_button("download report", report.to_html(a, prov).encode(),
+                       file_name=f"report-{study}.html", mime="text/html", key="report_html")
+
+
+def effects_tab(a: analysis.Analysis | str, metric: str) -> None:
+    if isinstance(a, str):
+        st.info(f"No effects: {a}")
+        return
+    keys = list(dict.fromkeys(k for f in a.fits for k in f.design.keys))
+    effects = {}
+    for k in keys:
+        f = analysis.fit_for(a.fits, k)
+        effects[k] = f.emms[k]
     st.plotly_chart(plots.effects_figure(effects, metric), width="stretch", key="effects_chart")
     sizes = analysis.effect_sizes(effects)
     st.dataframe(sizes.assign(factor=sizes["factor"].str.removeprefix("factor.")),
                  hide_index=True, key="effect_sizes")
-    if len(factors) >= 2:
-        c1, c2 = st.columns(2)
-        f1 = c1.selectbox("interaction: rows", factors, key="ix1",
-                          format_func=_short)
-        rest = [f for f in factors if f != f1]
-        f2 = c2.selectbox("interaction: columns", rest, key="ix2",
-                          format_func=_short)
-        table = analysis.interaction(df, metric, f1, f2)
-        st.plotly_chart(plots.interaction_figure(table, f1, f2, metric), width="stretch",
+    pairs = [(f, t) for f in a.fits for t in f.tables]
+    if pairs:
+        names = [f"{analysis.term_name(t)} (grid {f.design.index})" for f, t in pairs]
+        pick = st.selectbox("interaction", names, key="ix")
+        f, t = pairs[names.index(pick)]
+        x, g = (t[1], t[0]) if analysis.numeric(f.design.levels[t[1]][0]) is not None else t
+        st.plotly_chart(plots.interaction_figure(f.tables[t], x, g, metric), width="stretch",
                         key="interaction_chart")
-    frac = "factor.dataset.fraction"
-    if frac in factors:
-        group = "factor.model.mixer" if "factor.model.mixer" in factors else next(
-            f for f in factors if f != frac) if len(factors) > 1 else None
-        if group:
-            sc = analysis.scaling_curves(df, metric, frac, group)
-            st.plotly_chart(plots.scaling_figure(sc, metric, frac, group), width="stretch",
-                            key="scaling_chart")
-    else:
-        st.caption("No data-scaling curves: dataset.fraction is not a factor of this study.")
+    scaling = report.scaling_figures(a)
+    for i, (_, fig) in enumerate(scaling):
+        st.plotly_chart(fig, width="stretch", key=f"scaling_chart_{i}")
+    if not scaling:
+        st.caption("No scaling curves: no grid crosses model.mixer with dataset.fraction or "
+                   "model.patch_size.")
 
 
 def curves_tab(df: pd.DataFrame, study: str, uri: str, factors: list[str]) -> None:
@@ -186,30 +218,33 @@ def main() -> None:
         return
     all_runs = runs(study, uri)
     n_failed = int((all_runs["status"] == "failed").sum())
-    if not df["status"].isin(["finished", "pruned"]).any():
+    left_out = all_runs[all_runs["status"] != analysis.FINISHED]["status"].value_counts()
+    if not df["status"].isin([analysis.FINISHED]).any():
         first = all_runs.loc[all_runs["status"] == "failed", "error"].head(1)
         st.warning(f"No finished runs in `{study}` yet ({len(all_runs)} runs: {n_failed} "
                    "failed). " + (f"First error: `{first.iloc[0]}`" if len(first) else ""))
-    elif n_failed:
-        st.caption(f"{n_failed} failed runs are hidden from the plots (see the Runs tab).")
+    elif len(left_out):
+        st.caption(f"{int(left_out.sum())} runs left out of every average ("
+                   + ", ".join(f"{v} {k}" for k, v in left_out.items())
+                   + "): only finished runs have a final number; see the Runs tab.")
     factors = analysis.factor_columns(df)
     missing = [m for m in (metric,) if m not in df or df[m].isna().all()]
-    tabs = st.tabs(["Frontier", "Effects", "Curves", "Runs"])
+    a = analysed(df, metric) if not missing else f"no run here has `{metric}` yet"
+    tabs = st.tabs(["Verdict", "Frontier", "Effects", "Curves", "Runs"])
     with tabs[0]:
+        verdict_tab(a, study)
+    with tabs[1]:
         if missing:
             st.warning(f"No run here has `{metric}` yet: runs that finish log it; pick "
                        "another metric or wait for trials to finish.")
         else:
-            frontier_tab(df, metric, factors)
-    with tabs[1]:
-        if not missing:
-            effects_tab(df, metric, factors)
-        else:
-            st.warning(f"No run here has `{metric}` yet.")
+            frontier_tab(df[df["status"] == analysis.FINISHED] if "status" in df else df,
+                         metric, factors)
     with tabs[2]:
-        curves_tab(df, study, uri, factors)
+        effects_tab(a, metric)
     with tabs[3]:
+        curves_tab(df, study, uri, factors)
+    with tabs[4]:
         runs_tab(df, study)
-
 
 main()

@@ -90,19 +90,66 @@ def test_pareto_matches_bruteforce_with_ties_and_duplicates(seed):
 def test_main_effects_and_sizes():
     eff = analysis.main_effects(demo(), "val_acc")
     mixer = eff["factor.model.mixer"].set_index("level")
+    # balanced 2x2: marginal means are the plain means of the cell means
     assert mixer.loc["attention", "mean"] == pytest.approx((0.52 + 0.80) / 2)
     assert mixer.loc["conv", "mean"] == pytest.approx((0.55 + 0.72) / 2)
     frac = eff["factor.dataset.fraction"].set_index("level")
-    assert frac.loc[0.5, "mean"] == pytest.approx(0.535)
-    assert frac.loc[1.0, "n"] == 2
+    assert frac.loc["0.5", "mean"] == pytest.approx(0.535)
+    assert frac.loc["1", "n"] == 6 and frac.loc["1", "x"] == 1.0
+    # the CI is over seeds (residual of the 2x2 model), so it is narrower than the spread of
+    # the two configurations the level averages over
+    assert frac.loc["1", "ci_high"] - frac.loc["1", "ci_low"] < 0.08
     sizes = analysis.effect_sizes(eff)
     assert sizes["factor"].tolist() == ["factor.dataset.fraction", "factor.model.mixer"]
     assert sizes["range"].iloc[0] == pytest.approx(0.76 - 0.535)
 
 
+def test_aggregate_groups_seeds_by_cell_id_not_by_factor_levels():
+    """An edited study (say, a new lr) has new cell ids at the same factor levels: its runs
+    are another configuration, not extra seeds of the old one."""
+    df = demo()
+    df["cell_id"] = df["factor.model.mixer"] + df["factor.dataset.fraction"].astype(str)
+    old = df[df["factor.model.mixer"] == "conv"].assign(cell_id=lambda d: d["cell_id"] + "-old",
+                                                        val_acc=0.1)
+    agg = analysis.aggregate(pd.concat([df, old]), "val_acc")
+    assert len(agg) == 6 and (agg["n"] == 3).all()
+    assert sorted(agg["mean"].round(6))[:2] == [0.1, 0.1]
+
+
+def test_main_effects_do_not_average_a_union_of_grids():
+    """Grid 0: mixer x fraction; grid 1: conv's kernel sizes. A union analysed as one table
+    averaged conv over every kernel size; per grid, conv's marginal mean is the conv of grid
+    0 (its default kernel), whatever the other kernels score."""
+    rows = []
+    for (mixer, frac), accs in {("attention", 0.5): [0.5, 0.52], ("attention", 1.0): [0.8, 0.8],
+                                ("conv", 0.5): [0.55, 0.55], ("conv", 1.0): [0.7, 0.72]}.items():
+        for seed, a in enumerate(accs):
+            rows.append({"grid": 0, "factor.model.mixer": mixer, "factor.dataset.fraction": frac,
+                         "factor.model.kernel_size": 7 if mixer == "conv" else None,
+                         "seed": seed, "val_acc": a, "status": "finished"})
+    for k in (3, 5):
+        for frac in (0.5, 1.0):
+            for seed in (0, 1):
+                rows.append({"grid": 1, "factor.model.mixer": "conv",
+                             "factor.dataset.fraction": frac, "factor.model.kernel_size": k,
+                             "seed": seed, "val_acc": 0.1, "status": "finished"})
+    df = pd.DataFrame(rows)
+    grids = [{"model.mixer": ["attention", "conv"], "dataset.fraction": [0.5, 1.0]},
+             {"model.mixer": ["conv"], "model.kernel_size": [3, 5, 7],
+              "dataset.fraction": [0.5, 1.0]}]
+    for g in (grids, None):  # with the study's grids, and inferred from the runs' grid tag
+        eff = analysis.main_effects(df, "val_acc", grids=g)
+        mixer = eff["factor.model.mixer"].set_index("level")
+        assert mixer.loc["conv", "mean"] == pytest.approx((0.55 + 0.71) / 2)
+        kernel = eff["factor.model.kernel_size"].set_index("level")
+        assert list(kernel.index) == ["3", "5", "7"]  # the grid-0 conv runs are kernel 7
+        assert kernel.loc["7", "mean"] == pytest.approx((0.55 + 0.71) / 2)
+        assert kernel.loc["3", "mean"] == pytest.approx(0.1)
+
+
 def test_interaction_and_scaling():
     t = analysis.interaction(demo(), "val_acc", "factor.model.mixer", "factor.dataset.fraction")
-    assert t.loc["conv", 1.0] == pytest.approx(0.72) and t.loc["attention", 0.5] == \
+    assert t.loc["conv", "1"] == pytest.approx(0.72) and t.loc["attention", "0.5"] == \
         pytest.approx(0.52)
     sc = analysis.scaling_curves(demo(), "val_acc")
     conv = sc[sc["factor.model.mixer"] == "conv"].set_index("factor.dataset.fraction")
@@ -126,11 +173,22 @@ def test_figures_carry_the_computed_points():
     half = T_975_2 * 0.02 / math.sqrt(3)
     assert sorted(round(v, 6) for v in conv.error_y.array) == [0.0, round(half, 6)]
     eff = plots.effects_figure(analysis.main_effects(df, "val_acc"), "val_acc")
-    assert len(eff.data) == 2
-    heat = plots.interaction_figure(
-        analysis.interaction(df, "val_acc", "factor.model.mixer", "factor.dataset.fraction"),
-        "factor.model.mixer", "factor.dataset.fraction", "val_acc")
-    assert np.allclose(heat.data[0].z, [[0.52, 0.80], [0.55, 0.72]])
+    assert len(eff.data) == 2 and {tr.mode for tr in eff.data} == {"markers"}
+    frac = [tr for tr in eff.data if tr.name == "fraction"][0]
+    assert list(frac.x) == [-1.0, 0.0]  # log2 positions of 0.5 and 1
+    # one colour per level, the same in every figure
+    mixer = [tr for tr in eff.data if tr.name == "mixer"][0]
+    assert list(mixer.marker.color) == [plots.MIXER_COLORS["attention"],
+                                        plots.MIXER_COLORS["conv"]]
+    assert conv.marker.color == plots.MIXER_COLORS["conv"]
+    fit = analysis.fit_grid(analysis.designs(df, "val_acc")[0], n_boot=0)
+    table = fit.tables[("factor.model.mixer", "factor.dataset.fraction")]
+    ix = plots.interaction_figure(table, "factor.dataset.fraction", "factor.model.mixer",
+                                  "val_acc")
+    att = [tr for tr in ix.data if tr.name == "mixer=attention"][0]
+    assert np.allclose(att.y, [0.52, 0.80]) and att.line.color == plots.MIXER_COLORS["attention"]
     sc = plots.scaling_figure(analysis.scaling_curves(df, "val_acc"), "val_acc",
                               "factor.dataset.fraction", "factor.model.mixer")
     assert {tr.name for tr in sc.data} == {"attention", "conv"}
+    assert [tr.line.color for tr in sc.data] == [plots.MIXER_COLORS["attention"],
+                                                 plots.MIXER_COLORS["conv"]]

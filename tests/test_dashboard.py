@@ -80,7 +80,8 @@ def app(uri: str, monkeypatch) -> AppTest:
     return at.run()
 
 
-SIGNATURE = {"frontier_table": "ci_low", "effect_sizes": "range", "runs_table": "run_id"}
+SIGNATURE = {"frontier_table": "std", "effect_sizes": "range", "runs_table": "run_id",
+             "pairwise_table": "p_holm"}
 
 
 def table(at: AppTest, key: str):
@@ -102,7 +103,7 @@ def test_frontier_effects_runs_for_a_study(store, monkeypatch):
     sizes = table(at, "effect_sizes")
     assert sizes["factor"].tolist() == ["dataset.fraction", "model.mixer"]
     assert sizes["range"].iloc[0] == pytest.approx(0.76 - 0.535)
-    assert any("1 failed runs are hidden" in c.value for c in at.caption)
+    assert any("1 runs left out of every average (1 failed)" in c.value for c in at.caption)
     # widgets: another metric, another cost, a factor filter, failed runs shown
     at.sidebar.selectbox(key="metric").set_value("test_acc").run()
     assert sorted(table(at, "frontier_table")["mean"].round(6)) == [0.71, 0.79]
@@ -115,6 +116,26 @@ def test_frontier_effects_runs_for_a_study(store, monkeypatch):
     assert len(runs) == 7 and (runs["status"] == "failed").sum() == 1
     assert "diverged at epoch 2" in runs.loc[runs["status"] == "failed", "error"].iloc[0]
     assert not at.exception
+
+
+def test_verdict_tab_first_with_sentences_pairwise_and_download(store, monkeypatch):
+    at = app(store, monkeypatch)
+    at.sidebar.selectbox(key="study").set_value("demo").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.label for t in at.tabs][0] == "Verdict"
+    # only finished runs by default: the failed run is not selected, pruned would not be
+    assert at.sidebar.multiselect(key="status").value == ["finished"]
+    text = " ".join(m.value for m in at.markdown)
+    assert "- Attention:" in text and "- Data:" in text and "Largest interaction" in text
+    pw = table(at, "pairwise_table")
+    mixer = pw[pw["factor"] == "model.mixer"].iloc[0]
+    # balanced 2x2 with 3 seeds: attention - conv = mean of their cell means' difference
+    want = (0.52 + 0.80) / 2 - (0.55 + 0.72) / 2
+    assert {mixer["a"], mixer["b"]} == {"attention", "conv"}
+    assert abs(mixer["diff"]) == pytest.approx(want)
+    assert mixer["ci_low"] <= mixer["diff"] <= mixer["ci_high"]
+    buttons = at.get("download_button")
+    assert any("report" in str(b.proto.label) for b in buttons)
 
 
 def test_only_failed_runs_get_a_message(store, monkeypatch):
@@ -167,6 +188,9 @@ def test_real_browser_renders_the_frontier(store, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{url}/?study=demo")
             page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+            page.wait_for_selector("text=share of the variance", timeout=60_000)
+            assert page.locator("text=Attention:").count() >= 1
+            page.get_by_role("tab", name="Frontier").click()
             page.wait_for_selector("text=Pareto frontier", timeout=30_000)
             assert page.locator("[data-testid='stException']").count() == 0
             shot = tmp_path / "dashboard.png"

@@ -15,6 +15,10 @@ from ablate.tracking.store import (
     sqlite_store_exists,
 )
 
+# Tags read back as plain columns: where and from what each run came (report provenance).
+PROVENANCE_TAGS = {"ablate.hostname": "hostname", "ablate.git_revision": "git_revision",
+                   "ablate.study_file_hash": "study_file_hash"}
+
 
 def list_studies(uri: str) -> list[str]:
     """Names of the experiments in a store that hold ablate runs (newest first)."""
@@ -57,6 +61,7 @@ def _load_runs_client(study: str, uri: str, params: bool = True) -> pd.DataFrame
             "status": tags.get("ablate.status", r.info.status.lower()),
             "seed": _num(tags.get("ablate.seed")),
             "error": tags.get("ablate.error", ""),
+            **{col: tags.get(tag) for tag, col in PROVENANCE_TAGS.items()},
             "start_time": pd.to_datetime(r.info.start_time, unit="ms"),
             "end_time": pd.to_datetime(r.info.end_time, unit="ms") if r.info.end_time else None,
         }
@@ -123,6 +128,8 @@ def _load_runs_sql(study: str, uri: str, params: bool) -> pd.DataFrame:
     df["status"] = df["status"].fillna(mlflow_status)
     df["seed"] = t.get("ablate.seed", pd.Series(dtype=object)).reindex(df.index).map(_num)
     df["error"] = t.get("ablate.error", pd.Series(dtype=object)).reindex(df.index).fillna("")
+    for tag, col in PROVENANCE_TAGS.items():
+        df[col] = t.get(tag, pd.Series(dtype=object)).reindex(df.index)
     cols: dict[str, pd.Series] = {}
     for k in t.columns:
         if k.startswith("factor."):

@@ -1,0 +1,285 @@
+"""The verdict: one analysis of a study's runs (every grid's ANOVA, scaling slopes, cost) and
+one sentence per question: attention (the token mixer), patches (patch size, token count),
+data (the training-data fraction), then the largest interaction. A sentence says
+"inconclusive" unless at least 2 seeds exist and its decisive difference's CI excludes 0."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from ablate.analysis.anova import N_BOOT, GridFit, TermStats, fit_grid, pair, term_name
+from ablate.analysis.design import designs
+from ablate.analysis.scaling import FRACTION, MIXER, PATCH, cost_table, slopes
+from ablate.analysis.seeds import (
+    COST_METRICS,
+    aggregate,
+    factor_columns,
+    frontier,
+    short,
+    split_status,
+    status_counts,
+)
+from ablate.errors import AnalysisError
+
+TOKENS = "factor.model.tokens"
+QUESTIONS = (("Attention", (MIXER,)), ("Patches", (PATCH, TOKENS)), ("Data", (FRACTION,)))
+NAMES = {MIXER: "the token mixer", PATCH: "the patch size", TOKENS: "the token count",
+         FRACTION: "the training-data fraction"}
+FRONTIER_COSTS = ("gmacs", "params", "train_time_s")
+
+
+@dataclass
+class Analysis:
+    metric: str
+    n_runs: int
+    counts: dict[str, int]
+    excluded: pd.DataFrame
+    fits: list[GridFit]
+    scaling: list[dict] = field(default_factory=list)
+    cost: dict | None = None
+    frontiers: dict[str, pd.DataFrame] = field(default_factory=dict)
+    verdict: list[str] = field(default_factory=list)
+    runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # the finished runs analysed
+
+    @property
+    def n_used(self) -> int:
+        return sum(len(f.design.data) for f in self.fits)
+
+
+def analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | None = None,
+            n_boot: int = N_BOOT, seed: int = 0) -> Analysis:
+    """Everything `ablate report` and the Verdict tab show, from a runs DataFrame
+    (`tracking.load_runs`). Raises AnalysisError when there is nothing to analyse.
+    BLAS runs on one thread here: the matrices are small (cells x coefficients), and on a
+    busy 2-core machine OpenBLAS's threads spin against each other (25 s instead of 2 s for
+    a 5,000-run study, measured with benchmarks/bench_dashboard.py)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _analyse(df, metric, grids, n_boot, seed)
+
+
+def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | None,
+             n_boot: int, seed: int) -> Analysis:
+    if df.empty:
+        raise AnalysisError("no runs: run the study first (`ablate run STUDY.yaml`)")
+    if "status" in df and not (df["status"] == "finished").any():
+        raise AnalysisError(f"no finished runs ({status_counts(df)}): wait for trials to "
+                            "finish or `ablate run` the study again")
+    if metric not in df or df[metric].isna().all():
+        meta = ("seed", "grid", "factor.", "params.", "optuna.")
+        have = sorted(c for c in df.select_dtypes("number").columns
+                      if not c.startswith(meta) and df[c].notna().any())
+        raise AnalysisError(f"metric {metric!r}: no run has it; pick one of "
+                            f"{', '.join(have) or 'none'} with --metric")
+    ok, excluded = split_status(df, metric)
+    if ok.empty:
+        raise AnalysisError(f"no finished runs with {metric} ({status_counts(df)}): wait for "
+                            "trials to finish or `ablate run` the study again")
+    fits = [fit_grid(d, n_boot, seed) for d in designs(ok, metric, grids) if d.keys]
+    if not fits:
+        raise AnalysisError("every factor has one level among the finished runs: nothing to "
+                            "compare; add levels to `factors` (or --factor with 2+ values)")
+    a = Analysis(metric, len(df), status_counts(df), excluded, fits, runs=ok)
+    for f in fits:
+        for key in (FRACTION, PATCH):
+            s = slopes(f.design, key)
+            if s is not None:
+                a.scaling.append(s)
+    a.cost = cost_table(ok, metric)
+    agg = aggregate(ok, metric, factor_columns(ok))
+    for c in FRONTIER_COSTS:
+        if c in agg and agg[c].notna().any():
+            a.frontiers[c] = frontier(agg[agg[c].notna()], c).drop(columns="run_ids")
+    a.verdict = sentences(a)
+    return a
+
+
+def _pct(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def _p(p: float) -> str:
+    return "p n/a" if not math.isfinite(p) else ("p < 0.001" if p < 0.001 else f"p = {p:.3f}")
+
+
+def amount(x: float, metric: str, signed: bool = False) -> str:
+    """A difference in the metric's units: accuracies in percentage points."""
+    if not math.isfinite(x):
+        return "n/a"
+    if metric.endswith("acc"):
+        return f"{100 * x:+.2f} points" if signed else f"{100 * abs(x):.2f} points"
+    return f"{x:+.4g}" if signed else f"{abs(x):.4g}"
+
+
+def _ci(lo: float, hi: float, metric: str) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "[no CI]"
+    s = 100 if metric.endswith("acc") else 1
+    return f"[{s * lo:+.2f}, {s * hi:+.2f}]"
+
+
+def fit_for(fits: list[GridFit], key: str) -> GridFit | None:
+    """The grid that varies `key` over the most levels (the first such grid on a tie)."""
+    cands = [f for f in fits if key in f.design.keys]
+    return max(cands, key=lambda f: (len(f.design.levels[key]), -f.design.index), default=None)
+
+
+def decisive(fit: GridFit, key: str) -> tuple[str, str]:
+    """The comparison that answers the question: attention vs the best other mixer; the
+    most vs the least data; the smallest vs the largest patch; else best vs runner-up."""
+    em = fit.emms[key].sort_values("mean", ascending=False)
+    levels = fit.design.levels[key]
+    if key == MIXER and "attention" in levels:
+        return "attention", str(em[em["level"] != "attention"]["level"].iloc[0])
+    if key == FRACTION:
+        return levels[-1], levels[0]
+    if key == PATCH:
+        return levels[0], levels[-1]
+    return str(em["level"].iloc[0]), str(em["level"].iloc[1])
+
+
+def _share(t: TermStats, seeds: int) -> str:
+    ci = "" if seeds < 2 else f" [95% CI {_pct(t.share_ci[0])} to {_pct(t.share_ci[1])}]"
+    return f"{_pct(t.share)} of the variance{ci} ({_p(t.p_value)}, partial omega^2 " \
+           f"{t.omega2:.2f})"
+
+
+def factor_clause(fit: GridFit, key: str, metric: str, grid_note: str) -> tuple[str, bool]:
+    """'<name> explains S% of the variance [CI]; A beats B by X [CI]' and whether it holds."""
+    seeds = fit.design.typical_seeds
+    t = fit.main[key]
+    a, b = decisive(fit, key)
+    d = pair(fit, key, a, b)
+    k = short(key).split(".")[-1]
+    verb = "beats" if d["diff"] > 0 else "trails"
+    text = (f"{NAMES.get(key, short(key))} ({short(key)}{grid_note}) explains "
+            f"{_share(t, seeds)}; {k}={a} {verb} {k}={b} by {amount(d['diff'], metric)} "
+            f"{_ci(d['ci_low'], d['ci_high'], metric)}")
+    if seeds >= 2 and math.isfinite(d["p_holm"]):
+        text += f", Holm {_p(d['p_holm'])}"
+    holds = seeds >= 2 and (d["ci_low"] > 0 or d["ci_high"] < 0)
+    return text, holds
+
+
+def slope_clause(a: Analysis, key: str, grid: int) -> str:
+    s = next((s for s in a.scaling if s["grid"] == grid and s["x"] == short(key)), None)
+    if s is None:
+        return ""
+    m = a.metric
+    parts = [f"{g} gains {amount(v['slope'], m, signed=True)} {_ci(*v['ci'], m)}"
+             for g, v in s["slopes"].items()]
+    text = "per " + s["per"] + ": " + ", ".join(parts)
+    if s["differences"]:
+        big = max(s["differences"], key=lambda r: abs(r["diff"]))
+        text += (f"; slope difference {big['a']} - {big['b']}: "
+                 f"{amount(big['diff'], m, signed=True)} {_ci(*big['ci'], m)}, "
+                 f"Holm {_p(big['p_holm'])}")
+    return text
+
+
+def _question(a: Analysis, title: str, keys: tuple[str, ...]) -> str:
+    present = [(k, fit_for(a.fits, k)) for k in keys]
+    present = [(k, f) for k, f in present if f is not None]
+    if not present:
+        names = " and ".join(short(k) for k in keys)
+        return f"{title}: not tested: {names} {'is' if len(keys) == 1 else 'are'} not a " \
+               "factor of this study."
+    clauses, holds, seeds = [], [], min(f.design.typical_seeds for _, f in present)
+    for k, f in present:
+        note = f", grid {f.design.index}" if len(a.fits) > 1 else ""
+        text, ok = factor_clause(f, k, a.metric, note)
+        sc = slope_clause(a, k, f.design.index) if k in (FRACTION, PATCH) else ""
+        clauses.append(text + (f"; {sc}" if sc else ""))
+        holds.append(ok)
+    body = "; ".join(clauses)
+    if seeds < 2:
+        return (f"{title}: inconclusive: {seeds} seed per cell (a claim needs at least 2 seeds); "
+                f"{body}.")
+    if not any(holds):
+        return f"{title}: inconclusive: the decisive difference's CI includes 0; {body}."
+    return f"{title}: {body}."
+
+
+def interaction_sentence(a: Analysis) -> str:
+    inter = [(f, t) for f in a.fits for t in f.interactions.values()]
+    if not inter:
+        return "Interactions: none estimable (fewer than two factors in every grid, or " \
+               "missing cells)."
+    f, t = max(inter, key=lambda ft: ft[1].share if math.isfinite(ft[1].share) else -1)
+    seeds = f.design.typical_seeds
+    grid = f" in grid {f.design.index}" if len(a.fits) > 1 else ""
+    x, y = (short(k) for k in t.term)
+    text = f"Largest interaction: {x} x {y}{grid}, {_share(t, seeds)}"
+    if seeds < 2:
+        return text + ": inconclusive with 1 seed."
+    sep = math.isfinite(t.p_value) and t.p_value < 0.05 and t.share_ci[0] > 0
+    return text + (f": the effect of {x} depends on {y}." if sep else
+                   ": not distinguishable from seed noise.")
+
+
+def sentences(a: Analysis) -> list[str]:
+    """The verdict: one sentence per question (or per factor for a study that asks none of
+    the three), then the largest interaction."""
+    asked = any(fit_for(a.fits, k) for _, keys in QUESTIONS for k in keys)
+    if asked:
+        out = [_question(a, title, keys) for title, keys in QUESTIONS]
+    else:
+        keys = list(dict.fromkeys(k for f in a.fits for k in f.design.keys))
+        order = sorted(keys, key=lambda k: -fit_for(a.fits, k).main[k].share)
+        out = [_question(a, short(k), (k,)) for k in order]
+    out.append(interaction_sentence(a))
+    return out
+
+
+def _num(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _term_dict(t: TermStats) -> dict[str, Any]:
+    return {"share": _num(t.share), "share_ci": [_num(v) for v in t.share_ci],
+            "omega2": _num(t.omega2), "p_value": _num(t.p_value), "F": _num(t.f),
+            "df": _num(t.df), "ss": _num(t.ss)}
+
+
+def to_dict(a: Analysis) -> dict[str, Any]:
+    """The analysis as JSON-ready data (`ablate report --format json`)."""
+    grids = []
+    for f in a.fits:
+        d = f.design
+        factors = {}
+        for k in d.keys:
+            em = f.emms[k]
+            factors[short(k)] = {
+                **_term_dict(f.main[k]),
+                "levels": {str(r.level): {"mean": _num(r.mean), "ci": [_num(r.ci_low),
+                                          _num(r.ci_high)], "n": int(r.n)}
+                           for r in em.itertuples()},
+                "pairwise": [{"a": r.a, "b": r.b, "diff": _num(r.diff),
+                              "ci": [_num(r.ci_low), _num(r.ci_high)], "p": _num(r.p),
+                              "p_holm": _num(r.p_holm)} for r in f.pairwise[k].itertuples()]}
+        grids.append({
+            "index": d.index, "n_runs": d.n_runs, "n_cells": len(d.cells),
+            "seeds_per_cell": list(d.seeds), "balanced": d.balanced, "ss_type": "II",
+            "design": d.note(), "fixed": {short(k): v for k, v in d.fixed.items()},
+            "superseded_runs": d.superseded, "bootstrap_resamples": f.n_boot,
+            "residual_df": _num(f.resid_df), "factors": factors,
+            "interactions": {term_name(t): _term_dict(s) for t, s in f.interactions.items()},
+            "interactions_not_estimable": [term_name(t) for t in d.dropped_interactions]})
+    ex = a.excluded
+    return {
+        "metric": a.metric, "n_runs": a.n_runs, "n_analysed": a.n_used, "counts": a.counts,
+        "excluded": [{"run_id": r.get("run_id"), "run_name": r.get("run_name"),
+                      "reason": r.get("reason")} for r in ex.to_dict("records")],
+        "grids": grids, "scaling": a.scaling, "cost": a.cost,
+        "frontiers": {c: [{k.removeprefix("factor."): v for k, v in r.items()}
+                          for r in t.to_dict("records")] for c, t in a.frontiers.items()},
+        "verdict": a.verdict,
+    }
+
+
+__all__ = ["COST_METRICS", "Analysis", "analyse", "sentences", "to_dict"]

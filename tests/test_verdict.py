@@ -1,0 +1,269 @@
+"""Planted effects: runs generated with known effects and seed noise; the analysis must
+recover them within its CIs and call the verdict right, in balanced, unbalanced and
+union-of-grids designs, and never conclude from one seed."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from ablate import analysis
+from ablate.errors import AnalysisError
+
+MIXERS = ["attention", "mlp", "conv", "identity"]
+# sum-to-zero effects, so the planted sums of squares have a closed form
+ALPHA = {"attention": 0.06, "mlp": 0.02, "conv": -0.02, "identity": -0.06}   # mixer
+BETA = {2: 0.015, 8: -0.015}                                                  # patch size
+DELTA = {0.25: -0.02, 1.0: 0.02}                                              # data fraction
+GAMMA = {("attention", 0.25): -0.015, ("attention", 1.0): 0.015,              # mixer x data
+         ("identity", 0.25): 0.015, ("identity", 1.0): -0.015}
+SIGMA = 0.01
+
+
+def planted(seeds: int = 3, rng_seed: int = 0, alpha=ALPHA, grid: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for m, p, f in itertools.product(alpha, BETA, DELTA):
+        for s in range(seeds):
+            y = 0.6 + alpha[m] + BETA[p] + DELTA[f] + GAMMA.get((m, f), 0.0) + \
+                SIGMA * rng.standard_normal()
+            rows.append({"run_id": f"{m}-{p}-{f}-{s}", "cell_id": f"{m}-{p}-{f}", "grid": grid,
+                         "status": "finished", "seed": s, "factor.model.mixer": m,
+                         "factor.model.patch_size": p, "factor.dataset.fraction": f,
+                         "test_acc": y, "gmacs": {"attention": 4.0, "mlp": 3.0, "conv": 2.0,
+                                                  "identity": 1.0}[m] / p})
+    return pd.DataFrame(rows)
+
+
+def planted_shares(n: int) -> dict[str, float]:
+    """Expected share of each term: (SS of the planted effect + df * sigma^2) over
+    (planted total SS + (n - 1) * sigma^2), for the balanced 4 x 2 x 2 design of n runs."""
+    ss = {"model.mixer": n / 4 * sum(v ** 2 for v in ALPHA.values()),
+          "model.patch_size": n / 2 * sum(v ** 2 for v in BETA.values()),
+          "dataset.fraction": n / 2 * sum(v ** 2 for v in DELTA.values()),
+          "model.mixer x dataset.fraction": n / 8 * 4 * 0.015 ** 2}
+    df = {"model.mixer": 3, "model.patch_size": 1, "dataset.fraction": 1,
+          "model.mixer x dataset.fraction": 3}
+    total = sum(ss.values()) + (n - 1) * SIGMA ** 2
+    return {k: (ss[k] + df[k] * SIGMA ** 2) / total for k in ss}
+
+
+def terms(fit: analysis.GridFit) -> dict[str, analysis.TermStats]:
+    return {analysis.term_name(t): s for t, s in fit.terms.items()}
+
+
+def test_balanced_design_recovers_planted_shares_and_calls_it():
+    df = planted(seeds=3)
+    a = analysis.analyse(df, "test_acc")
+    (fit,) = a.fits
+    assert fit.design.balanced and fit.n_boot >= 1000
+    got = terms(fit)
+    for name, share in planted_shares(len(df)).items():
+        lo, hi = got[name].share_ci
+        assert lo <= share <= hi, (name, share, got[name].share_ci)
+    # no planted patch x data interaction: a tiny share, not significant
+    assert got["model.patch_size x dataset.fraction"].p_value > 0.01
+    # marginal means' differences cover the planted ones
+    for x, y in itertools.combinations(MIXERS, 2):
+        d = analysis.pair(fit, "factor.model.mixer", x, y)
+        assert d["ci_low"] <= ALPHA[x] - ALPHA[y] <= d["ci_high"]
+    attention, patches, data, inter = a.verdict
+    assert attention.startswith("Attention: the token mixer") and "inconclusive" not in attention
+    assert "mixer=attention beats mixer=mlp" in attention
+    assert patches.startswith("Patches:") and "patch_size=2 beats patch_size=8" in patches
+    assert data.startswith("Data:") and "fraction=1 beats fraction=0.25" in data
+    assert "model.mixer x dataset.fraction" in inter and "depends on" in inter
+    # per doubling of data (0.25 -> 1 is two doublings): attention gains (0.04 + 0.03) / 2,
+    # identity (0.04 - 0.03) / 2; their difference is 0.03
+    (sc,) = [s for s in a.scaling if s["x"] == "dataset.fraction"]
+    lo, hi = sc["slopes"]["attention"]["ci"]
+    assert lo <= 0.035 <= hi
+    lo, hi = sc["slopes"]["identity"]["ci"]
+    assert lo <= 0.005 <= hi
+    diff = next(r for r in sc["differences"] if {r["a"], r["b"]} == {"attention", "identity"})
+    planted_diff = 0.03 if diff["a"] == "attention" else -0.03
+    assert diff["ci"][0] <= planted_diff <= diff["ci"][1] and diff["p_holm"] < 0.05
+
+
+def test_bootstrap_is_seeded_and_resamples_seeds():
+    df = planted(seeds=3)
+    a1 = analysis.fit_grid(analysis.designs(df, "test_acc")[0], n_boot=1000, seed=7)
+    a2 = analysis.fit_grid(analysis.designs(df, "test_acc")[0], n_boot=1000, seed=7)
+    a3 = analysis.fit_grid(analysis.designs(df, "test_acc")[0], n_boot=1000, seed=8)
+    t = ("factor.model.mixer",)
+    assert a1.terms[t].share_ci == a2.terms[t].share_ci != a3.terms[t].share_ci
+
+
+def test_unbalanced_design_is_type2_and_says_so():
+    df = planted(seeds=3, rng_seed=1)
+    rng = np.random.default_rng(3)
+    drop = rng.choice(len(df), size=10, replace=False)
+    df = df.drop(index=df.index[drop])
+    df = df[~((df["factor.model.mixer"] == "mlp") & (df["factor.model.patch_size"] == 8) &
+              (df["factor.dataset.fraction"] == 1.0))]  # one cell missing entirely
+    a = analysis.analyse(df, "test_acc")
+    (fit,) = a.fits
+    assert not fit.design.balanced and "unbalanced" in fit.design.note()
+    assert "type II" in fit.design.note() and "1 of 16 cells missing" in fit.design.note()
+    assert analysis.to_dict(a)["grids"][0]["ss_type"] == "II"
+    for x, y in itertools.combinations(MIXERS, 2):
+        d = analysis.pair(fit, "factor.model.mixer", x, y)
+        assert d["ci_low"] <= ALPHA[x] - ALPHA[y] <= d["ci_high"], (x, y, d)
+    # the planted share for this design: statsmodels' own type II ANOVA of the noise-free
+    # numbers (not ablate's code), plus the expected noise in each sum of squares
+    clean = df.assign(y=[0.6 + ALPHA[m] + BETA[p] + DELTA[f] + GAMMA.get((m, f), 0.0)
+                         for m, p, f in zip(df["factor.model.mixer"], df["factor.model.patch_size"],
+                                            df["factor.dataset.fraction"], strict=True)])
+    clean = clean.rename(columns={"factor.model.mixer": "m", "factor.model.patch_size": "p",
+                                  "factor.dataset.fraction": "f"})
+    import statsmodels.formula.api as smf
+    from statsmodels.stats.anova import anova_lm
+
+    ref = anova_lm(smf.ols("y ~ C(m) + C(p) + C(f) + C(m):C(p) + C(m):C(f) + C(p):C(f)",
+                           clean).fit(), typ=2)
+    total = ((clean["y"] - clean["y"].mean()) ** 2).sum() + (len(df) - 1) * SIGMA ** 2
+    share = (ref.loc["C(m)", "sum_sq"] + 3 * SIGMA ** 2) / total
+    lo, hi = terms(fit)["model.mixer"].share_ci
+    assert lo <= share <= hi
+    assert "inconclusive" not in a.verdict[0]
+
+
+def test_type2_sums_of_squares_match_statsmodels_in_an_unbalanced_design():
+    """The bootstrap computes type II SS on cell means; on the observed data it must give
+    exactly what statsmodels' anova_lm gives on the raw runs."""
+    df = planted(seeds=3, rng_seed=2).iloc[5:]
+    d = analysis.designs(df, "test_acc")[0]
+    table = analysis.anova.anova_table(d)
+    ss = analysis.anova.type2_ss(d, d.cells["mean"].to_numpy()[:, None])
+    for t, v in ss.items():
+        assert v[0] == pytest.approx(table.loc[analysis.term_name(t), "sum_sq"], rel=1e-9)
+
+
+def test_union_of_grids_analysed_grid_by_grid():
+    mixers = planted(seeds=2, rng_seed=4)
+    rng = np.random.default_rng(5)
+    kernels = {3: -0.1, 5: 0.0, 9: 0.1}  # a large kernel effect, only among conv runs
+    rows = []
+    for k, eff in kernels.items():
+        for p, f in itertools.product(BETA, DELTA):
+            for s in range(2):
+                rows.append({"run_id": f"k{k}-{p}-{f}-{s}", "cell_id": f"k{k}-{p}-{f}",
+                             "grid": 1, "status": "finished", "seed": s,
+                             "factor.model.mixer": "conv", "factor.model.kernel_size": k,
+                             "factor.model.patch_size": p, "factor.dataset.fraction": f,
+                             "test_acc": 0.6 + ALPHA["conv"] + eff + BETA[p] + DELTA[f]
+                             + SIGMA * rng.standard_normal()})
+    mixers["factor.model.kernel_size"] = np.where(mixers["factor.model.mixer"] == "conv", 7,
+                                                  None)
+    df = pd.concat([mixers, pd.DataFrame(rows)], ignore_index=True)
+    grids = [{"model.mixer": MIXERS, "model.patch_size": [2, 8], "dataset.fraction": [0.25, 1]},
+             {"model.mixer": ["conv"], "model.kernel_size": [3, 5, 7, 9],
+              "model.patch_size": [2, 8], "dataset.fraction": [0.25, 1]}]
+    a = analysis.analyse(df, "test_acc", grids=grids)
+    g0, g1 = a.fits
+    assert g0.design.keys == ["factor.model.mixer", "factor.model.patch_size",
+                              "factor.dataset.fraction"]
+    assert g1.design.levels["factor.model.kernel_size"] == ["3", "5", "7", "9"]
+    assert g1.design.balanced  # grid 0's conv runs are its kernel-7 cells
+    for x, y in itertools.combinations(MIXERS, 2):  # kernel runs do not leak into grid 0
+        d = analysis.pair(g0, "factor.model.mixer", x, y)
+        assert d["ci_low"] <= ALPHA[x] - ALPHA[y] <= d["ci_high"]
+    d = analysis.pair(g1, "factor.model.kernel_size", "9", "3")
+    assert d["ci_low"] <= 0.2 <= d["ci_high"]
+    assert "grid 0" in a.verdict[0] and "inconclusive" not in a.verdict[0]
+    assert len(analysis.to_dict(a)["grids"]) == 2
+
+
+def test_one_seed_is_always_inconclusive():
+    a = analysis.analyse(planted(seeds=1), "test_acc")
+    assert len(a.verdict) == 4
+    for s in a.verdict[:3]:
+        assert "inconclusive" in s and "at least 2" in s
+    assert "inconclusive" in a.verdict[3]
+
+
+def test_no_mixer_effect_is_inconclusive_while_data_is_called():
+    null = dict.fromkeys(MIXERS, 0.0)
+    df = planted(seeds=3, rng_seed=6, alpha=null)
+    df["test_acc"] -= [GAMMA.get((m, f), 0.0) for m, f in
+                       zip(df["factor.model.mixer"], df["factor.dataset.fraction"], strict=True)]
+    a = analysis.analyse(df, "test_acc")
+    assert a.verdict[0].startswith("Attention: inconclusive")
+    assert "inconclusive" not in a.verdict[2]
+
+
+def test_two_by_two_anova_matches_a_hand_computation():
+    """Balanced 2x2, 2 seeds: SS_A = n b sum (mean_i - grand)^2 etc., by hand."""
+    y = {("a1", "b1"): [1.0, 2.0], ("a1", "b2"): [3.0, 5.0], ("a2", "b1"): [4.0, 4.0],
+         ("a2", "b2"): [8.0, 9.0]}
+    rows = [{"factor.A": a, "factor.B": b, "v": v, "status": "finished"}
+            for (a, b), vs in y.items() for v in vs]
+    df = pd.DataFrame(rows)
+    grand = 36.0 / 8                                                     # 4.5
+    a_means, b_means = {"a1": 11 / 4, "a2": 25 / 4}, {"b1": 11 / 4, "b2": 25 / 4}
+    ss_a = 4 * sum((m - grand) ** 2 for m in a_means.values())           # 24.5
+    ss_b = 4 * sum((m - grand) ** 2 for m in b_means.values())           # 24.5
+    cell = {k: sum(v) / 2 for k, v in y.items()}                         # 1.5, 4, 4, 8.5
+    ss_ab = 2 * sum((cell[(a, b)] - a_means[a] - b_means[b] + grand) ** 2
+                    for a, b in y)                                       # 2.0
+    ss_e = sum((v - cell[k]) ** 2 for k, vs in y.items() for v in vs)    # 3.0
+    ss_t = sum((v - grand) ** 2 for vs in y.values() for v in vs)        # 54.0
+    assert ss_a + ss_b + ss_ab + ss_e == pytest.approx(ss_t)
+    fit = analysis.analyse(df, "v").fits[0]
+    got = terms(fit)
+    mse = ss_e / 4
+    for name, ss in (("A", ss_a), ("B", ss_b), ("A x B", ss_ab)):
+        assert got[name].ss == pytest.approx(ss)
+        assert got[name].share == pytest.approx(ss / ss_t)
+        assert got[name].p_value == pytest.approx(stats.f.sf(ss / mse, 1, 4))
+        omega = (ss - mse) / (ss + (8 - 1) * mse)
+        assert got[name].omega2 == pytest.approx(max(0.0, omega))
+    em = fit.emms["factor.A"].set_index("level")
+    half = stats.t.ppf(0.975, 4) * np.sqrt(mse / 4)
+    assert em.loc["a2", "mean"] == pytest.approx(6.25)
+    assert em.loc["a2", "ci_high"] - em.loc["a2", "mean"] == pytest.approx(half)
+
+
+def test_errors_say_what_to_fix():
+    df = planted(seeds=2)
+    with pytest.raises(AnalysisError, match="no run has it"):
+        analysis.analyse(df, "val_acc")
+    with pytest.raises(AnalysisError, match="no finished runs"):
+        analysis.analyse(df.assign(status="pruned"), "test_acc")
+    one = df[(df["factor.model.mixer"] == "conv") & (df["factor.model.patch_size"] == 2) &
+             (df["factor.dataset.fraction"] == 1.0)]
+    with pytest.raises(AnalysisError, match="one level"):
+        analysis.analyse(one, "test_acc")
+
+
+def test_pruned_and_failed_runs_are_counted_never_averaged():
+    df = planted(seeds=2)
+    df.loc[0, "status"] = "pruned"
+    df.loc[0, "test_acc"] = -5.0    # an early-epoch number that would drag the mean
+    df.loc[1, "status"] = "failed"
+    a = analysis.analyse(df, "test_acc")
+    assert a.counts == {"finished": len(df) - 2, "pruned": 1, "failed": 1}
+    assert set(a.excluded["reason"]) == {"pruned", "failed"}
+    assert a.fits[0].design.data["_y"].min() > 0
+    assert analysis.to_dict(a)["n_analysed"] == len(df) - 2
+
+
+def test_cost_table_best_accuracy_under_each_budget():
+    df = planted(seeds=2)
+    c = analysis.analyse(df, "test_acc").cost
+    assert c["cost"] == "gmacs"
+    cells = df.groupby(["factor.model.mixer", "factor.model.patch_size",
+                        "factor.dataset.fraction"]).agg(acc=("test_acc", "mean"),
+                                                        gmacs=("gmacs", "first"))
+    # identity's best cell is patch 2 at full data: 1 / 2 = 0.5 GMACs; within that budget
+    # attention only fits at patch 8 (4 / 8 = 0.5): its best there is at full data
+    assert c["budget"]["identity"] == pytest.approx(0.5)
+    assert c["best"]["attention"]["identity"] == pytest.approx(
+        cells.loc[("attention", 8, 1.0), "acc"])
+    # under attention's budget (its best cell, 2 GMACs) every mixer reaches its own best
+    for m in MIXERS:
+        assert c["best"][m]["attention"] == pytest.approx(cells.loc[m, "acc"].max())
