@@ -267,3 +267,25 @@ def test_cost_table_best_accuracy_under_each_budget():
     # under attention's budget (its best cell, 2 GMACs) every mixer reaches its own best
     for m in MIXERS:
         assert c["best"][m]["attention"] == pytest.approx(cells.loc[m, "acc"].max())
+
+
+def test_budget_is_stated_and_the_data_confound_flagged_only_under_epochs():
+    def budget_line(df: pd.DataFrame) -> list[str]:
+        return [s for s in analysis.analyse(df, "test_acc", n_boot=50).verdict
+                if s.startswith("Budget")]
+
+    epochs = planted().assign(**{"params.train.budget": "epochs", "params.train.epochs": "6"})
+    [line] = budget_line(epochs)
+    assert "confounded with the number of optimizer steps (use train.budget: steps)" in line
+    steps = epochs.assign(**{"params.train.budget": "steps"})
+    [line] = budget_line(steps)
+    assert "equal training budget" in line and "confounded" not in line
+    # runs from before train.budget existed trained by epochs
+    [line] = budget_line(epochs.drop(columns="params.train.budget"))
+    assert "confounded" in line
+    # no data factor: the budget is stated, nothing is confounded
+    one_fraction = epochs[epochs["factor.dataset.fraction"] == 1.0].drop(
+        columns="factor.dataset.fraction")
+    [line] = budget_line(one_fraction)
+    assert "confounded" not in line
+    assert budget_line(planted()) == []  # runs ablate did not create: budget unknown

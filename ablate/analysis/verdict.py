@@ -233,7 +233,34 @@ def sentences(a: Analysis) -> list[str]:
         order = sorted(keys, key=lambda k: -fit_for(a.fits, k).main[k].share)
         out = [_question(a, short(k), (k,)) for k in order]
     out.append(interaction_sentence(a))
+    budget = budget_sentence(a)
+    if budget:
+        out.append(budget)
     return out
+
+
+def budget_sentence(a: Analysis) -> str:
+    """What training budget the runs had; under `epochs` with the data fraction as a factor,
+    the data effect also carries the difference in optimizer steps, and the verdict says so."""
+    runs = a.runs
+    if "params.train.budget" not in runs and "params.train.epochs" not in runs:
+        return ""  # runs ablate did not create: their budget is unknown
+    budget = (runs["params.train.budget"].fillna("epochs") if "params.train.budget" in runs
+              else pd.Series("epochs", index=runs.index))  # runs from before train.budget
+    epochs = (sorted({str(e) for e in runs["params.train.epochs"].dropna()})
+              if "params.train.epochs" in runs else [])
+    n = f"{'/'.join(epochs)} " if epochs else ""
+    fraction_varies = fit_for(a.fits, FRACTION) is not None
+    if set(budget) == {"steps"}:
+        return (f"Budget: every trial took the optimizer steps of {n}full-data epochs "
+                "(train.budget: steps), so data fractions are compared at equal training "
+                "budget.")
+    text = (f"Budget: {n}epochs over each trial's own training subset (train.budget: "
+            f"{'/'.join(sorted(set(budget)))})")
+    if fraction_varies:
+        return (text + "; data effect confounded with the number of optimizer steps (use "
+                "train.budget: steps).")
+    return text + "."
 
 
 def _num(x: float) -> float | None:
