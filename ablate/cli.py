@@ -209,6 +209,8 @@ def run(study: StudyArg,
                                    "(its lease would expire after 60 s anyway).")] = False,
         keep_trial_dirs: Annotated[bool, typer.Option(
             "--keep-trial-dirs", help="Keep Ray's trial folders of a finished study.")] = False,
+        quiet: Annotated[bool, typer.Option(
+            "--quiet", "-q", help="No verdict and table at the end.")] = False,
         ) -> None:
     """Run a study's trials on Ray Tune and log every trial to MLflow (resumable)."""
     from ablate.study import load_study
@@ -233,6 +235,18 @@ def run(study: StudyArg,
     if summary.interrupted:
         err.print("interrupted: running trials were marked killed; `ablate run` again resumes")
         raise typer.Exit(143 if summary.terminated else 130)
+    if not quiet and s.spec.search.method == "grid":
+        _print_summary(study, tracking_uri)
+
+
+def _print_summary(study: Path, tracking_uri: str | None) -> None:
+    from ablate.report import run_summary
+
+    try:
+        text = run_summary(study, tracking_uri)
+    except AblateError as e:  # nothing finished yet: say so, the run itself succeeded
+        text = f"No verdict: {e}"
+    out.print("\n" + text, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -270,6 +284,8 @@ def status(study: StudyArg, tracking_uri: UriOpt = None,
         out.print(f"best: {b['run_name']} (trial {b['trial_id']}): val_acc {b['val_acc']:.4f}"
                   + (f", test_acc {b['test_acc']:.4f}" if b["test_acc"] is not None else ""),
                   highlight=False, markup=False)
+    if "optuna" not in info and info["trials"] and info["done"] == info["trials"]:
+        _print_summary(study, tracking_uri)  # a finished study: the verdict and cell table
 
 
 @app.command()

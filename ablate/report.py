@@ -327,3 +327,48 @@ def make_report(src: Source, metric: str, fmt: str, output: Path | None
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)
     return path, text
+
+
+# ---------------------------------------------------------------- the end of `ablate run`
+
+
+def cell_table(runs: pd.DataFrame, metric: str) -> list[str]:
+    """Seed means with 95% CIs per cell (seeds grouped by cell_id), best first, as aligned
+    text lines. Only finished runs enter a mean."""
+    ok, _ = analysis.split_status(runs, metric)
+    factors = analysis.factor_columns(ok)
+    agg = analysis.aggregate(ok, metric, factors, extra=())
+    if agg.empty:
+        return []
+    agg = agg.sort_values("mean", ascending=False, kind="stable")
+    head = [*(short(f) for f in factors), "seeds", metric, "95% CI"]
+    rows = [[*(analysis.label(r[f]) for f in factors), str(int(r["n"])), f"{r['mean']:.4f}",
+             "n/a (1 seed)" if int(r["n"]) < 2 else
+             f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]"] for _, r in agg.iterrows()]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
+    return ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+            for line in (head, *rows)]
+
+
+def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc") -> str:
+    """What `ablate run` prints when a study is done: the verdict (the sentences of `ablate
+    report --format md`), the cell table, and where the report and dashboard are. With one
+    seed it says why there is no verdict instead of guessing."""
+    src = study_source(path, tracking_uri)
+    lines = []
+    seeds = src.runs.groupby("cell_id")["seed"].nunique().max() if "seed" in src.runs else 1
+    if seeds < 2:
+        lines += [f"No verdict: {seeds} seed per cell; a claim needs at least 2 seeds "
+                  "(list more under `seeds:`, then `ablate run` again: it runs only the new "
+                  "seeds)."]
+    else:
+        try:
+            a = analyse_source(src, metric)
+            lines += [f"Verdict ({metric}):", *[f"- {s}" for s in a.verdict]]
+        except AnalysisError as e:
+            lines += [f"No verdict: {e}"]
+    table = cell_table(src.runs, metric)
+    if table:
+        lines += ["", f"Seed means per cell ({metric}, finished runs, best first):", *table]
+    lines += ["", f"Full report: ablate report {path}   |   dashboard: ablate dashboard"]
+    return "\n".join(lines)

@@ -40,6 +40,9 @@ def ablate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
 
 
+RUN_OUTPUT: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("report")
@@ -47,7 +50,44 @@ def study(tmp_path_factory) -> tuple[Path, str]:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     res = ablate("run", str(path), "--tracking-uri", uri, cwd=tmp)
     assert res.returncode == 0, res.stdout + res.stderr
+    RUN_OUTPUT["stdout"] = res.stdout
     return path, uri
+
+
+def test_run_ends_with_the_reports_verdict_and_a_cell_table(study, tmp_path):
+    path, uri = study
+    printed = RUN_OUTPUT["stdout"]
+    js = ablate("report", str(path), "--tracking-uri", uri, "--format", "json", cwd=tmp_path)
+    assert js.returncode == 0, js.stderr
+    verdict = json.loads(js.stdout)["verdict"]
+    assert verdict and all(f"- {s}" in printed for s in verdict)
+    # the table: one line per cell, seed means of the finished runs, best first
+    runs = load_runs("tiny", uri)
+    means = runs.groupby("cell_id")["test_acc"].mean().sort_values(ascending=False)
+    table = printed.split("best first):\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    head = table[0].split()
+    assert sorted(head[:2]) == ["dataset.fraction", "model.mixer"]
+    assert head[2:4] == ["seeds", "test_acc"]
+    shown = [float(line.split()[3]) for line in table[1:]]
+    assert shown == pytest.approx(list(means), abs=5e-5)
+    assert all(line.split()[2] == "2" and "[" in line for line in table[1:])
+    assert "ablate report " in printed and "ablate dashboard" in printed
+    # a finished study's status prints the same table
+    st = ablate("status", str(path), "--tracking-uri", uri, cwd=tmp_path)
+    assert st.returncode == 0 and "\n".join(table) in st.stdout
+
+
+def test_one_seed_says_why_there_is_no_verdict_and_quiet_prints_none(tmp_path):
+    path = write(tmp_path / "one.yaml", TINY.replace("seeds: [0, 1]", "seeds: [0]").replace(
+        "dataset.fraction: [0.5, 1.0]", "dataset.fraction: [1.0]"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    quiet = ablate("run", str(path), "--tracking-uri", uri, "--quiet", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    assert "verdict" not in quiet.stdout.lower() and "seed means" not in quiet.stdout.lower()
+    again = ablate("run", str(path), "--tracking-uri", uri, cwd=tmp_path)  # nothing to run
+    assert again.returncode == 0, again.stderr
+    assert "No verdict: 1 seed per cell; a claim needs at least 2 seeds" in again.stdout
+    assert "n/a (1 seed)" in again.stdout
 
 
 def test_report_in_three_formats(study, tmp_path):
