@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,12 +186,46 @@ def _check_member(archive: Path, name: str, *, is_link: bool, is_special: bool) 
         raise DataError(f"{archive}: refusing archive member {name!r}: device or special file")
 
 
+def _limit(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+class _Budget:
+    """Caps on what a folder or archive may hold, checked while reading (a zip bomb is cut
+    off at the cap, not inflated first). Raise them with the named environment variables."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.members, self.total = root, 0, 0
+        self.max_members = _limit("ABLATE_MAX_MEMBERS", 5_000_000)
+        self.max_member = _limit("ABLATE_MAX_FILE_BYTES", 256 << 20)
+        self.max_total = _limit("ABLATE_MAX_DATA_BYTES", 64 << 30)
+
+    def read(self, member: str, stream: IO[bytes]) -> bytes:
+        self.members += 1
+        if self.members > self.max_members:
+            raise DataError(f"{self.root}: more than {self.max_members:,} files (at {member!r}); "
+                            "refusing it (raise ABLATE_MAX_MEMBERS if it is really a dataset)")
+        data = stream.read(self.max_member + 1)
+        if len(data) > self.max_member:
+            raise DataError(f"{self.root}: member {member!r} is over {self.max_member:,} bytes "
+                            "uncompressed; refusing it (raise ABLATE_MAX_FILE_BYTES if it is "
+                            "really an image)")
+        self.total += len(data)
+        if self.total > self.max_total:
+            raise DataError(f"{self.root}: over {self.max_total:,} bytes uncompressed (at "
+                            f"{member!r}); refusing it (raise ABLATE_MAX_DATA_BYTES)")
+        return data
+
+
 def _iter_files(root: Path) -> Iterator[tuple[str, bytes]]:
     """(relative path, bytes) of every regular file in a folder or a safe archive."""
+    budget = _Budget(root)
     if root.is_dir():
         for p in sorted(root.rglob("*")):
             if p.is_file():
-                yield p.relative_to(root).as_posix(), p.read_bytes()
+                rel = p.relative_to(root).as_posix()
+                with open(p, "rb") as f:
+                    yield rel, budget.read(rel, f)
         return
     name = root.name.lower()
     if name.endswith(".zip"):
@@ -198,10 +233,12 @@ def _iter_files(root: Path) -> Iterator[tuple[str, bytes]]:
             for info in zf.infolist():
                 mode = info.external_attr >> 16
                 _check_member(root, info.filename, is_link=stat.S_ISLNK(mode),
-                              is_special=bool(mode) and not (stat.S_ISREG(mode) or
-                                                             stat.S_ISDIR(mode)))
+                              # no type bits (Python's writestr): a plain file
+                              is_special=stat.S_IFMT(mode) not in (0, stat.S_IFREG,
+                                                                   stat.S_IFDIR))
                 if not info.is_dir():
-                    yield info.filename, zf.read(info)
+                    with zf.open(info) as f:
+                        yield info.filename, budget.read(info.filename, f)
         return
     try:
         tf = tarfile.open(root, mode="r:*")
@@ -215,19 +252,25 @@ def _iter_files(root: Path) -> Iterator[tuple[str, bytes]]:
             if m.isfile():
                 f = tf.extractfile(m)
                 if f is not None:
-                    yield m.name, f.read()
+                    yield m.name, budget.read(m.name, f)
 
 
 def _decode(origin: str, data: bytes, size: int | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    max_pixels = _limit("ABLATE_MAX_IMAGE_PIXELS", 8192 * 8192)
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.size[0] * im.size[1] > max_pixels:  # the header only: nothing decoded yet
+                raise DataError(f"{origin}: image of {im.size[0]}x{im.size[1]} pixels, over "
+                                f"the {max_pixels:,}-pixel limit (a decompression bomb?); "
+                                "refusing it (raise ABLATE_MAX_IMAGE_PIXELS)")
             im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F", "LA") else "RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as e:
         raise DataError(f"{origin}: unreadable or corrupt image ({e}); remove or replace it"
                         ) from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

@@ -317,3 +317,33 @@ def test_real_cifar10_jpeg_archive():
     assert torch.bincount(b.test.labels).tolist() == [1000] * 10
     again = load_dataset(s)  # from the cache
     assert torch.equal(again.test.images, b.test.images)
+
+
+def test_zip_bomb_member_is_cut_off_while_reading(tmp_path, monkeypatch):
+    p = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(p, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("train/cat/000.png", b"\0" * (8 << 20))  # 8 MiB of zeros: ~8 KiB zipped
+    assert p.stat().st_size < 100_000
+    monkeypatch.setenv("ABLATE_MAX_FILE_BYTES", str(1 << 20))
+    with pytest.raises(DataError, match=r"member 'train/cat/000.png' is over 1,048,576 bytes"):
+        load_dataset(spec(p))
+
+
+def test_member_count_and_total_bytes_are_capped(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "x")  # 3 classes x (6 + 2) images
+    monkeypatch.setenv("ABLATE_MAX_MEMBERS", "10")
+    with pytest.raises(DataError, match=r"more than 10 files .*ABLATE_MAX_MEMBERS"):
+        load_dataset(spec(folder))
+    monkeypatch.delenv("ABLATE_MAX_MEMBERS")
+    monkeypatch.setenv("ABLATE_MAX_DATA_BYTES", "500")
+    with pytest.raises(DataError, match=r"over 500 bytes uncompressed .*ABLATE_MAX_DATA_BYTES"):
+        load_dataset(spec(folder))
+
+
+def test_decompression_bomb_image_is_refused_from_its_header(tmp_path, monkeypatch):
+    folder = make_folder(tmp_path / "x")
+    (folder / "train" / "dog" / "001.png").write_bytes(png(np.zeros((64, 64), np.uint8)))
+    monkeypatch.setenv("ABLATE_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(DataError, match=r"train/dog/001.png: image of 64x64 pixels, over the "
+                                        r"1,000-pixel limit"):
+        load_dataset(spec(folder))
