@@ -16,9 +16,9 @@ import tarfile
 import tempfile
 import zipfile
 from collections.abc import Iterator
-from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -129,20 +129,58 @@ def _read_cifar_batch(path: Path) -> dict:
                         "again") from None
 
 
+def _download_once(root: Path, name: str, base: Path, folder: str) -> None:
+    """Download under a file lock: trials (or nodes sharing a folder) that need the data at
+    the same time wait for one download instead of writing the same files together."""
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{name}.download.lock")):
+        if base.is_dir():  # another trial finished it while we waited
+            return
+        try:
+            import torchvision.datasets as tvd
+
+            cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+            cls(str(root), train=True, download=True)
+        except Exception as e:  # noqa: BLE001 - any network failure means the same fix
+            raise DataError(
+                f"dataset.root: {base} is missing and downloading {name} failed ({e}); put "
+                f"the extracted '{folder}' folder under {root}") from None
+
+
+def check_root(spec: DatasetSpec, root: Path) -> None:
+    """What the driver checks once before Ray starts, so a bad root is one clear error and
+    not every trial failing and retrying: it exists, is readable, and has the layout."""
+    if spec.name in ("cifar10", "cifar100"):
+        folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[spec.name]
+        if not (root / folder).is_dir() and not spec.download:
+            raise DataError(f"dataset.root: {root / folder} not found; put the extracted "
+                            f"'{folder}' folder under {root}, or set dataset.download: true "
+                            "where the network allows")
+        return
+    if not root.exists():
+        raise DataError(f"dataset.root: {root} not found; point it at a folder or a "
+                        ".tar.gz/.zip with train/<class>/* and test/<class>/* "
+                        "(e.g. export ABLATE_DATA=../shared/data for the CIFAR-10 JPEGs)")
+    if not os.access(root, os.R_OK | (os.X_OK if root.is_dir() else 0)):
+        raise DataError(f"dataset.root: {root} is not readable by this user; fix its "
+                        "permissions")
+    if root.is_dir():
+        tops = [root, *(p for p in root.iterdir() if p.is_dir())]
+        if not any((t / "train").is_dir() for t in tops):
+            raise DataError(f"dataset.root: {root} has no train/ folder (nor one level down); "
+                            "an image folder needs train/<class>/* and test/<class>/*")
+    elif not (tarfile.is_tarfile(root) or zipfile.is_zipfile(root)):
+        raise DataError(f"dataset.root: {root} is not a folder, .tar, .tar.gz or .zip")
+
+
 def cifar_source(root: Path, name: str, download: bool) -> Source:
     folder = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
     base = root / folder
     if not base.is_dir():
         if download:
-            try:
-                import torchvision.datasets as tvd
-
-                cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
-                cls(str(root), train=True, download=True)
-            except Exception as e:  # noqa: BLE001 - any network failure means the same fix
-                raise DataError(
-                    f"dataset.root: {base} is missing and downloading {name} failed ({e}); put "
-                    f"the extracted '{folder}' folder under {root}") from None
+            _download_once(root, name, base, folder)
         else:
             raise DataError(
                 f"dataset.root: {base} not found; put the extracted '{folder}' folder "

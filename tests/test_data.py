@@ -347,3 +347,49 @@ def test_decompression_bomb_image_is_refused_from_its_header(tmp_path, monkeypat
     with pytest.raises(DataError, match=r"train/dog/001.png: image of 64x64 pixels, over the "
                                         r"1,000-pixel limit"):
         load_dataset(spec(folder))
+
+
+def test_concurrent_downloads_wait_for_one(tmp_path):
+    """A second trial needing the download waits on the lock, then finds the data there."""
+    import threading
+
+    from filelock import FileLock
+
+    from ablate.sources import _download_once
+
+    base = tmp_path / "cifar-10-batches-py"
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            _download_once(tmp_path, "cifar10", base, base.name)
+        except BaseException as e:  # noqa: BLE001 - asserted on below
+            errors.append(e)
+
+    with FileLock(str(tmp_path / ".cifar10.download.lock")):  # the first download, running
+        t = threading.Thread(target=second)
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # waiting, not downloading beside it
+        base.mkdir()  # the first download finishes
+    t.join(10)
+    assert not t.is_alive() and not errors  # it did not try to download (offline: it would fail)
+
+
+def test_driver_checks_the_data_root_before_ray_starts(tmp_path):
+    import subprocess
+    import sys
+
+    study = tmp_path / "s.yaml"
+    study.write_text(f"""name: noroot
+dataset: {{name: imagefolder, root: {tmp_path / 'missing.tar.gz'}}}
+model: {{dim: 16, depth: 2, patch_size: 4}}
+factors: {{model.mixer: [mlp, conv]}}
+""")
+    exe = Path(sys.executable).with_name("ablate")
+    res = subprocess.run([str(exe), "run", str(study), "--tracking-uri",
+                          f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"{tmp_path / 'missing.tar.gz'} not found" in res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "m.db").exists()

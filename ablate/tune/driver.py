@@ -56,13 +56,18 @@ def data_root(study: Study) -> str | None:
     if study.spec.dataset.name == "synthetic":
         return None
     from ablate.data import resolve_root
+    from ablate.sources import check_root
 
     datasets = [t.dataset for t in study.trials] or [study.spec.dataset]
     roots = {str(resolve_root(d)) for d in datasets}
     if len(roots) > 1:
         raise AblateError(f"{study.path}: dataset.root: a study reads one dataset root, "
                           f"found {sorted(roots)}")
-    return roots.pop() if roots else None
+    if not roots:
+        return None
+    root = roots.pop()
+    check_root(datasets[0], Path(root))
+    return root
 
 
 def plan_run(study: Study, tracking_uri: str) -> tuple[list[TrialSpec], list[TrialSpec]]:
@@ -254,6 +259,7 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
     until `search.n_trials` trials are complete. One driver per study at a time."""
     console = console or Console(soft_wrap=True)
     uri = resolve_tracking_uri(tracking_uri, study.spec.tracking.uri)
+    data_root(study)  # a missing or unreadable dataset: one error now, not every trial failing
     if study.spec.search.method == "optuna":
         search.open_storage(study.spec.search.storage)  # unreachable: say so, create nothing
     with _sigterm_stops_like_ctrl_c() as got:
