@@ -161,6 +161,15 @@ def profile(
 
     if precision not in DTYPES:
         raise _fail(AblateError(f"--precision: unknown {precision!r}; use fp32, bf16 or fp16"))
+    import torch
+
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise _fail(AblateError(f"--device: unknown {device!r}; use cpu or cuda"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise _fail(AblateError("--device cuda: no CUDA device is visible here; use --device "
+                                "cpu (or run on a machine with a GPU)"))
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise _fail(AblateError("--precision fp16 needs --device cuda; use bf16 on the CPU"))
     try:
         if name is None:
             kw = dict(mixer=mixer, dim=dim, depth=depth, patch_size=patch_size,
@@ -277,7 +286,7 @@ def status(study: StudyArg, tracking_uri: UriOpt = None,
                 out.print(f"  #{b['number']}: {vals}  {b['params']}", highlight=False,
                           markup=False)
     out.print(f"{info['study']}: {info['done']}/{info['trials']} done | " + " | ".join(
-        f"{k} {v}" for k, v in c.items()) + f"  [tracking: {info['tracking_uri']}]",
+        f"{k} {v}" for k, v in c.items()) + f"  [tracking: {mask_url(info['tracking_uri'])}]",
         highlight=False, markup=False)
     if info["best"]:
         b = info["best"]
@@ -332,7 +341,6 @@ def dashboard(tracking_uri: UriOpt = None,
               port: Annotated[int, typer.Option(help="Port.")] = 8501) -> None:
     """Open the Streamlit dashboard: frontiers, factor effects, curves, runs."""
     import os
-    import subprocess
 
     from ablate.tracking import PACKAGE_ROOT, resolve_tracking_uri
 
@@ -345,12 +353,12 @@ def dashboard(tracking_uri: UriOpt = None,
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
-    out.print(f"dashboard on http://{host}:{port}  (tracking: {uri}; Ctrl-C stops it)",
-              highlight=False, markup=False)
-    try:
-        raise typer.Exit(subprocess.call(cmd, env=env))
-    except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+    out.print(f"dashboard on http://{host}:{port}  (tracking: {mask_url(uri)}; Ctrl-C stops "
+              "it)", highlight=False, markup=False)
+    sys.stdout.flush()
+    # become Streamlit (same PID): SIGTERM and Ctrl-C reach the server itself, nothing is
+    # left running behind a dead wrapper
+    os.execve(sys.executable, cmd, env)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ablate import __version__, analysis, plots
 from ablate.analysis import Analysis, GridFit, short, term_name
-from ablate.errors import AblateError, AnalysisError
+from ablate.errors import AblateError, AnalysisError, mask_url
 
 FORMATS = ("html", "md", "json")
 
@@ -63,7 +63,8 @@ def study_source(path: Path, tracking_uri: str | None = None) -> Source:
     uri = resolve_tracking_uri(tracking_uri, s.spec.tracking.uri)
     runs = load_runs(s.experiment, uri, params=False)
     if runs.empty:
-        raise AnalysisError(f"{path}: study '{s.spec.name}' has no runs in {uri}: run it "
+        raise AnalysisError(f"{path}: study '{s.spec.name}' has no runs in {mask_url(uri)}: "
+                            "run it "
                             f"first (`ablate run {path}`) or pass --tracking-uri")
     if s.spec.search.method == "grid" and "cell_id" in runs:
         cells = {t.cell_id for t in s.trials}
@@ -90,7 +91,7 @@ def experiment_source(experiment: str, factors: list[str], seed_key: str | None 
     runs = load_runs(experiment, uri, params=True)
     if runs.empty:
         raise AnalysisError(f"--experiment {experiment!r}: no such experiment (or no runs) in "
-                            f"{uri}; check the name or pass --tracking-uri")
+                            f"{mask_url(uri)}; check the name or pass --tracking-uri")
     if not factors:
         raise AnalysisError("--factor: name at least one run param to compare, e.g. "
                             "--factor model.mixer")

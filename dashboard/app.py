@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from ablate import analysis, plots, report, tracking
-from ablate.errors import AblateError
+from ablate.errors import AblateError, mask_url
 
 ACC_METRICS = ["val_acc", "best_val_acc", "test_acc"]
 TTL_S = 30
@@ -42,14 +42,15 @@ def curves(study: str, uri: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
 
 def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
     st.sidebar.title("ablate")
-    st.sidebar.caption(f"tracking: `{uri}`")
+    st.sidebar.caption(f"tracking: `{mask_url(uri)}`")
     try:
         names = studies(uri)
     except AblateError as e:
         st.error(str(e))
         st.stop()
     if not names:
-        st.info(f"No studies in `{uri}` yet. Run one first: `ablate run studies/quickstart.yaml`"
+        st.info(f"No studies in `{mask_url(uri)}` yet. Run one first: "
+                "`ablate run studies/quickstart.yaml`"
                 " (or point the dashboard at another store with `--tracking-uri`).")
         st.stop()
     wanted = st.query_params.get("study")  # links can name a study: /?study=quickstart

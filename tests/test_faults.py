@@ -142,3 +142,51 @@ def test_lease_of_a_dead_or_silent_holder_does_not_hold():
     assert not holder_alive({"id": "a", "host": here, "pid": int(dead), "beat": now})
     assert holder_alive({"id": "a", "host": other, "pid": 1, "beat": now - 10})
     assert not holder_alive({"id": "a", "host": other, "pid": 1, "beat": now - 3600})
+
+
+def test_passwords_never_printed(tmp_path):
+    """A tracking URI with a password: the error names the URI with the password masked."""
+    path = write(tmp_path / "f.yaml", STUDY.replace("EPOCHS", "1"))
+    uri = f"postgresql+psycopg://ablate:hunter2secret@127.0.0.1:{_closed_port()}/mlflow"
+    for args in (["status", str(path)], ["run", str(path), "--dry-run"]):
+        res = subprocess.run([str(EXE), *args, "--tracking-uri", uri], capture_output=True,
+                             text=True, stdin=subprocess.DEVNULL, timeout=120)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "hunter2secret" not in res.stdout + res.stderr
+        assert "ablate:***@127.0.0.1" in res.stderr
+
+
+def _closed_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()  # nothing listens there
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_profile_on_cuda_without_cuda_is_one_line():
+    res = subprocess.run([str(EXE), "profile", "--mixer", "mlp", "--dim", "32", "--depth", "1",
+                          "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "--device cuda: no CUDA device is visible here" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_dashboard_is_the_streamlit_process_so_sigterm_stops_it(tmp_path):
+    from tests.conftest import free_port, wait_http
+
+    port = free_port()
+    proc = subprocess.Popen([str(EXE), "dashboard", "--tracking-uri",
+                             f"sqlite:///{tmp_path / 'm.db'}", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/_stcore/health", proc)
+        assert "streamlit" in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(
+            errors="replace")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with socket.socket() as s:  # nothing serves the port any more
+        assert s.connect_ex(("127.0.0.1", port)) != 0

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ablate.errors import TrackingError
+from ablate.errors import TrackingError, mask_url
 
 DONE = ("finished", "pruned")  # a trial in one of these is never run again
 FINAL_METRICS = ("val_acc", "best_val_acc", "test_acc", "test_loss", "params", "gmacs",
@@ -109,7 +109,8 @@ def client(uri: str):
                 time.sleep(1.0)
                 continue
             msg = str(e).splitlines()[0][:300]
-            raise TrackingError(f"tracking uri {uri}: cannot open the MLflow store ({msg}); "
+            raise TrackingError(f"tracking uri {mask_url(uri)}: cannot open the MLflow store "
+                                f"({mask_url(msg)}); "
                                 "check --tracking-uri / ABLATE_TRACKING_URI / tracking.uri"
                                 ) from None
     raise AssertionError("unreachable")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate import search
+from ablate.errors import mask_url
 from ablate.study import Study
 from ablate.tracking import DONE, load_runs, resolve_tracking_uri
 
@@ -38,7 +39,7 @@ def status(study: Study, tracking_uri: str | None = None) -> dict[str, Any]:
         counts["pending"] = len(ids) - len(latest)
     else:
         counts["pending"] = len(ids)
-    info = {"study": study.spec.name, "tracking_uri": uri, "trials": len(ids),
+    info = {"study": study.spec.name, "tracking_uri": mask_url(uri), "trials": len(ids),
             "counts": counts, "best": best, "done": sum(counts[s] for s in DONE)}
     if optuna_search:
         info["optuna"] = search_status(study.spec)
