@@ -72,8 +72,20 @@ def test_workers_reserve_gpus_and_scale():
 
 def test_mlflow_uses_postgres_and_credentials_come_from_env():
     c = compose()
-    cmd = c["services"]["mlflow"]["command"]
-    assert "postgresql+psycopg://" in cmd and "${POSTGRES_PASSWORD}" in cmd
+    mlflow = c["services"]["mlflow"]
+    # the password never on a command line (ps shows those): MLflow reads it from its env
+    assert "POSTGRES_PASSWORD" not in mlflow["command"] and "postgresql" not in mlflow["command"]
+    assert "${POSTGRES_PASSWORD" in mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert '"*"' not in mlflow["command"] and "--allowed-hosts" in mlflow["command"]
+    # the Ray token only where Ray runs
+    for name, svc in c["services"].items():
+        assert ("RAY_AUTH_TOKEN" in (svc.get("environment") or {})) == name.startswith("ray-")
+    # the placeholders of .env.example are refused at start
+    entry = (DOCKER / "entrypoint.sh").read_text()
+    assert "change-me*" in entry and "exit 2" in entry
+    for line in (DOCKER / ".env.example").read_text().splitlines():
+        if line.startswith(("POSTGRES_PASSWORD=", "RAY_AUTH_TOKEN=")):
+            assert line.split("=", 1)[1].startswith("change-me")
     assert c["services"]["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     text = (DOCKER / "compose.yaml").read_text()
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
@@ -213,3 +225,27 @@ def test_worker_node_lost_mid_study_trials_retry_elsewhere(two_nodes, tmp_path):
     assert max(attempts) >= 2, out  # the lost node's trial was retried ...
     nodes = {c.get_run(r).data.tags.get("ablate.node_ip") for r in df["run_id"]}
     assert "127.0.0.2" in nodes  # ... and finished on the node that was left
+
+
+def test_entrypoint_refuses_placeholder_secrets_and_runs_the_command():
+    entry = DOCKER / "entrypoint.sh"
+    env = {"PATH": os.environ["PATH"], "POSTGRES_PASSWORD": "change-me"}
+    bad = subprocess.run(["sh", str(entry), "echo", "started"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "POSTGRES_PASSWORD is still the placeholder" in bad.stderr
+    assert "started" not in bad.stdout
+    env["POSTGRES_PASSWORD"] = "s3cret-from-env"
+    ok = subprocess.run(["sh", str(entry), "echo", "started"], env=env, capture_output=True,
+                        text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "started"
+
+
+def test_image_gets_the_git_revision_as_a_build_argument():
+    df = (DOCKER / "Dockerfile").read_text()
+    assert "ARG GIT_REVISION" in df and "ABLATE_GIT_REVISION=${GIT_REVISION}" in df
+    assert compose()["x-ablate"]["build"]["args"]["GIT_REVISION"].startswith("${GIT_REVISION")
+    code = ("import os; os.environ['ABLATE_GIT_REVISION'] = 'abc123'; "
+            "import ablate.tracking.store as s; s.PACKAGE_ROOT = __import__('pathlib').Path('/'); "
+            "print(s.git_revision())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.stdout.strip() == "abc123", out.stderr

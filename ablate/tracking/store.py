@@ -65,12 +65,12 @@ def git_revision() -> str:
                              text=True, timeout=5)
         rev = out.stdout.strip()
         if out.returncode != 0 or not rev:
-            return "unknown"
+            return os.environ.get("ABLATE_GIT_REVISION") or "unknown"  # an image: no .git
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=PACKAGE_ROOT, capture_output=True, text=True, timeout=5)
         return rev + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("ABLATE_GIT_REVISION") or "unknown"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
