@@ -200,3 +200,18 @@ def test_interrupted_search_resumes_to_exactly_n_trials(ray_session, tmp_path):
     # running again adds nothing
     run_study(load_study(path), uri)
     assert len(load_runs("srch", uri)) == len(df)
+
+
+def test_resumed_search_proposes_new_configurations(ray_session, tmp_path):
+    """Raising n_trials continues the same Optuna study; the sampler is re-seeded from the
+    trials already told, so the random start-up suggestions are not replayed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = study_file(tmp_path, sampler="random", n=2, epochs=1)
+    run_study(load_study(path), uri)
+    first = [t.params for t in optuna_trials(path).trials]
+    path = study_file(tmp_path, sampler="random", n=4, epochs=1)
+    run_study(load_study(path), uri)
+    trials = optuna_trials(path).trials
+    assert len(trials) == 4 and [t.params for t in trials[:2]] == first
+    lrs = [t.params["train.lr"] for t in trials]
+    assert len(set(lrs)) == 4, lrs  # a replayed seed would propose the first two again
