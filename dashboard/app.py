@@ -32,7 +32,9 @@ def studies(uri: str) -> list[str]:
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
 def runs(study: str, uri: str) -> pd.DataFrame:
-    return tracking.load_runs(study, uri, params=False)
+    from ablate.tracking.lease import without_orphans
+
+    return without_orphans(tracking.load_runs(study, uri, params=False), uri, study)
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)

@@ -102,8 +102,10 @@ def test_random_sigkill_sigterm_sigint_then_the_study_finishes_each_trial_once(t
     path = write(tmp_path / "f.yaml", STUDY.replace("EPOCHS", "40"))
     rng = random.Random(int(os.environ.get("ABLATE_FAULT_SEED", "0")))
     ray_of_dead_drivers: set[int] = set()
+    drivers: set[int] = set()
     for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
         proc = start(path, uri)
+        drivers.add(proc.pid)
         try:
             wait_for_a_trial_epoch(uri, db, proc)
             time.sleep(rng.uniform(0.0, 3.0))  # a random moment while trials train
@@ -115,9 +117,21 @@ def test_random_sigkill_sigterm_sigint_then_the_study_finishes_each_trial_once(t
                 proc.kill()
         expected = {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
         assert proc.returncode in (expected, 0), output  # 0: it finished first
+        if sig == signal.SIGKILL:  # before anyone reconciles: nobody is running them
+            st = subprocess.run([str(EXE), "status", str(path), "--tracking-uri", uri, "--json"],
+                                capture_output=True, text=True, timeout=120)
+            assert json.loads(st.stdout)["counts"]["running"] == 0, st.stdout
     final = start(path, uri)
+    drivers.add(final.pid)
     output, _ = final.communicate(timeout=600)
     assert final.returncode == 0, output
+    # Ray's trial folders: private to the user, and gone once the drivers stopped
+    from ablate.tune.driver import trial_storage
+
+    storage = trial_storage()
+    assert storage.stat().st_mode & 0o777 == 0o700
+    assert not [p for p in storage.iterdir() if p.name.startswith("faults-")
+                and int(p.name.rsplit("-", 1)[1]) in drivers]
     df = load_runs("faults", uri)
     finished = df[df["status"] == "finished"]
     assert sorted(finished["trial_id"].value_counts().tolist()) == [1, 1, 1, 1]

@@ -135,3 +135,19 @@ def reconcile(tracker, lease: StudyLease) -> int:
                                "marked killed by the next `ablate run`")
         tracker.end_run(r.info.run_id, "killed")
     return len(stale)
+
+
+def without_orphans(df, uri: str, experiment: str):
+    """Runs still RUNNING while no live driver holds the study (it was killed and no run
+    since has reconciled them) are shown as killed: nobody is running them."""
+    if df.empty or "status" not in df or not (df["status"] == "running").any():
+        return df
+    from ablate.tracking.store import client
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is not None and holder_alive(read_lease(c, exp.experiment_id)):
+        return df
+    df = df.copy()
+    df.loc[df["status"] == "running", "status"] = "killed"
+    return df

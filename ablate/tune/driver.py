@@ -183,6 +183,18 @@ def _rearm_python_signal_handlers() -> None:
             signal.signal(signal.SIGTERM, _on_term)
 
 
+def _remove_dead_drivers_dirs(storage: Path, study: str) -> None:
+    """Trial folders `<study>-<time>-<pid>` left by a driver that was SIGKILLed."""
+    import shutil
+
+    from ablate.tracking.lease import _pid_alive
+
+    for d in storage.glob(f"{study}-*-*"):
+        pid = d.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def trial_storage() -> Path:
     """Ray's trial folders: a private per-user directory (mode 0700), not a shared /tmp path."""
     path = Path(tempfile.gettempdir()) / f"ablate-ray-{os.getuid()}"
@@ -212,6 +224,7 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
     callback = StudyCallback(RunWriter(tracker, study), progress, console, concurrency,
                              optuna_study)
     storage = trial_storage()
+    _remove_dead_drivers_dirs(storage, spec.name)
     name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     interrupted = False
     live = console.is_terminal and not verbose
@@ -247,7 +260,7 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
     console.print(f"{spec.name}: {progress.line(concurrency)}", highlight=False)
     # Tune stops gracefully on Ctrl-C and returns: unfinished trials mean we were interrupted
     interrupted = interrupted or progress.ended < progress.total
-    if not interrupted and not keep_trial_dirs:
+    if not keep_trial_dirs:  # ablate resumes from MLflow, never from Ray's folders
         shutil.rmtree(storage / name, ignore_errors=True)
     return interrupted
 

@@ -9,6 +9,7 @@ from ablate import search
 from ablate.errors import mask_url
 from ablate.study import Study
 from ablate.tracking import DONE, load_runs, resolve_tracking_uri
+from ablate.tracking.lease import without_orphans
 
 RANK = ("finished", "pruned", "running", "failed", "killed")  # the status a trial shows
 
@@ -16,7 +17,8 @@ RANK = ("finished", "pruned", "running", "failed", "killed")  # the status a tri
 def status(study: Study, tracking_uri: str | None = None) -> dict[str, Any]:
     """Counts by status (trials with no run are 'pending') and the best finished trial."""
     uri = resolve_tracking_uri(tracking_uri, study.spec.tracking.uri)
-    df = load_runs(study.experiment, uri, params=False)
+    df = without_orphans(load_runs(study.experiment, uri, params=False), uri,
+                         study.experiment)
     optuna_search = study.spec.search.method == "optuna"
     ids = ({t.trial_id for t in study.trials} if not optuna_search else
            set(df["trial_id"]) if not df.empty else set())
