@@ -17,7 +17,9 @@ from ablate.tracking.store import (
 
 # Tags read back as plain columns: where and from what each run came (report provenance).
 PROVENANCE_TAGS = {"ablate.hostname": "hostname", "ablate.git_revision": "git_revision",
-                   "ablate.study_file_hash": "study_file_hash"}
+                   "ablate.study_file_hash": "study_file_hash", "ablate.phase": "phase"}
+# params every load returns, params=False included: what the verdict must state (the budget)
+ALWAYS_PARAMS = ("train.budget", "train.epochs")
 
 
 def list_studies(uri: str) -> list[str]:
@@ -70,8 +72,8 @@ def _load_runs_client(study: str, uri: str, params: bool = True) -> pd.DataFrame
                 row[k] = None if v == "off" else _num(v)
             elif k.startswith("optuna."):
                 row[k] = _num(v)
-        if params:
-            for k, v in r.data.params.items():
+        for k, v in r.data.params.items():
+            if params or k in ALWAYS_PARAMS:
                 row[f"params.{k}"] = v
         row.update(r.data.metrics)
         rows.append(row)
@@ -109,8 +111,10 @@ def _load_runs_sql(study: str, uri: str, params: bool) -> pd.DataFrame:
                                    f"({sub})"), con, params=q)
         mets = pd.read_sql(sa.text(f"SELECT run_uuid, key, value FROM latest_metrics WHERE "
                                    f"run_uuid IN ({sub})"), con, params=q)
+        only = "" if params else " AND key IN (" + ", ".join(
+            f"'{k}'" for k in ALWAYS_PARAMS) + ")"
         pars = pd.read_sql(sa.text(f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN "
-                                   f"({sub})"), con, params=q) if params else None
+                                   f"({sub}){only}"), con, params=q)
     if runs.empty:
         return pd.DataFrame()
     df = pd.DataFrame({
