@@ -40,7 +40,7 @@ def load_runs(study: str, uri: str | None = None, params: bool = True) -> pd.Dat
     uri = uri or default_tracking_uri()
     if not sqlite_store_exists(uri):
         return pd.DataFrame()
-    if uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql"):
+    if _is_database(uri):
         client(uri)  # creates/migrates the schema (under the store lock) if needed
         return _load_runs_sql(study, uri, params)
     return _load_runs_client(study, uri, params)
@@ -154,26 +154,53 @@ def _load_runs_sql(study: str, uri: str, params: bool) -> pd.DataFrame:
     return df.reset_index().sort_values("start_time", ascending=False, ignore_index=True)
 
 
+def _is_database(uri: str) -> bool:
+    return uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql")
+
+
 def load_curves(study: str, uri: str | None = None, run_ids: list[str] | None = None,
                 metrics: tuple[str, ...] = EPOCH_METRICS) -> pd.DataFrame:
-    """Per-epoch metrics: columns run_id, metric, step, value (last value per step)."""
+    """Per-epoch metrics: columns run_id, metric, step, value (last value per step). A
+    database store is read with one SQL query per 500 runs, not one call per run and metric."""
     uri = uri or default_tracking_uri()
     if not sqlite_store_exists(uri):
         return pd.DataFrame(columns=["run_id", "metric", "step", "value"])
-    c = client(uri)
     if run_ids is None:
-        df = load_runs(study, uri)
+        df = load_runs(study, uri, params=False)
         run_ids = [] if df.empty else df["run_id"].tolist()
-    rows = []
-    for rid in run_ids:
-        for m in metrics:
-            for h in c.get_metric_history(rid, m):
-                rows.append((rid, m, h.step, h.value, h.timestamp))
-    df = pd.DataFrame(rows, columns=["run_id", "metric", "step", "value", "ts"])
+    if _is_database(uri):
+        client(uri)  # creates/migrates the schema (under the store lock) if needed
+        df = _load_curves_sql(uri, run_ids, metrics)
+    else:
+        df = _load_curves_client(uri, run_ids, metrics)
     if df.empty:
         return df.drop(columns="ts")
-    df = df.sort_values("ts").groupby(["run_id", "metric", "step"], as_index=False).last()
+    df = df.sort_values("ts", kind="stable").groupby(["run_id", "metric", "step"],
+                                                     as_index=False).last()
     return df.drop(columns="ts")
+
+
+def _load_curves_client(uri: str, run_ids: list[str], metrics: tuple[str, ...]
+                        ) -> pd.DataFrame:
+    c = client(uri)
+    rows = [(rid, m, h.step, h.value, h.timestamp) for rid in run_ids for m in metrics
+            for h in c.get_metric_history(rid, m)]
+    return pd.DataFrame(rows, columns=["run_id", "metric", "step", "value", "ts"])
+
+
+def _load_curves_sql(uri: str, run_ids: list[str], metrics: tuple[str, ...]) -> pd.DataFrame:
+    import sqlalchemy as sa
+
+    parts = []
+    with _engine(uri).connect() as con:
+        for i in range(0, len(run_ids), 500):
+            q = sa.text("SELECT run_uuid AS run_id, key AS metric, step, value, timestamp AS ts "
+                        "FROM metrics WHERE run_uuid IN :ids AND key IN :keys").bindparams(
+                sa.bindparam("ids", expanding=True), sa.bindparam("keys", expanding=True))
+            parts.append(pd.read_sql(q, con, params={"ids": run_ids[i:i + 500],
+                                                     "keys": list(metrics)}))
+    cols = ["run_id", "metric", "step", "value", "ts"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
 def _num(v: str | None) -> Any:
