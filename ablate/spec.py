@@ -120,6 +120,17 @@ class SearchSpec(Strict):
     storage: str | None = None
 
 
+class TuneSpec(Strict):
+    """Equal tuning: an Optuna search per level of `per` before the grid, on val_acc; every
+    grid trial then takes its level's best values."""
+
+    per: list[str] = Field(default_factory=list, description="factor keys; [] tunes once")
+    space: dict[str, Any] = Field(default_factory=dict)
+    n_trials: PositiveInt = 12
+    epochs: PositiveInt | None = Field(None, description="per tuning trial (default: train's)")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+
 class SchedulerSpec(Strict):
     name: Literal["fifo", "asha"] = "fifo"
     metric: str = "val_acc"
@@ -155,6 +166,7 @@ class StudySpec(Strict):
     factors: Levels | list[Levels] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
     search: SearchSpec = SearchSpec()
+    tune: TuneSpec | None = None
     scheduler: SchedulerSpec = SchedulerSpec()
     resources: ResourcesSpec = ResourcesSpec()
     failures: FailuresSpec = FailuresSpec()

@@ -47,6 +47,7 @@ from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home 
     set_field,
     split_key,
 )
+from ablate.tuning import check_tune, level_label, level_spec
 
 log = logging.getLogger(__name__)
 
@@ -420,6 +421,7 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
     if uses_fp16 and spec.resources.gpus_per_trial == 0:
         problems.append(("train.precision", "fp16 needs a GPU (resources.gpus_per_trial > 0); "
                                             "use bf16 or fp32 on the CPU"))
+    problems += check_tune(spec)
     if spec.search.method == "optuna":
         problems += check_search(spec)
         if not problems:
@@ -435,6 +437,15 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
         raise StudyError(file, problems)
     warnings: list[tuple[str, str]] = []
     trials, keys = _expand_trials(spec, problems, warnings)
+    if spec.tune is not None and not problems:
+        for values in tune_levels(spec, trials).values():
+            sections = {s: getattr(level_spec(spec, values, ""), s).model_dump()
+                        for s in SECTION_MODELS}
+            try:
+                trials_for(sections, {}, spec.tune.seeds, list(values))
+            except ValueError as e:
+                problems.append(("tune", f"level {level_label(values)} cannot be tuned on the "
+                                         f"study's base values: {e}"))
     if problems:
         raise StudyError(file, problems)
     lines = StudyError(file, warnings).lines() if warnings else []
@@ -471,3 +482,25 @@ def trials_for(base: dict[str, dict[str, Any]], overrides: dict[str, Any], seeds
     if reasons:
         raise ValueError("; ".join(reasons))
     return [TrialSpec.build(ds, ms, ts, seed, 0, keys, matched) for seed in seeds]
+
+
+def tune_levels(spec: StudySpec, trials: list[TrialSpec]) -> dict[str, dict[str, Any]]:
+    """The tuning levels of a study, by label: each distinct combination of the trials'
+    `tune.per` factor values (one level, `all`, when `per` is empty)."""
+    per = spec.tune.per if spec.tune else []
+    out: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        values = {k: t.factors.get(k) for k in per}
+        out.setdefault(level_label(values), values)
+    return out
+
+
+def with_tuned(trial: TrialSpec, values: dict[str, Any], keys: list[str]) -> TrialSpec:
+    """`trial` with tuned values (dotted keys) applied: a new resolved config and trial id."""
+    base = {"dataset": trial.dataset.model_dump(), "model": trial.model.model_dump(),
+            "train": trial.train.model_dump()}
+    ds, ms, ts = _apply(base, values)
+    ms, matched, reasons = _checked(ds, ms, keys)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    return TrialSpec.build(ds, ms, ts, trial.seed, trial.grid, keys, matched)
