@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ablate.errors import StudyError
+from ablate.report import make_report, study_source
 from ablate.study import load_study
 from ablate.tracking import load_runs
 from ablate.tune.driver import open_search_study, run_study
@@ -93,6 +94,12 @@ def test_tuning_per_level_then_grid_on_best_values_then_resume(tmp_path):
     assert {r.data.tags["ablate.tune_level"] for r in tune_runs} == {
         "model.mixer=mlp", "model.mixer=conv"}
     assert all(r.data.tags["ablate.study"] == "tuned" for r in tune_runs)
+
+    src = study_source(path, uri)  # the tuned grid's runs are current, not outdated
+    assert set(src.runs["status"]) == {"finished"} and len(src.runs) == 2
+    _, text = make_report(src, "test_acc", "md", None)
+    for mixer, b in best.items():
+        assert f"model.mixer={mixer}" in text and repr(b["train.lr"]) in text
 
     n_runs = len(load_runs("tuned", uri, phase=None))
     again = run_study(load_study(path), uri)
