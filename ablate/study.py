@@ -371,6 +371,9 @@ def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]],
     return trials, keys
 
 
+_MATCHED: dict[tuple, Any] = {}
+
+
 def _checked(ds: DatasetSpec, ms: ModelSpec, keys: Iterable[str]
              ) -> tuple[ModelSpec, Matched | None, list[str]]:
     """The cell's model with model.match resolved (its dim or depth chosen among those that
@@ -381,7 +384,12 @@ def _checked(ds: DatasetSpec, ms: ModelSpec, keys: Iterable[str]
     if ms.arch != "backbone":
         return ms, None, [f"model.match: works on the backbone's dim and depth, not on "
                           f"model.arch '{ms.arch}': match in a factor grid of backbone cells"]
-    out = match_cell(ds, ms, lambda o: check_cell(ds, o, keys))
+    # cells that differ only outside the model (data fraction, lr, seed) match alike: once
+    memo = (ms.model_dump_json(), ds.known_image_size(), ds.name, ds.channels, ds.num_classes,
+            tuple(keys))
+    if memo not in _MATCHED:
+        _MATCHED[memo] = match_cell(ds, ms, lambda o: check_cell(ds, o, keys))
+    out = _MATCHED[memo]
     if isinstance(out, str):
         return ms, None, [out]
     return out[0], out[1], []
