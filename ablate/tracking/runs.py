@@ -31,19 +31,26 @@ def list_studies(uri: str) -> list[str]:
     return [e.name for e in exps if e.name != "Default"]
 
 
-def load_runs(study: str, uri: str | None = None, params: bool = True) -> pd.DataFrame:
+def load_runs(study: str, uri: str | None = None, params: bool = True,
+              phase: str | None = "final") -> pd.DataFrame:
     """One row per run: run_id, trial_id, cell_id (seeds of one configuration share it), grid
     (index of the factor grid), status, seed, factor.<key> columns (typed where
     numeric), params.<key> (unless params=False), final metrics, start/end time. Empty frame
-    if no such study. Database stores are read with three SQL queries (what a 5,000-run
-    dashboard needs); a tracking server through MLflow's client."""
+    if no such study. Only runs of `phase` (`final`: the grid's, what analysis uses; `tune`: a
+    tuning phase's; None: all), with a `phase` column. Database stores are read with three
+    SQL queries (what a 5,000-run dashboard needs); a tracking server through MLflow's
+    client."""
     uri = uri or default_tracking_uri()
     if not sqlite_store_exists(uri):
         return pd.DataFrame()
     if _is_database(uri):
         client(uri)  # creates/migrates the schema (under the store lock) if needed
-        return _load_runs_sql(study, uri, params)
-    return _load_runs_client(study, uri, params)
+        df = _load_runs_sql(study, uri, params)
+    else:
+        df = _load_runs_client(study, uri, params)
+    if df.empty or phase is None:
+        return df
+    return df[df["phase"] == phase].reset_index(drop=True)
 
 
 def _load_runs_client(study: str, uri: str, params: bool = True) -> pd.DataFrame:
@@ -62,6 +69,7 @@ def _load_runs_client(study: str, uri: str, params: bool = True) -> pd.DataFrame
             "grid": _num(tags.get("ablate.grid")),
             "status": tags.get("ablate.status", r.info.status.lower()),
             "seed": _num(tags.get("ablate.seed")),
+            "phase": tags.get("ablate.phase") or "final",
             "error": tags.get("ablate.error", ""),
             **{col: tags.get(tag) for tag, col in PROVENANCE_TAGS.items()},
             "start_time": pd.to_datetime(r.info.start_time, unit="ms"),
@@ -132,6 +140,7 @@ def _load_runs_sql(study: str, uri: str, params: bool) -> pd.DataFrame:
     df["status"] = df["status"].fillna(mlflow_status)
     df["seed"] = t.get("ablate.seed", pd.Series(dtype=object)).reindex(df.index).map(_num)
     df["error"] = t.get("ablate.error", pd.Series(dtype=object)).reindex(df.index).fillna("")
+    df["phase"] = t.get("ablate.phase", pd.Series(dtype=object)).reindex(df.index).fillna("final")
     for tag, col in PROVENANCE_TAGS.items():
         df[col] = t.get(tag, pd.Series(dtype=object)).reindex(df.index)
     cols: dict[str, pd.Series] = {}
