@@ -17,7 +17,7 @@ from ablate.tracking.store import (
 
 # Tags read back as plain columns: where and from what each run came (report provenance).
 PROVENANCE_TAGS = {"ablate.hostname": "hostname", "ablate.git_revision": "git_revision",
-                   "ablate.study_file_hash": "study_file_hash", "ablate.phase": "phase"}
+                   "ablate.study_file_hash": "study_file_hash"}
 # params every load returns, params=False included: what the verdict must state (the budget)
 ALWAYS_PARAMS = ("train.budget", "train.epochs")
 
