@@ -42,15 +42,19 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 StudyArg = Annotated[Path, typer.Argument(help="Study file (YAML), e.g. studies/quickstart.yaml",
                                           show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="Override a study key (repeat): dotted as in factors, "
+    "value parsed as YAML, e.g. --set train.epochs=3 --set factors.model.mixer=[conv,mlp]. "
+    "Validated like the file; changes trial ids where it changes the trial.")]
 
 
 @app.command()
-def validate(study: StudyArg) -> None:
+def validate(study: StudyArg, sets: SetOpt = None) -> None:
     """Check a study file; print the number of trials and of cells per factor."""
     from ablate.study import cells_per_factor, load_study
 
     try:
-        s = load_study(study)
+        s = load_study(study, sets or ())
     except AblateError as e:
         raise _fail(e) from None
     if s.spec.search.method == "optuna":
@@ -74,14 +78,14 @@ def validate(study: StudyArg) -> None:
 
 
 @app.command()
-def plan(study: StudyArg,
+def plan(study: StudyArg, sets: SetOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False
          ) -> None:
     """List the expanded trials with their trial ids and factor levels."""
     from ablate.study import load_study
 
     try:
-        s = load_study(study)
+        s = load_study(study, sets or ())
     except AblateError as e:
         raise _fail(e) from None
     if s.spec.search.method == "optuna":
@@ -220,14 +224,20 @@ def run(study: StudyArg,
             "--keep-trial-dirs", help="Keep Ray's trial folders of a finished study.")] = False,
         quiet: Annotated[bool, typer.Option(
             "--quiet", "-q", help="No verdict and table at the end.")] = False,
+        sets: SetOpt = None,
+        max_concurrent: Annotated[int | None, typer.Option(
+            "--max-concurrent", min=1, help="Trials at once (default: resources.max_concurrent, "
+            "else as many as the Ray cluster's CPUs and GPUs hold).")] = None,
         ) -> None:
     """Run a study's trials on Ray Tune and log every trial to MLflow (resumable)."""
     from ablate.study import load_study
     from ablate.tracking import resolve_tracking_uri
     from ablate.tune.driver import plan_run, run_study
 
+    sets = [*(sets or []), *([f"resources.max_concurrent={max_concurrent}"]
+                             if max_concurrent is not None else [])]
     try:
-        s = load_study(study)
+        s = load_study(study, sets)
         if dry_run:
             uri = resolve_tracking_uri(tracking_uri, s.spec.tracking.uri)
             todo, skipped = plan_run(s, uri)
@@ -245,28 +255,29 @@ def run(study: StudyArg,
         err.print("interrupted: running trials were marked killed; `ablate run` again resumes")
         raise typer.Exit(143 if summary.terminated else 130)
     if not quiet and s.spec.search.method == "grid":
-        _print_summary(study, tracking_uri)
+        _print_summary(study, tracking_uri, sets)
 
 
-def _print_summary(study: Path, tracking_uri: str | None) -> None:
+def _print_summary(study: Path, tracking_uri: str | None, sets: list[str] | None = None
+                   ) -> None:
     from ablate.report import run_summary
 
     try:
-        text = run_summary(study, tracking_uri)
+        text = run_summary(study, tracking_uri, sets=sets or ())
     except AblateError as e:  # nothing finished yet: say so, the run itself succeeded
         text = f"No verdict: {e}"
     out.print("\n" + text, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
-def status(study: StudyArg, tracking_uri: UriOpt = None,
+def status(study: StudyArg, tracking_uri: UriOpt = None, sets: SetOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Counts of trials by status and the best trial so far."""
     from ablate.study import load_study
     from ablate.tune.status import status as study_status
 
     try:
-        info = study_status(load_study(study), tracking_uri)
+        info = study_status(load_study(study, sets or ()), tracking_uri)
     except AblateError as e:
         raise _fail(e) from None
     if as_json:
@@ -294,7 +305,7 @@ def status(study: StudyArg, tracking_uri: UriOpt = None,
                   + (f", test_acc {b['test_acc']:.4f}" if b["test_acc"] is not None else ""),
                   highlight=False, markup=False)
     if "optuna" not in info and info["trials"] and info["done"] == info["trials"]:
-        _print_summary(study, tracking_uri)  # a finished study: the verdict and cell table
+        _print_summary(study, tracking_uri, sets)  # a finished study: the verdict and cell table
 
 
 @app.command()
@@ -316,6 +327,7 @@ def report(
                                                      "run param to compare (repeat).")] = None,
     seed_key: Annotated[str | None, typer.Option(help="With --experiment: the param that "
                                                       "holds the seed.")] = None,
+    sets: SetOpt = None,
 ) -> None:
     """The verdict: is it attention, patches or data? ANOVA, effects and CIs per grid."""
     from ablate.report import experiment_source, make_report, study_source
@@ -323,7 +335,7 @@ def report(
     try:
         if (study is None) == (experiment is None):
             raise AblateError("ablate report: give a study file or --experiment NAME (one)")
-        src = (study_source(study, tracking_uri) if study is not None else
+        src = (study_source(study, tracking_uri, sets or ()) if study is not None else
                experiment_source(experiment, factor or [], seed_key, tracking_uri))
         path, text = make_report(src, metric, fmt, output)
     except AblateError as e:

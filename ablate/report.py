@@ -8,6 +8,7 @@ import datetime as dt
 import html
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -53,13 +54,14 @@ def _provenance(runs: pd.DataFrame, uri: str, **extra: Any) -> dict[str, Any]:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def study_source(path: Path, tracking_uri: str | None = None) -> Source:
+def study_source(path: Path, tracking_uri: str | None = None, sets: Sequence[str] = ()
+                 ) -> Source:
     """A study's runs; runs of cells the study file no longer has (it was edited) are kept
     out of the analysis as 'outdated' and counted."""
     from ablate.study import load_study
     from ablate.tracking import load_runs, resolve_tracking_uri
 
-    s = load_study(path)
+    s = load_study(path, sets)
     uri = resolve_tracking_uri(tracking_uri, s.spec.tracking.uri)
     runs = load_runs(s.experiment, uri, params=False)
     if runs.empty:
@@ -351,11 +353,12 @@ def cell_table(runs: pd.DataFrame, metric: str) -> list[str]:
             for line in (head, *rows)]
 
 
-def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc") -> str:
+def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc",
+                sets: Sequence[str] = ()) -> str:
     """What `ablate run` prints when a study is done: the verdict (the sentences of `ablate
     report --format md`), the cell table, and where the report and dashboard are. With one
     seed it says why there is no verdict instead of guessing."""
-    src = study_source(path, tracking_uri)
+    src = study_source(path, tracking_uri, sets)
     lines = []
     seeds = src.runs.groupby("cell_id")["seed"].nunique().max() if "seed" in src.runs else 1
     if seeds < 2:
@@ -371,5 +374,6 @@ def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc") 
     table = cell_table(src.runs, metric)
     if table:
         lines += ["", f"Seed means per cell ({metric}, finished runs, best first):", *table]
-    lines += ["", f"Full report: ablate report {path}   |   dashboard: ablate dashboard"]
+    again = "".join(f" --set {x}" for x in sets if not x.startswith("resources."))
+    lines += ["", f"Full report: ablate report {path}{again}   |   dashboard: ablate dashboard"]
     return "\n".join(lines)

@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ablate.cells import (
     resolved_model,
 )
 from ablate.errors import StudyError
+from ablate.overrides import apply_sets, label
 from ablate.search import check_search
 from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home is ablate.study
     SECTION_MODELS,
@@ -106,6 +108,7 @@ class Study:
     trials: list[TrialSpec]
     factor_keys: list[str]
     warnings: list[str] = field(default_factory=list)  # `file: path: message` lines
+    sets: tuple[str, ...] = ()  # the `--set KEY=VALUE` overrides applied to the file
 
     @property
     def experiment(self) -> str:
@@ -409,10 +412,15 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
     return Study(spec, Path(file).resolve(), file_hash, trials, keys, lines)
 
 
-def load_study(path: str | Path) -> Study:
-    """Read, validate and expand a study file. Writes nothing."""
+def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
+    """Read, validate and expand a study file, with `--set KEY=VALUE` overrides applied to it
+    before validation (checked like the file). Writes nothing."""
     raw, digest = read_study_file(path)
-    return validate_study(raw, str(path), digest)
+    if not sets:
+        return validate_study(raw, str(path), digest)
+    name = label(str(path), sets)
+    s = validate_study(apply_sets(raw, sets, name), name, digest)
+    return replace(s, path=Path(path).resolve(), sets=tuple(sets))
 
 
 def cells_per_factor(study: Study) -> dict[str, dict[str, int]]:

@@ -100,9 +100,21 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
     return True
 
 
-def _concurrency(res) -> int:
-    """resources.max_concurrent, else as many trials as the CPUs hold."""
-    return res.max_concurrent or max(1, int((os.cpu_count() or 1) // res.cpus_per_trial))
+def _concurrency(res, total: dict[str, float] | None = None) -> int:
+    """resources.max_concurrent, else as many trials as the cluster Ray runs on holds at once
+    (`total`: default `ray.cluster_resources()`), by CPUs and, for GPU trials, GPUs: a laptop
+    driving a GPU cluster is not throttled to its own cores."""
+    if res.max_concurrent:
+        return res.max_concurrent
+    if total is None:
+        import ray
+
+        total = (ray.cluster_resources() if ray.is_initialized()
+                 else {"CPU": float(os.cpu_count() or 1)})
+    fits = [total.get("CPU", 0.0) // res.cpus_per_trial]
+    if res.gpus_per_trial:
+        fits.append(total.get("GPU", 0.0) // res.gpus_per_trial)
+    return max(1, int(min(fits)))
 
 
 def _scheduler(spec, max_t: int):
@@ -137,6 +149,8 @@ def _held(study: Study, uri: str, console: Console, force_unlock: bool = False
     killed first (with the lease held, nobody else can be running them)."""
     tags = {"ablate.study_file_hash": study.file_hash, "ablate.study_file": str(study.path),
             "mlflow.note.content": study.spec.description or study.spec.name}
+    if study.sets:
+        tags["ablate.set"] = " ".join(study.sets)
     tracker = Tracker(uri, study.experiment, tags)
     with StudyLease(tracker.client, tracker.experiment_id, study.spec.name,
                     force_unlock) as lease:
@@ -218,8 +232,8 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
 
     spec = study.spec
     res = spec.resources
-    concurrency = _concurrency(res)
     started_ray = _init_ray(address, verbose)
+    concurrency = _concurrency(res)  # from the cluster Ray now runs on
     _rearm_python_signal_handlers()
     callback = StudyCallback(RunWriter(tracker, study), progress, console, concurrency,
                              optuna_study)
@@ -352,7 +366,6 @@ def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bo
     """An Optuna search through Ray Tune: continues until `n_trials` trials are complete."""
     import optuna
     from optuna.trial import TrialState
-    from ray.tune.search import ConcurrencyLimiter
 
     from ablate.tune.searcher import OptunaAskTell
 
@@ -375,9 +388,8 @@ def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bo
     n_told = len(ost.get_trials(deepcopy=False))
     sampled = optuna.load_study(study_name=name, storage=storage,
                                 sampler=search.make_sampler(spec, sampler_seed(name, n_told)))
-    searcher = ConcurrencyLimiter(
-        OptunaAskTell(sampled, search.distributions(spec), spec.search.objectives),
-        max_concurrent=_concurrency(spec.resources))
+    # Tune wraps it in a ConcurrencyLimiter of max_concurrent_trials, sized once Ray is up
+    searcher = OptunaAskTell(sampled, search.distributions(spec), spec.search.objectives)
     sections = {s: getattr(spec, s).model_dump(mode="json") for s in ("dataset", "model", "train")}
     space = {"context": context,
              "search": {"sections": sections, "seeds": list(spec.seeds),
