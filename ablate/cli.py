@@ -309,6 +309,38 @@ def status(study: StudyArg, tracking_uri: UriOpt = None, sets: SetOpt = None,
 
 
 @app.command()
+def studies(tracking_uri: UriOpt = None,
+            metric: Annotated[str, typer.Option(help="Metric the best run is chosen on.")]
+            = "val_acc",
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """The studies in a tracking store: runs by status, last activity, best run."""
+    from ablate.tracking import resolve_tracking_uri
+    from ablate.tune.status import store_studies
+
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        rows = store_studies(uri, metric)
+    except AblateError as e:
+        raise _fail(e) from None
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    if not rows:
+        out.print(f"no studies in {mask_url(uri)}", highlight=False, markup=False)
+        return
+    table = Table(title=f"studies in {mask_url(uri)}")
+    for col in ("study", "runs", "by status", "last activity", f"best {metric}", "best run"):
+        table.add_column(col, justify="right" if col == "runs" else "left")
+    for r in rows:
+        b = r["best"]
+        table.add_row(r["study"], str(r["runs"]),
+                      ", ".join(f"{k} {v}" for k, v in r["counts"].items()),
+                      r["last_activity"].strftime("%Y-%m-%d %H:%M") if r["last_activity"]
+                      else "-", f"{b[metric]:.4f}" if b else "-", b["run_name"] if b else "-")
+    out.print(table)
+
+
+@app.command()
 def report(
     study: Annotated[Path | None, typer.Argument(help="Study file (YAML); leave out with "
                                                       "--experiment.", show_default=False)]
