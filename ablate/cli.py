@@ -225,6 +225,10 @@ def run(study: StudyArg,
         quiet: Annotated[bool, typer.Option(
             "--quiet", "-q", help="No verdict and table at the end.")] = False,
         sets: SetOpt = None,
+        smoke: Annotated[bool, typer.Option(
+            "--smoke", help="Every cell for 1 epoch on a tiny class-balanced subset (no "
+                            "profile) in a throwaway store; list the cells that failed "
+                            "(exit 1 if any).")] = False,
         max_concurrent: Annotated[int | None, typer.Option(
             "--max-concurrent", min=1, help="Trials at once (default: resources.max_concurrent, "
             "else as many as the Ray cluster's CPUs and GPUs hold).")] = None,
@@ -236,6 +240,9 @@ def run(study: StudyArg,
 
     sets = [*(sets or []), *([f"resources.max_concurrent={max_concurrent}"]
                              if max_concurrent is not None else [])]
+    if smoke:
+        _smoke(study, sets, address, verbose)
+        return
     try:
         s = load_study(study, sets)
         if dry_run:
@@ -256,6 +263,28 @@ def run(study: StudyArg,
         raise typer.Exit(143 if summary.terminated else 130)
     if not quiet and s.spec.search.method == "grid":
         _print_summary(study, tracking_uri, sets)
+
+
+def _smoke(study: Path, sets: list[str], address: str | None, verbose: bool) -> None:
+    from ablate.tune.smoke import run_smoke
+
+    try:
+        res = run_smoke(study, sets, address, verbose, out)
+    except AblateError as e:
+        raise _fail(e) from None
+    if res.summary is not None and res.summary.interrupted:
+        err.print("interrupted: the smoke run stopped before every cell ran")
+        raise typer.Exit(143 if res.summary.terminated else 130)
+    if not res.failed:
+        out.print(f"smoke: all {res.total} cells ran an epoch", highlight=False)
+        return
+    table = Table(title=f"smoke: {len(res.failed)} of {res.total} cells failed")
+    for col in ("cell", "status", "why"):
+        table.add_column(col, overflow="fold")
+    for row in res.failed:
+        table.add_row(*row)
+    out.print(table)
+    raise typer.Exit(1)
 
 
 def _print_summary(study: Path, tracking_uri: str | None, sets: list[str] | None = None

@@ -109,6 +109,7 @@ class Study:
     factor_keys: list[str]
     warnings: list[str] = field(default_factory=list)  # `file: path: message` lines
     sets: tuple[str, ...] = ()  # the `--set KEY=VALUE` overrides applied to the file
+    profile: bool = True  # False: trials skip the cost profile (a smoke run)
 
     @property
     def experiment(self) -> str:

@@ -133,7 +133,7 @@ def _context(study: Study) -> dict[str, Any]:
     """What every Tune trial of the study needs besides its cell: data root and resources."""
     res = study.spec.resources
     return {"root": data_root(study), "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
-            "fault_file": os.environ.get("ABLATE_FAULT_FILE")}
+            "fault_file": os.environ.get("ABLATE_FAULT_FILE"), "profile": study.profile}
 
 
 def _dirname(trial) -> str:
