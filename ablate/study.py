@@ -150,8 +150,9 @@ def _expand_tree(node: Any, path: str, problems: list[tuple[str, str]], keep: se
                                    f"default: export {e.args[0]}=... or write "
                                    f"${{{e.args[0]}:-default}}"))
             return node
-        # dataset.root stays as written: it is expanded on the node that reads the data, and the
-        # trial id then does not depend on where a machine keeps its data.
+        # dataset.root stays as written: the driver expands it when the run starts (and hands
+        # the absolute path to the trials), so the trial id does not depend on where a
+        # machine keeps its data.
         return node if path in keep else expanded
     return node
 
