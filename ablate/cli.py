@@ -415,12 +415,9 @@ def dashboard(tracking_uri: UriOpt = None,
     """Open the Streamlit dashboard: frontiers, factor effects, curves, runs."""
     import os
 
-    from ablate.tracking import PACKAGE_ROOT, resolve_tracking_uri
+    from ablate.tracking import resolve_tracking_uri
 
-    app_path = PACKAGE_ROOT / "dashboard" / "app.py"
-    if not app_path.exists():
-        raise _fail(AblateError(f"{app_path}: the dashboard ships with the source checkout; "
-                                "install ablate with `pip install -e .` from a clone"))
+    app_path = Path(__file__).resolve().parent / "dashboard" / "app.py"  # package data
     uri = resolve_tracking_uri(tracking_uri)
     env = {**os.environ, "ABLATE_TRACKING_URI": uri}
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,
