@@ -18,7 +18,7 @@ _API = {
     **{name: "ablate.analysis" for name in (
         "analyse", "aggregate", "frontier", "pareto_front", "main_effects", "effect_sizes",
         "interaction", "scaling_curves", "cost_table", "status_counts", "split_status",
-        "sentences", "to_dict", "Analysis")},
+        "sentences", "to_dict", "Analysis", "parallel_dims", "metric_vs_param")},
 }
 
 __all__ = ["__version__", "report", *_API]

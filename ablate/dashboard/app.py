@@ -188,6 +188,34 @@ def effects_tab(a: analysis.Analysis | str, metric: str) -> None:
                    "model.patch_size.")
 
 
+def explore_tab(df: pd.DataFrame, metric: str, factors: list[str]) -> None:
+    """Parallel coordinates of every factor against the metric, and the metric against one
+    numeric factor (seed means with 95% CIs per configuration)."""
+    fin = df[df["status"] == analysis.FINISHED] if "status" in df else df
+    if not factors or fin.empty or metric not in fin:
+        st.info("Nothing to explore: no finished runs with factors and this metric.")
+        return
+    dims, color = analysis.parallel_dims(fin, metric, factors)
+    st.plotly_chart(plots.parallel_figure(dims, color, metric), width="stretch",
+                    key="parallel_chart")
+    st.caption("One line per configuration (seed means); drag along an axis to filter. "
+               "Which factor matters, with CIs: the Verdict tab's variance shares.")
+    nums = analysis.numeric_params(fin)
+    if not nums:
+        st.caption("No numeric factor to plot the metric against.")
+        return
+    c1, c2, c3 = st.columns(3)
+    param = c1.selectbox("x: numeric factor", nums, key="mvp_param", format_func=_short)
+    others = [None, *[f for f in factors if f != param]]
+    group = c2.selectbox("one curve per", others, key="mvp_group", format_func=_short,
+                         index=others.index("factor.model.mixer")
+                         if "factor.model.mixer" in others else 0)
+    log_x = c3.toggle("log x", value=False, key="mvp_logx")
+    cells = analysis.metric_vs_param(fin, metric, param)
+    st.plotly_chart(plots.metric_vs_param_figure(cells, metric, param, group, log_x),
+                    width="stretch", key="mvp_chart")
+
+
 def curves_tab(df: pd.DataFrame, study: str, uri: str, factors: list[str]) -> None:
     c1, c2 = st.columns(2)
     which = c1.selectbox("metric", ["val_acc", "train_loss"], key="curve_metric")
@@ -233,7 +261,7 @@ def main() -> None:
     factors = analysis.factor_columns(df)
     missing = [m for m in (metric,) if m not in df or df[m].isna().all()]
     a = analysed(df, metric) if not missing else f"no run here has `{metric}` yet"
-    tabs = st.tabs(["Verdict", "Frontier", "Effects", "Curves", "Runs"])
+    tabs = st.tabs(["Verdict", "Frontier", "Effects", "Explore", "Curves", "Runs"])
     with tabs[0]:
         verdict_tab(a, study)
     with tabs[1]:
@@ -246,8 +274,10 @@ def main() -> None:
     with tabs[2]:
         effects_tab(a, metric)
     with tabs[3]:
-        curves_tab(df, study, uri, factors)
+        explore_tab(df, metric, factors)
     with tabs[4]:
+        curves_tab(df, study, uri, factors)
+    with tabs[5]:
         runs_tab(df, study)
 
 main()
