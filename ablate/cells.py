@@ -146,8 +146,12 @@ def resolved_model(ms: ModelSpec) -> dict[str, Any]:
     if ms.arch != "backbone":
         return {"arch": ms.arch}
     model = ms.model_dump(mode="json")
+    match = model.pop("match")
     args = resolve_args(**{k: v for k, v in model.items() if k != "arch"})
-    return {"arch": ms.arch, **{k: args[k] for k in model if k != "arch"}}
+    out = {"arch": ms.arch, **{k: args[k] for k in model if k != "arch"}}
+    if match is not None:  # only then: the ids of studies without it stay as they were
+        out["match"] = match
+    return out
 
 
 @dataclass(frozen=True)

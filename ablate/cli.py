@@ -104,17 +104,23 @@ def plan(study: StudyArg, sets: SetOpt = None,
         return
     if as_json:
         rows = [{"trial_id": t.trial_id, "name": t.run_name, "factors": t.factors,
-                 "config": t.config} for t in s.trials]
+                 "config": t.config, **({"matched": t.matched.as_dict()} if t.matched else {})}
+                for t in s.trials]
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     table = Table(title=f"{s.spec.name}: {len(s.trials)} trials")
     table.add_column("trial_id")
     for key in s.factor_keys:
         table.add_column(key)
+    matched = list(dict.fromkeys(k for t in s.trials if t.matched for k in t.matched.as_dict()))
+    for key in matched:  # model.match: the value chosen per cell and the cost it reaches
+        table.add_column(f"matched {key}", justify="right")
     table.add_column("seed", justify="right")
     for t in s.trials:
+        got = t.matched.as_dict() if t.matched else {}
         table.add_row(t.trial_id, *[("off" if t.factors[k] is None else str(t.factors[k]))
-                                    for k in s.factor_keys], str(t.seed))
+                                    for k in s.factor_keys],
+                      *[f"{got[k]:.4g}" if k in got else "" for k in matched], str(t.seed))
     out.print(table)
 
 

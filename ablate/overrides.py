@@ -14,7 +14,7 @@ from ablate.errors import StudyError
 
 # Sections whose keys are themselves dotted paths (`factors: {model.mixer: [...]}`): a
 # `--set factors.model.mixer=[...]` sets the key `model.mixer` inside them.
-_DOTTED_MAPS = (("factors",), ("search", "space"))
+_DOTTED_MAPS = (("factors",), ("search", "space"), ("tune", "space"))
 
 
 def parse_set(item: str, file: str) -> tuple[list[str], Any]:

@@ -69,8 +69,13 @@ def study_source(path: Path, tracking_uri: str | None = None, sets: Sequence[str
         raise AnalysisError(f"{path}: study '{s.spec.name}' has no runs in {mask_url(uri)}: "
                             "run it "
                             f"first (`ablate run {path}`) or pass --tracking-uri")
+    extra: dict[str, Any] = {}
     if s.spec.search.method == "grid" and "cell_id" in runs:
         cells = {t.cell_id for t in s.trials}
+        if s.spec.tune is not None:
+            tuned = tuned_values(s, load_runs(s.experiment, uri, params=True))
+            cells = tuned_cells(s, tuned)
+            extra["tuned"] = tuned
         runs = runs.copy()
         runs.loc[~runs["cell_id"].isin(cells), "status"] = "outdated"
     grids = s.spec.grids() if s.spec.search.method == "grid" else None
@@ -79,7 +84,36 @@ def study_source(path: Path, tracking_uri: str | None = None, sets: Sequence[str
     device = f"cuda ({gpus} GPU per trial)" if gpus else "cpu"
     return Source(s.spec.name, runs, grids, _provenance(
         runs, uri, study=s.spec.name, study_file=str(path), study_file_hash=s.file_hash,
-        devices=device))
+        devices=device, **extra))
+
+
+def tuned_values(s: Any, runs: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """The tuned values of each level of a tuned study, read from its final runs' params
+    (the newest run of the level; every final run of a level carries the same values)."""
+    from ablate.tracking.runs import _num
+    from ablate.tuning import level_label
+
+    per, keys = s.spec.tune.per, list(s.spec.tune.space)
+    out: dict[str, dict[str, Any]] = {}
+    for _, r in runs.iterrows():  # newest first
+        if not all(f"params.{k}" in r and r[f"params.{k}"] == r[f"params.{k}"] for k in keys):
+            continue
+        label = level_label({k: r.get(f"factor.{k}") for k in per})
+        out.setdefault(label, {k: _num(r[f"params.{k}"]) for k in keys})
+    return out
+
+
+def tuned_cells(s: Any, tuned: dict[str, dict[str, Any]]) -> set[str]:
+    """The cell ids of a tuned study's grid under the tuned values (what its runs carry)."""
+    from ablate.study import with_tuned
+    from ablate.tuning import level_label
+
+    cells = set()
+    for t in s.trials:
+        values = tuned.get(level_label({k: t.factors.get(k) for k in s.spec.tune.per}))
+        if values is not None:
+            cells.add(with_tuned(t, values, s.factor_keys).cell_id)
+    return cells
 
 
 def experiment_source(experiment: str, factors: list[str], seed_key: str | None = None,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ablate.errors import AblateError, mask_url
-from ablate.spec import SECTION_MODELS, did_you_mean, split_key
+from ablate.spec import NESTED, SECTION_MODELS, did_you_mean, set_field, split_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from ablate.spec import StudySpec
@@ -22,7 +22,9 @@ OBJECTIVE_METRICS = ("val_acc", "best_val_acc", "params", "gmacs", "throughput_i
 
 def _field_kind(section: str, name: str) -> str:
     """'int', 'float' or 'other' for a dotted field, from its pydantic annotation."""
-    ann = str(SECTION_MODELS[section].model_fields[name].annotation)
+    outer, _, inner = name.partition(".")
+    model = NESTED[section, outer] if inner else SECTION_MODELS[section]
+    ann = str(model.model_fields[inner or name].annotation)
     if "int" in ann.lower() and "float" not in ann.lower():
         return "int"
     if "float" in ann.lower():
@@ -74,7 +76,7 @@ def check_search(spec: StudySpec) -> list[tuple[str, str]]:
                 problems.append((path, "empty categorical: list at least one value"))
             for i, v in enumerate(dim):
                 base = getattr(spec, section).model_dump()
-                base[name] = v
+                set_field(base, name, v)
                 try:
                     SECTION_MODELS[section].model_validate(base)
                 except ValidationError as e:
@@ -140,7 +142,7 @@ def distributions(spec: StudySpec) -> dict[str, Any]:
         if isinstance(dim, list):
             out[key] = od.CategoricalDistribution(dim)
             continue
-        section, name = key.split(".")
+        section, name = key.split(".", 1)
         log, step = bool(dim.get("log", False)), dim.get("step")
         if _field_kind(section, name) == "int":
             out[key] = od.IntDistribution(int(dim["low"]), int(dim["high"]), log=log,

@@ -50,6 +50,21 @@ class DatasetSpec(Strict):
         return 32 if self.name in ("synthetic", "cifar10", "cifar100") else None
 
 
+class MatchSpec(Strict):
+    """Equal compute: the cost every cell is brought to by choosing its `by` field."""
+
+    gmacs: float | None = Field(None, description="forward GMACs per image (give one key)")
+    params: float | None = Field(None, description="parameter count")
+    by: Literal["dim", "depth"] = "dim"
+    tolerance: float = Field(0.05, gt=0.0, lt=1.0, description="relative distance allowed")
+
+    def target(self) -> tuple[str, float] | None:
+        """(cost key, target) when exactly one cost key is given."""
+        given = [(k, v) for k, v in (("gmacs", self.gmacs), ("params", self.params))
+                 if v is not None]
+        return given[0] if len(given) == 1 else None
+
+
 class ModelSpec(Strict):
     """The backbone's arguments; None means the model's default (the paper's baseline)."""
 
@@ -70,6 +85,7 @@ class ModelSpec(Strict):
     token_fuser: bool | None = None
     pos_embed: Literal["learned", "cpe", "none"] | None = Field(
         None, description="None: the mixer's paper (attention learned, dual cpe, others none)")
+    match: MatchSpec | None = Field(None, description="equal compute: pick dim or depth per cell")
 
 
 class TrainSpec(Strict):
@@ -103,6 +119,17 @@ class SearchSpec(Strict):
     objectives: dict[str, Literal["max", "min"]] = Field(default_factory=lambda: {"val_acc": "max"})
     space: dict[str, Any] = Field(default_factory=dict)
     storage: str | None = None
+
+
+class TuneSpec(Strict):
+    """Equal tuning: an Optuna search per level of `per` before the grid, on val_acc; every
+    grid trial then takes its level's best values."""
+
+    per: list[str] = Field(default_factory=list, description="factor keys; [] tunes once")
+    space: dict[str, Any] = Field(default_factory=dict)
+    n_trials: PositiveInt = 12
+    epochs: PositiveInt | None = Field(None, description="per tuning trial (default: train's)")
+    seeds: list[int] = Field(default_factory=lambda: [0])
 
 
 class SchedulerSpec(Strict):
@@ -140,6 +167,7 @@ class StudySpec(Strict):
     factors: Levels | list[Levels] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [0])
     search: SearchSpec = SearchSpec()
+    tune: TuneSpec | None = None
     scheduler: SchedulerSpec = SchedulerSpec()
     resources: ResourcesSpec = ResourcesSpec()
     failures: FailuresSpec = FailuresSpec()
@@ -161,9 +189,19 @@ def did_you_mean(word: str, options: list[str]) -> str:
     return f"; known keys: {', '.join(options)}" if options else ""
 
 
+NESTED: dict[tuple[str, str], type[Strict]] = {("model", "match"): MatchSpec}
+
+
 def split_key(key: str) -> tuple[str, str] | str:
-    """(section, field) of a dotted key, or the reason it names no field."""
+    """(section, field) of a dotted key, or the reason it names no field. A field of a nested
+    section (`model.match.gmacs`) comes back as (`model`, `match.gmacs`)."""
     parts = key.split(".")
+    if len(parts) == 3 and tuple(parts[:2]) in NESTED:
+        fields = list(NESTED[parts[0], parts[1]].model_fields)
+        if parts[2] not in fields:
+            return f"{parts[0]}.{parts[1]} has no field '{parts[2]}'" + did_you_mean(parts[2],
+                                                                                     fields)
+        return parts[0], f"{parts[1]}.{parts[2]}"
     if len(parts) != 2 or parts[0] not in SECTION_MODELS:
         return ("not a dotted path into dataset, model or train, such as model.mixer or "
                 "dataset.fraction")
@@ -172,3 +210,12 @@ def split_key(key: str) -> tuple[str, str] | str:
     if name not in fields:
         return f"{section} has no field '{name}'" + did_you_mean(name, fields)
     return section, name
+
+
+def set_field(values: dict[str, Any], name: str, value: Any) -> None:
+    """Set `name` (a field, or `match.gmacs` for a nested one) in a section's dumped values."""
+    outer, _, inner = name.partition(".")
+    if not inner:
+        values[outer] = value
+        return
+    values[outer] = {**(values.get(outer) or {}), inner: value}

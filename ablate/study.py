@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from ablate.cells import (
     resolved_model,
 )
 from ablate.errors import StudyError
+from ablate.match import Matched, match_cell, match_problems
 from ablate.overrides import apply_sets, label
 from ablate.search import check_search
 from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home is ablate.study
@@ -44,8 +45,10 @@ from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home 
     TrackingSpec,
     TrainSpec,
     did_you_mean,
+    set_field,
     split_key,
 )
+from ablate.tuning import check_tune, level_label, level_spec
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +68,16 @@ class TrialSpec:
     train: TrainSpec
     factors: dict[str, Any]
     config: dict[str, Any] = field(repr=False)  # the resolved config the id hashes
+    matched: Matched | None = field(default=None, repr=False, compare=False)  # model.match
 
     @classmethod
     def build(cls, ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int, grid: int,
-              keys: list[str]) -> TrialSpec:
+              keys: list[str], matched: Matched | None = None) -> TrialSpec:
         """Resolve the config, hash it into the trial and cell ids, read the factor levels."""
         config = resolved_config(ds, ms, ts, seed)
         levels = {k: _level(config, (ds, ms, ts), k) for k in keys}
-        return cls(trial_id(config), cell_id(config), seed, grid, ds, ms, ts, levels, config)
+        return cls(trial_id(config), cell_id(config), seed, grid, ds, ms, ts, levels, config,
+                   matched)
 
     @property
     def run_name(self) -> str:
@@ -301,7 +306,7 @@ def _check_factors(spec: StudySpec, problems: list[tuple[str, str]]) -> None:
                                                      "list each level once"))
                 seen.add(c)
                 base = getattr(spec, section).model_dump()
-                base[name] = level
+                set_field(base, name, level)
                 try:
                     SECTION_MODELS[section].model_validate(base)
                 except ValidationError as e:
@@ -334,8 +339,8 @@ def _apply(base: dict[str, dict[str, Any]], overrides: dict[str, Any]
     """Validated sections: `base` (section -> field values) with dotted `overrides`."""
     sections = {s: dict(base[s]) for s in SECTION_MODELS}
     for k, v in overrides.items():
-        s, n = k.split(".")
-        sections[s][n] = v
+        s, _, n = k.partition(".")
+        set_field(sections[s], n, v)
     return (DatasetSpec.model_validate(sections["dataset"]),
             ModelSpec.model_validate(sections["model"]),
             TrainSpec.model_validate(sections["train"]))
@@ -357,23 +362,56 @@ def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]],
             ds, ms, ts = _apply(base, levels)
             text = ", ".join(f"{k}={fmt_level(v)}" for k, v in levels.items())
             label = f"{where} {{{text}}}" if text else where
-            reasons = check_cell(ds, ms, grid)
+            ms, matched, reasons = _checked(ds, ms, grid)
             for r in reasons:
                 path, _, msg = r.partition(": ")
                 problems.append((label, f"{path}: {msg}") if text else (path, msg))
             if reasons:
                 continue
-            built = [TrialSpec.build(ds, ms, ts, seed, gi, keys) for seed in spec.seeds]
+            built = [TrialSpec.build(ds, ms, ts, seed, gi, keys, matched)
+                     for seed in spec.seeds]
             if merge_cell(cells, Cell(label, gi, levels, built[0]), problems, warnings):
                 trials += built
     return trials, keys
 
 
+_MATCHED: dict[tuple, Any] = {}
+
+
+def _checked(ds: DatasetSpec, ms: ModelSpec, keys: Iterable[str]
+             ) -> tuple[ModelSpec, Matched | None, list[str]]:
+    """The cell's model with model.match resolved (its dim or depth chosen among those that
+    can run), what matching chose, and the reasons the cell cannot run (empty when it can)."""
+    keys = list(keys)
+    if ms.match is None:
+        return ms, None, check_cell(ds, ms, keys)
+    if ms.arch != "backbone":
+        return ms, None, [f"model.match: works on the backbone's dim and depth, not on "
+                          f"model.arch '{ms.arch}': match in a factor grid of backbone cells"]
+    # cells that differ only outside the model (data fraction, lr, seed) match alike: once
+    memo = (ms.model_dump_json(), ds.known_image_size(), ds.name, ds.channels, ds.num_classes,
+            tuple(keys))
+    if memo not in _MATCHED:
+        _MATCHED[memo] = match_cell(ds, ms, lambda o: check_cell(ds, o, keys))
+    out = _MATCHED[memo]
+    if isinstance(out, str):
+        return ms, None, [out]
+    return out[0], out[1], []
+
+
 def _level(config: dict[str, Any], objs: tuple[Strict, ...], key: str) -> Any:
-    section, name = key.split(".")
-    if name in config[section]:
-        return config[section][name]
-    return getattr(objs[list(SECTION_MODELS).index(section)], name)
+    section, name = key.split(".", 1)
+    node: Any = config[section]
+    for part in name.split("."):
+        if not isinstance(node, dict) or part not in node:
+            break
+        node = node[part]
+    else:
+        return node
+    obj: Any = objs[list(SECTION_MODELS).index(section)]
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study:
@@ -395,17 +433,31 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
     if uses_fp16 and spec.resources.gpus_per_trial == 0:
         problems.append(("train.precision", "fp16 needs a GPU (resources.gpus_per_trial > 0); "
                                             "use bf16 or fp32 on the CPU"))
+    problems += check_tune(spec)
     if spec.search.method == "optuna":
         problems += check_search(spec)
+        if not problems:
+            problems += match_problems(spec)
         if problems:
             raise StudyError(file, problems)
         return Study(spec, Path(file).resolve(), file_hash, [], list(spec.search.space))
     _check_factors(spec, problems)
     check_validation_split(spec, problems)
+    if not problems:
+        problems += match_problems(spec)
     if problems:
         raise StudyError(file, problems)
     warnings: list[tuple[str, str]] = []
     trials, keys = _expand_trials(spec, problems, warnings)
+    if spec.tune is not None and not problems:
+        for values in tune_levels(spec, trials).values():
+            sections = {s: getattr(level_spec(spec, values, ""), s).model_dump()
+                        for s in SECTION_MODELS}
+            try:
+                trials_for(sections, {}, spec.tune.seeds, list(values))
+            except ValueError as e:
+                problems.append(("tune", f"level {level_label(values)} cannot be tuned on the "
+                                         f"study's base values: {e}"))
     if problems:
         raise StudyError(file, problems)
     lines = StudyError(file, warnings).lines() if warnings else []
@@ -443,7 +495,29 @@ def trials_for(base: dict[str, dict[str, Any]], overrides: dict[str, Any], seeds
     `base` sections updated with dotted `overrides`. Raises ValueError for a cell that
     cannot run."""
     ds, ms, ts = _apply(base, overrides)
-    reasons = check_cell(ds, ms, overrides)
+    ms, matched, reasons = _checked(ds, ms, overrides)
     if reasons:
         raise ValueError("; ".join(reasons))
-    return [TrialSpec.build(ds, ms, ts, seed, 0, keys) for seed in seeds]
+    return [TrialSpec.build(ds, ms, ts, seed, 0, keys, matched) for seed in seeds]
+
+
+def tune_levels(spec: StudySpec, trials: list[TrialSpec]) -> dict[str, dict[str, Any]]:
+    """The tuning levels of a study, by label: each distinct combination of the trials'
+    `tune.per` factor values (one level, `all`, when `per` is empty)."""
+    per = spec.tune.per if spec.tune else []
+    out: dict[str, dict[str, Any]] = {}
+    for t in trials:
+        values = {k: t.factors.get(k) for k in per}
+        out.setdefault(level_label(values), values)
+    return out
+
+
+def with_tuned(trial: TrialSpec, values: dict[str, Any], keys: list[str]) -> TrialSpec:
+    """`trial` with tuned values (dotted keys) applied: a new resolved config and trial id."""
+    base = {"dataset": trial.dataset.model_dump(), "model": trial.model.model_dump(),
+            "train": trial.train.model_dump()}
+    ds, ms, ts = _apply(base, values)
+    ms, matched, reasons = _checked(ds, ms, keys)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    return TrialSpec.build(ds, ms, ts, trial.seed, trial.grid, keys, matched)

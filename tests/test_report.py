@@ -121,7 +121,9 @@ def test_report_in_three_formats(study, tmp_path):
         want = runs.loc[runs["factor.model.mixer"] == level, "test_acc"].mean()
         assert mixer["levels"][level]["mean"] == pytest.approx(want)
     assert "model.mixer x dataset.fraction" in grid["interactions"]
-    assert len(data["verdict"]) == 4 and data["verdict"][0].startswith("Attention:")
+    assert len(data["verdict"]) == 5 and data["verdict"][0].startswith("Attention:")
+    # TINY varies the data fraction under the default epochs budget: the verdict says so
+    assert data["verdict"][-1].startswith("Budget:") and "confounded" in data["verdict"][-1]
     assert data["provenance"]["study_file_hash"] == load_study(path).file_hash
 
 

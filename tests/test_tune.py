@@ -258,6 +258,14 @@ def test_sql_fast_path_matches_mlflow_client(ray_session, tmp_path):
     import pandas as pd
 
     pd.testing.assert_frame_equal(fast, slow, check_dtype=False, check_like=True)
+    from ablate.tracking.runs import _load_curves_client, _load_curves_sql
+
+    ids = list(fast["run_id"])
+    key = ["run_id", "metric", "step", "ts"]
+    cf = _load_curves_sql(uri, ids, EPOCH_METRICS).sort_values(key, ignore_index=True)
+    cs = _load_curves_client(uri, ids, EPOCH_METRICS).sort_values(key, ignore_index=True)
+    assert len(cf) >= 2 * 2 * 4  # 2 runs x 2 epochs x several metrics
+    pd.testing.assert_frame_equal(cf, cs, check_dtype=False)
 
 
 def test_same_study_twice_gives_identical_results(ray_session, tmp_path):

@@ -289,3 +289,12 @@ def test_budget_is_stated_and_the_data_confound_flagged_only_under_epochs():
     [line] = budget_line(one_fraction)
     assert "confounded" not in line
     assert budget_line(planted()) == []  # runs ablate did not create: budget unknown
+
+
+def test_tuning_phase_runs_never_enter_an_average():
+    df = planted()
+    tune = df.head(6).assign(phase="tune", test_acc=0.99, run_id=lambda d: d["run_id"] + "-t")
+    both = pd.concat([df.assign(phase="final"), tune], ignore_index=True)
+    ok, out = analysis.split_status(both, "test_acc")
+    assert len(ok) == len(df) and (ok["test_acc"] < 0.99).all()
+    assert set(out["reason"]) == {"phase tune"}

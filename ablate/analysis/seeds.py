@@ -79,16 +79,20 @@ def order_levels(levels: Iterable[str]) -> list[str]:
 
 
 def split_status(df: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(runs that may be averaged, runs left out with a `reason`). Only finished runs with a
-    finite `metric` aggregate: pruned runs stopped early, failed/killed/running ones have no
-    final number; they are counted and listed, never averaged."""
+    """(runs that may be averaged, runs left out with a `reason`). Only finished final-phase
+    runs with a finite `metric` aggregate: pruned runs stopped early, failed/killed/running
+    ones have no final number; they are counted and listed, never averaged."""
     status = df["status"] if "status" in df else pd.Series(FINISHED, index=df.index)
     has = df[metric].notna() & np.isfinite(pd.to_numeric(df[metric], errors="coerce")) \
         if metric in df else pd.Series(False, index=df.index)
-    ok = (status == FINISHED) & has
+    # tuning and profiling runs are not results: only the final phase is averaged
+    phase = (df["phase"].fillna("final") if "phase" in df
+             else pd.Series("final", index=df.index))
+    ok = (status == FINISHED) & has & (phase == "final")
     out = df[~ok].copy()
-    out["reason"] = np.where(status[~ok] != FINISHED, status[~ok].astype(str),
-                             f"finished without {metric}")
+    out["reason"] = np.where(phase[~ok] != "final", "phase " + phase[~ok].astype(str),
+                             np.where(status[~ok] != FINISHED, status[~ok].astype(str),
+                                      f"finished without {metric}"))
     return df[ok], out
 
 

@@ -136,7 +136,8 @@ class Backbone(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, dim, patch_size, patch_size)
         learned = pos_embed == "learned"
         self.pos_embed = nn.Parameter(torch.zeros(1, n, dim)) if learned else None
-        rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+        # on the CPU whatever the default device: cost matching builds models on the meta device
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []
         blocks = []
         for i in range(depth):
             n_i = tokens if self.tl_at is not None and i >= self.tl_at else n

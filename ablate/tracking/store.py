@@ -229,9 +229,11 @@ def _search_all(c, exp_ids: list[str], filter_string: str = "") -> list:
 
 
 def _done_trial_ids(c, experiment_id: str) -> set[str]:
-    """Trial ids with a finished or pruned run in the experiment."""
+    """Trial ids with a finished or pruned run of the grid (phase final) in the experiment:
+    a tuning run never stands in for a final one."""
     return {r.data.tags["ablate.trial_id"] for r in _search_all(c, [experiment_id])
-            if "ablate.trial_id" in r.data.tags and r.data.tags.get("ablate.status") in DONE}
+            if "ablate.trial_id" in r.data.tags and r.data.tags.get("ablate.status") in DONE
+            and r.data.tags.get("ablate.phase", "final") == "final"}
 
 
 def done_trial_ids(uri: str, experiment: str) -> set[str]:

@@ -37,10 +37,12 @@ class StudyCallback(Callback):
     """Feeds the writer and the progress line from the driver (Tune's event loop)."""
 
     def __init__(self, writer: RunWriter, progress: Progress, console: Console,
-                 concurrency: int, optuna_study: str | None = None) -> None:
+                 concurrency: int, optuna_study: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
         self.writer, self.progress, self.console = writer, progress, console
         self.concurrency = concurrency
         self.optuna_study = optuna_study
+        self.tags = dict(tags or {})  # added to every run (a tuning phase's tags)
         self.trials: dict[str, list[TrialSpec]] = {}  # Tune trial id -> its ablate trials
         self.started: dict[str, float] = {}
         self.status = None  # a rich Status line while the study runs (terminals only)
@@ -68,8 +70,9 @@ class StudyCallback(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         number = trial.config.get("__optuna_number")
-        extra = ({"optuna.trial_number": str(number), "optuna.study_name": str(self.optuna_study)}
-                 if number is not None else None)
+        extra = {**self.tags, **({"optuna.trial_number": str(number),
+                                  "optuna.study_name": str(self.optuna_study)}
+                                 if number is not None else {})}
         for spec in self.trials_of(trial):
             self.writer.start(spec, extra)
         self.started[trial.trial_id] = time.monotonic()

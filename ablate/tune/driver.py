@@ -222,7 +222,8 @@ def trial_storage() -> Path:
 
 def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, console: Console,
          progress: Progress, param_space: dict[str, Any], tune_kwargs: dict[str, Any],
-         optuna_study: str | None = None, keep_trial_dirs: bool = False) -> bool:
+         optuna_study: str | None = None, keep_trial_dirs: bool = False,
+         tags: dict[str, str] | None = None) -> bool:
     """Run a Tuner with ablate's settings and the study's one writer; returns whether the run
     was interrupted. Open runs are marked killed and Ray is shut down (if we started
     it) whatever happens."""
@@ -236,7 +237,7 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
     concurrency = _concurrency(res)  # from the cluster Ray now runs on
     _rearm_python_signal_handlers()
     callback = StudyCallback(RunWriter(tracker, study), progress, console, concurrency,
-                             optuna_study)
+                             optuna_study, tags)
     storage = trial_storage()
     _remove_dead_drivers_dirs(storage, spec.name)
     name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -292,8 +293,14 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
     with _sigterm_stops_like_ctrl_c() as got:
         try:
             with _held(study, uri, console, force_unlock) as tracker:
-                run = _run_search if study.spec.search.method == "optuna" else _run_grid
-                summary = run(study, tracker, address, verbose, console, keep_trial_dirs)
+                if study.spec.tune is not None:  # inside the lease: one driver tunes
+                    from ablate.tune.tuning import run_tuned
+
+                    summary = run_tuned(study, tracker, address, verbose, console,
+                                        keep_trial_dirs)
+                else:
+                    run = _run_search if study.spec.search.method == "optuna" else _run_grid
+                    summary = run(study, tracker, address, verbose, console, keep_trial_dirs)
         except KeyboardInterrupt:  # before or after Tune's own Ctrl-C handling
             summary = RunSummary(len(study.trials), 0, 0, 0, 0, uri, interrupted=True)
     summary.terminated = got["term"]
@@ -323,11 +330,13 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
                       progress.failed, uri, interrupted)
 
 
-def _finished_metrics(study: Study, uri: str) -> dict[str, dict[str, float]]:
-    """Final metrics of the study's finished runs, by trial id (a search reuses them)."""
+def _finished_metrics(study: Study, uri: str, phase: str = "final"
+                      ) -> dict[str, dict[str, float]]:
+    """Final metrics of the study's finished runs of `phase`, by trial id (a search reuses
+    them)."""
     if not sqlite_store_exists(uri):
         return {}
-    df = load_runs(study.experiment, uri, params=False)
+    df = load_runs(study.experiment, uri, params=False, phase=phase)
     if df.empty:
         return {}
     out = {}
@@ -362,8 +371,10 @@ def sampler_seed(name: str, n_told: int) -> int:
 
 
 def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bool,
-                console: Console, keep_trial_dirs: bool) -> RunSummary:
-    """An Optuna search through Ray Tune: continues until `n_trials` trials are complete."""
+                console: Console, keep_trial_dirs: bool,
+                tags: dict[str, str] | None = None) -> RunSummary:
+    """An Optuna search through Ray Tune: continues until `n_trials` trials are complete.
+    `tags` go on every run (a tuning phase's), whose earlier runs it reuses."""
     import optuna
     from optuna.trial import TrialState
 
@@ -394,12 +405,14 @@ def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bo
     space = {"context": context,
              "search": {"sections": sections, "seeds": list(spec.seeds),
                         "keys": list(search.full_space(spec)),
-                        "done": _finished_metrics(study, uri)}}
+                        "done": _finished_metrics(study, uri, (tags or {}).get(
+                            "ablate.phase", "final"))}}
     progress = Progress(total=remaining, skipped=n_done)
     interrupted = _fit(
         study, tracker, address, verbose, console, progress, space,
         dict(search_alg=searcher, scheduler=_scheduler(spec, spec.train.epochs),
-             num_samples=remaining), optuna_study=name, keep_trial_dirs=keep_trial_dirs)
+             num_samples=remaining), optuna_study=name, keep_trial_dirs=keep_trial_dirs,
+        tags=tags)
     _print_pareto(console, storage, name, spec)
     return RunSummary(spec.search.n_trials, n_done, progress.done, progress.pruned,
                       progress.failed, uri, interrupted)

@@ -35,10 +35,13 @@ def smoke_sets(study: Study, store: Path) -> list[str]:
     sets = ["train.epochs=1", "train.budget=epochs", f"dataset.max_train={SMOKE_TRAIN}",
             f"dataset.max_test={SMOKE_TEST}", "failures.max_retries=0",
             f"seeds=[{study.spec.seeds[0] if study.spec.seeds else 0}]", "tracking.uri=null"]
+    storage = f"search.storage=sqlite:///{store / 'optuna.db'}"
     if study.spec.search.method == "optuna":
-        sets += [f"search.n_trials={SMOKE_SEARCH_TRIALS}",
-                 f"search.storage=sqlite:///{store / 'optuna.db'}"]
-    return sets
+        sets += [f"search.n_trials={SMOKE_SEARCH_TRIALS}", storage]
+    if getattr(study.spec, "tune", None) is not None:  # a tuning phase: one trial per level
+        sets += ["tune.n_trials=1", "tune.epochs=1", f"tune.seeds=[{study.spec.tune.seeds[0]}]",
+                 storage]
+    return list(dict.fromkeys(sets))
 
 
 def run_smoke(path: str | Path, sets: Sequence[str] = (), address: str | None = None,

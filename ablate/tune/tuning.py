@@ -1,0 +1,81 @@
+"""The tuning phase of `ablate run` (`tune:` in the study file): one Optuna search per level
+of `tune.per`, then the grid with every trial taking its level's best values.
+
+Runs inside the driver's study lease. Resumable: a level whose Optuna study has `n_trials`
+done trials is not searched again, and the grid skips trials that already finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rich.console import Console
+
+from ablate.errors import AblateError
+from ablate.study import Study, tune_levels, with_tuned
+from ablate.tracking import Tracker
+from ablate.tune.driver import RunSummary, _init_ray, _run_grid, _run_search, open_search_study
+from ablate.tuning import LEVEL_TAG, PHASE_TAG, level_label, level_spec
+
+
+def level_study(study: Study, values: dict[str, Any]) -> Study:
+    """The derived Optuna-search study of one tuning level (same file, same experiment)."""
+    spec = level_spec(study.spec, values, study.experiment)
+    return Study(spec, study.path, study.file_hash, [], list(spec.search.space))
+
+
+def best_values(study: Study) -> dict[str, dict[str, Any]]:
+    """Each level's best sampled values (its Optuna study's best trial), by level label;
+    raises AblateError for a level whose search has no complete trial."""
+    out = {}
+    for label, values in tune_levels(study.spec, study.trials).items():
+        _, name, ost = open_search_study(level_study(study, values).spec)
+        if not any(t.state.name == "COMPLETE" for t in ost.trials):
+            raise AblateError(f"{study.path}: tune: level {label} has no complete tuning trial "
+                              f"(Optuna study {name}): see its failed runs, fix the cause and "
+                              "run again")
+        out[label] = dict(ost.best_trial.params)
+    return out
+
+
+def tuned_study(study: Study, best: dict[str, dict[str, Any]]) -> Study:
+    """The study's grid with every trial's tuned values applied (new trial ids)."""
+    per = study.spec.tune.per if study.spec.tune else []
+    trials = []
+    for t in study.trials:
+        label = level_label({k: t.factors.get(k) for k in per})
+        try:
+            trials.append(with_tuned(t, best[label], study.factor_keys))
+        except ValueError as e:
+            raise AblateError(f"{study.path}: tune: the tuned values {best[label]} of level "
+                              f"{label} do not run in {t.run_name}: {e}") from None
+    return dataclasses.replace(study, trials=trials)
+
+
+def run_tuned(study: Study, tracker: Tracker, address: str | None, verbose: bool,
+              console: Console, keep_trial_dirs: bool) -> RunSummary:
+    """Tune every level (runs tagged phase `tune` and their level), then run the tuned grid
+    (phase `final`). One Ray session for both."""
+    started = _init_ray(address, verbose)
+    try:
+        for label, values in tune_levels(study.spec, study.trials).items():
+            console.print(f"{study.spec.name}: tuning level {label}", highlight=False)
+            tags = {PHASE_TAG: "tune", LEVEL_TAG: label, "ablate.study": study.spec.name}
+            summary = _run_search(level_study(study, values), tracker, address, verbose,
+                                  console, keep_trial_dirs, tags)
+            if summary.interrupted:
+                return dataclasses.replace(summary, total=len(study.trials), skipped=0,
+                                           finished=0, pruned=0, failed=0)
+        best = best_values(study)
+        for label, values in best.items():
+            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in values.items())
+            console.print(f"tuned {label}: {shown}", highlight=False)
+        return _run_grid(tuned_study(study, best), tracker, address, verbose, console,
+                         keep_trial_dirs)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
