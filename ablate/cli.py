@@ -42,15 +42,19 @@ def main(version: Annotated[bool, typer.Option("--version", callback=_version, i
 
 StudyArg = Annotated[Path, typer.Argument(help="Study file (YAML), e.g. studies/quickstart.yaml",
                                           show_default=False)]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="KEY=VALUE", help="Override a study key (repeat): dotted as in factors, "
+    "value parsed as YAML, e.g. --set train.epochs=3 --set factors.model.mixer=[conv,mlp]. "
+    "Validated like the file; changes trial ids where it changes the trial.")]
 
 
 @app.command()
-def validate(study: StudyArg) -> None:
+def validate(study: StudyArg, sets: SetOpt = None) -> None:
     """Check a study file; print the number of trials and of cells per factor."""
     from ablate.study import cells_per_factor, load_study
 
     try:
-        s = load_study(study)
+        s = load_study(study, sets or ())
     except AblateError as e:
         raise _fail(e) from None
     if s.spec.search.method == "optuna":
@@ -74,14 +78,14 @@ def validate(study: StudyArg) -> None:
 
 
 @app.command()
-def plan(study: StudyArg,
+def plan(study: StudyArg, sets: SetOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False
          ) -> None:
     """List the expanded trials with their trial ids and factor levels."""
     from ablate.study import load_study
 
     try:
-        s = load_study(study)
+        s = load_study(study, sets or ())
     except AblateError as e:
         raise _fail(e) from None
     if s.spec.search.method == "optuna":
@@ -226,14 +230,27 @@ def run(study: StudyArg,
             "--keep-trial-dirs", help="Keep Ray's trial folders of a finished study.")] = False,
         quiet: Annotated[bool, typer.Option(
             "--quiet", "-q", help="No verdict and table at the end.")] = False,
+        sets: SetOpt = None,
+        smoke: Annotated[bool, typer.Option(
+            "--smoke", help="Every cell for 1 epoch on a tiny class-balanced subset (no "
+                            "profile) in a throwaway store; list the cells that failed "
+                            "(exit 1 if any).")] = False,
+        max_concurrent: Annotated[int | None, typer.Option(
+            "--max-concurrent", min=1, help="Trials at once (default: resources.max_concurrent, "
+            "else as many as the Ray cluster's CPUs and GPUs hold).")] = None,
         ) -> None:
     """Run a study's trials on Ray Tune and log every trial to MLflow (resumable)."""
     from ablate.study import load_study
     from ablate.tracking import resolve_tracking_uri
     from ablate.tune.driver import plan_run, run_study
 
+    sets = [*(sets or []), *([f"resources.max_concurrent={max_concurrent}"]
+                             if max_concurrent is not None else [])]
+    if smoke:
+        _smoke(study, sets, address, verbose)
+        return
     try:
-        s = load_study(study)
+        s = load_study(study, sets)
         if dry_run:
             uri = resolve_tracking_uri(tracking_uri, s.spec.tracking.uri)
             todo, skipped = plan_run(s, uri)
@@ -251,28 +268,51 @@ def run(study: StudyArg,
         err.print("interrupted: running trials were marked killed; `ablate run` again resumes")
         raise typer.Exit(143 if summary.terminated else 130)
     if not quiet and s.spec.search.method == "grid":
-        _print_summary(study, tracking_uri)
+        _print_summary(study, tracking_uri, sets)
 
 
-def _print_summary(study: Path, tracking_uri: str | None) -> None:
+def _smoke(study: Path, sets: list[str], address: str | None, verbose: bool) -> None:
+    from ablate.tune.smoke import run_smoke
+
+    try:
+        res = run_smoke(study, sets, address, verbose, out)
+    except AblateError as e:
+        raise _fail(e) from None
+    if res.summary is not None and res.summary.interrupted:
+        err.print("interrupted: the smoke run stopped before every cell ran")
+        raise typer.Exit(143 if res.summary.terminated else 130)
+    if not res.failed:
+        out.print(f"smoke: all {res.total} cells ran an epoch", highlight=False)
+        return
+    table = Table(title=f"smoke: {len(res.failed)} of {res.total} cells failed")
+    for col in ("cell", "status", "why"):
+        table.add_column(col, overflow="fold")
+    for row in res.failed:
+        table.add_row(*row)
+    out.print(table)
+    raise typer.Exit(1)
+
+
+def _print_summary(study: Path, tracking_uri: str | None, sets: list[str] | None = None
+                   ) -> None:
     from ablate.report import run_summary
 
     try:
-        text = run_summary(study, tracking_uri)
+        text = run_summary(study, tracking_uri, sets=sets or ())
     except AblateError as e:  # nothing finished yet: say so, the run itself succeeded
         text = f"No verdict: {e}"
     out.print("\n" + text, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
-def status(study: StudyArg, tracking_uri: UriOpt = None,
+def status(study: StudyArg, tracking_uri: UriOpt = None, sets: SetOpt = None,
            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Counts of trials by status and the best trial so far."""
     from ablate.study import load_study
     from ablate.tune.status import status as study_status
 
     try:
-        info = study_status(load_study(study), tracking_uri)
+        info = study_status(load_study(study, sets or ()), tracking_uri)
     except AblateError as e:
         raise _fail(e) from None
     if as_json:
@@ -300,7 +340,39 @@ def status(study: StudyArg, tracking_uri: UriOpt = None,
                   + (f", test_acc {b['test_acc']:.4f}" if b["test_acc"] is not None else ""),
                   highlight=False, markup=False)
     if "optuna" not in info and info["trials"] and info["done"] == info["trials"]:
-        _print_summary(study, tracking_uri)  # a finished study: the verdict and cell table
+        _print_summary(study, tracking_uri, sets)  # a finished study: the verdict and cell table
+
+
+@app.command()
+def studies(tracking_uri: UriOpt = None,
+            metric: Annotated[str, typer.Option(help="Metric the best run is chosen on.")]
+            = "val_acc",
+            as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """The studies in a tracking store: runs by status, last activity, best run."""
+    from ablate.tracking import resolve_tracking_uri
+    from ablate.tune.status import store_studies
+
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        rows = store_studies(uri, metric)
+    except AblateError as e:
+        raise _fail(e) from None
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        return
+    if not rows:
+        out.print(f"no studies in {mask_url(uri)}", highlight=False, markup=False)
+        return
+    table = Table(title=f"studies in {mask_url(uri)}")
+    for col in ("study", "runs", "by status", "last activity", f"best {metric}", "best run"):
+        table.add_column(col, justify="right" if col == "runs" else "left")
+    for r in rows:
+        b = r["best"]
+        table.add_row(r["study"], str(r["runs"]),
+                      ", ".join(f"{k} {v}" for k, v in r["counts"].items()),
+                      r["last_activity"].strftime("%Y-%m-%d %H:%M") if r["last_activity"]
+                      else "-", f"{b[metric]:.4f}" if b else "-", b["run_name"] if b else "-")
+    out.print(table)
 
 
 @app.command()
@@ -322,6 +394,7 @@ def report(
                                                      "run param to compare (repeat).")] = None,
     seed_key: Annotated[str | None, typer.Option(help="With --experiment: the param that "
                                                       "holds the seed.")] = None,
+    sets: SetOpt = None,
 ) -> None:
     """The verdict: is it attention, patches or data? ANOVA, effects and CIs per grid."""
     from ablate.report import experiment_source, make_report, study_source
@@ -329,7 +402,7 @@ def report(
     try:
         if (study is None) == (experiment is None):
             raise AblateError("ablate report: give a study file or --experiment NAME (one)")
-        src = (study_source(study, tracking_uri) if study is not None else
+        src = (study_source(study, tracking_uri, sets or ()) if study is not None else
                experiment_source(experiment, factor or [], seed_key, tracking_uri))
         path, text = make_report(src, metric, fmt, output)
     except AblateError as e:
@@ -348,12 +421,9 @@ def dashboard(tracking_uri: UriOpt = None,
     """Open the Streamlit dashboard: frontiers, factor effects, curves, runs."""
     import os
 
-    from ablate.tracking import PACKAGE_ROOT, resolve_tracking_uri
+    from ablate.tracking import resolve_tracking_uri
 
-    app_path = PACKAGE_ROOT / "dashboard" / "app.py"
-    if not app_path.exists():
-        raise _fail(AblateError(f"{app_path}: the dashboard ships with the source checkout; "
-                                "install ablate with `pip install -e .` from a clone"))
+    app_path = Path(__file__).resolve().parent / "dashboard" / "app.py"  # package data
     uri = resolve_tracking_uri(tracking_uri)
     env = {**os.environ, "ABLATE_TRACKING_URI": uri}
     cmd = [sys.executable, "-m", "streamlit", "run", str(app_path), "--server.address", host,

@@ -205,3 +205,39 @@ def curves_figure(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, group: 
     fig.update_layout(title=f"{metric} per epoch", xaxis_title="epoch", yaxis_title=metric,
                       template="plotly_white", height=420)
     return fig
+
+
+def parallel_figure(dims: list[dict], color: list[float], metric: str) -> go.Figure:
+    """Parallel coordinates: one line per configuration, coloured by the metric."""
+    fig = go.Figure(go.Parcoords(
+        line=dict(color=color, colorscale="Viridis", showscale=True,
+                  colorbar=dict(title=_label(metric))),
+        dimensions=[{k: v for k, v in d.items()} for d in dims]))
+    fig.update_layout(height=480, margin=dict(l=60, r=60, t=50, b=30))
+    return fig
+
+
+def metric_vs_param_figure(cells: pd.DataFrame, metric: str, param: str, group: str | None,
+                           log_x: bool = False) -> go.Figure:
+    """Seed means with 95% CIs against a numeric param, a line per `group` level through the
+    mean of its configurations at each x."""
+    fig = go.Figure()
+    groups = ([(None, cells)] if not group or group not in cells else
+              [(lv, cells[cells[group].map(label) == lv])
+               for lv in order_levels(set(cells[group].map(label)))])
+    colors = level_colors([str(lv) for lv, _ in groups])
+    for lv, sub in groups:
+        name = "all" if lv is None else str(lv)
+        c = colors.get(name, COLORS[0])
+        err = (sub["ci_high"] - sub["mean"]).fillna(0)
+        fig.add_trace(go.Scatter(x=sub["x"], y=sub["mean"], mode="markers", name=name,
+                                 legendgroup=name, marker=dict(color=c),
+                                 error_y=dict(type="data", array=err, visible=True)))
+        line = sub.groupby("x", sort=True)["mean"].mean()
+        fig.add_trace(go.Scatter(x=line.index, y=line.values, mode="lines", showlegend=False,
+                                 legendgroup=name, line=dict(color=c)))
+    fig.update_layout(xaxis_title=_label(param), yaxis_title=_label(metric), height=440,
+                      legend_title=_label(group) if group else None)
+    if log_x:
+        fig.update_xaxes(type="log")
+    return fig

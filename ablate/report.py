@@ -8,6 +8,8 @@ import datetime as dt
 import html
 import json
 import math
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -53,13 +55,14 @@ def _provenance(runs: pd.DataFrame, uri: str, **extra: Any) -> dict[str, Any]:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def study_source(path: Path, tracking_uri: str | None = None) -> Source:
+def study_source(path: Path, tracking_uri: str | None = None, sets: Sequence[str] = ()
+                 ) -> Source:
     """A study's runs; runs of cells the study file no longer has (it was edited) are kept
     out of the analysis as 'outdated' and counted."""
     from ablate.study import load_study
     from ablate.tracking import load_runs, resolve_tracking_uri
 
-    s = load_study(path)
+    s = load_study(path, sets)
     uri = resolve_tracking_uri(tracking_uri, s.spec.tracking.uri)
     runs = load_runs(s.experiment, uri, params=False)
     if runs.empty:
@@ -358,10 +361,15 @@ def make_report(src: Source, metric: str, fmt: str, output: Path | None
     text = render(analyse_source(src, metric), src.provenance, fmt)
     path = output or (Path(f"report-{src.name}.html") if fmt == "html" else None)
     if path is not None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        _write(path, text)
     return path, text
+
+
+def _write(path: Path, text: str) -> None:
+    """Write whole or not at all (a reader never sees half a report)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- the end of `ablate run`
@@ -385,11 +393,12 @@ def cell_table(runs: pd.DataFrame, metric: str) -> list[str]:
             for line in (head, *rows)]
 
 
-def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc") -> str:
+def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc",
+                sets: Sequence[str] = ()) -> str:
     """What `ablate run` prints when a study is done: the verdict (the sentences of `ablate
     report --format md`), the cell table, and where the report and dashboard are. With one
     seed it says why there is no verdict instead of guessing."""
-    src = study_source(path, tracking_uri)
+    src = study_source(path, tracking_uri, sets)
     lines = []
     seeds = src.runs.groupby("cell_id")["seed"].nunique().max() if "seed" in src.runs else 1
     if seeds < 2:
@@ -405,5 +414,44 @@ def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc") 
     table = cell_table(src.runs, metric)
     if table:
         lines += ["", f"Seed means per cell ({metric}, finished runs, best first):", *table]
-    lines += ["", f"Full report: ablate report {path}   |   dashboard: ablate dashboard"]
+    again = "".join(f" --set {x}" for x in sets if not x.startswith("resources."))
+    lines += ["", f"Full report: ablate report {path}{again}   |   dashboard: ablate dashboard"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- `ablate.report(...)`
+
+
+def report(study: Any = None, metric: str = "test_acc", fmt: str = "md",
+           output: str | Path | None = None, tracking_uri: str | None = None,
+           sets: Sequence[str] = (), experiment: str | None = None,
+           factors: Sequence[str] = (), seed_key: str | None = None) -> str:
+    """`ablate report` as a function: the verdict of a study (a Study or a study file) or of
+    any MLflow `experiment` by its param `factors`, as md, json or html text; also written to
+    `output` when given. Called as `ablate.report(...)`."""
+    if (study is None) == (experiment is None):
+        raise AblateError("ablate.report: give a study (file) or experiment=NAME (one)")
+    if study is None:
+        src = experiment_source(experiment, list(factors), seed_key, tracking_uri)
+    elif isinstance(study, (str, Path)):
+        src = study_source(Path(study), tracking_uri, sets)
+    else:
+        src = study_source(study.path, tracking_uri, [*study.sets, *sets])
+    if fmt not in FORMATS:
+        raise AblateError(f"format {fmt}: unknown; use html, md or json")
+    text = render(analyse_source(src, metric), src.provenance, fmt)
+    if output is not None:
+        _write(Path(output), text)
+    return text
+
+
+class _CallableModule(type(sys)):
+    """`ablate.report` is this module once anything imports it (Python binds a submodule to
+    its package's attribute), so the module itself calls `report`: `ablate.report(...)`
+    works whatever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> str:
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

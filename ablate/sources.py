@@ -414,13 +414,15 @@ def _save_cached(path: Path, src: Source) -> None:
 
 
 def resolve_root(spec: DatasetSpec, base: Path | None = None) -> Path:
-    """Expand ${VAR} and ~ in dataset.root; relative paths are relative to `base` (or cwd)."""
+    """Expand ${VAR} and ~ in dataset.root; relative paths are relative to `base` (or cwd).
+    Without `root`, `$ABLATE_DATA` is the root, for cifar10/cifar100 (the folder holding the
+    extracted batches) and imagefolder (the folder or archive with train/ and test/) alike."""
     if spec.root is None:
         env = os.environ.get("ABLATE_DATA")
-        default = {"cifar10": "", "cifar100": ""}.get(spec.name)
-        if env is None or default is None:
-            raise DataError(f"dataset.root: not set for dataset '{spec.name}'; set it in the "
-                            "study file or export ABLATE_DATA")
+        if not env:
+            raise DataError(f"dataset.root: not set for dataset '{spec.name}' and ABLATE_DATA "
+                            "is not set; give dataset.root in the study file or export "
+                            "ABLATE_DATA=/path/to/data")
         p = Path(env)
     else:
         try:

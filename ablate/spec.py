@@ -27,7 +27,8 @@ class Strict(BaseModel):
 
 class DatasetSpec(Strict):
     name: Literal["synthetic", "cifar10", "cifar100", "imagefolder"] = "synthetic"
-    root: str | None = Field(None, description="folder or archive; ${VAR} expanded where read")
+    root: str | None = Field(None, description="folder or archive (default: $ABLATE_DATA); "
+                                             "${VAR} expanded by the driver")
     download: bool = False
     image_size: PositiveInt | None = None
     num_classes: PositiveInt | None = Field(None, description="synthetic only (default 10)")

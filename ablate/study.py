@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ablate.cells import (
 )
 from ablate.errors import StudyError
 from ablate.match import Matched, match_cell, match_problems
+from ablate.overrides import apply_sets, label
 from ablate.search import check_search
 from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home is ablate.study
     SECTION_MODELS,
@@ -112,6 +113,8 @@ class Study:
     trials: list[TrialSpec]
     factor_keys: list[str]
     warnings: list[str] = field(default_factory=list)  # `file: path: message` lines
+    sets: tuple[str, ...] = ()  # the `--set KEY=VALUE` overrides applied to the file
+    profile: bool = True  # False: trials skip the cost profile (a smoke run)
 
     @property
     def experiment(self) -> str:
@@ -152,8 +155,9 @@ def _expand_tree(node: Any, path: str, problems: list[tuple[str, str]], keep: se
                                    f"default: export {e.args[0]}=... or write "
                                    f"${{{e.args[0]}:-default}}"))
             return node
-        # dataset.root stays as written: it is expanded on the node that reads the data, and the
-        # trial id then does not depend on where a machine keeps its data.
+        # dataset.root stays as written: the driver expands it when the run starts (and hands
+        # the absolute path to the trials), so the trial id does not depend on where a
+        # machine keeps its data.
         return node if path in keep else expanded
     return node
 
@@ -462,10 +466,15 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
     return Study(spec, Path(file).resolve(), file_hash, trials, keys, lines)
 
 
-def load_study(path: str | Path) -> Study:
-    """Read, validate and expand a study file. Writes nothing."""
+def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
+    """Read, validate and expand a study file, with `--set KEY=VALUE` overrides applied to it
+    before validation (checked like the file). Writes nothing."""
     raw, digest = read_study_file(path)
-    return validate_study(raw, str(path), digest)
+    if not sets:
+        return validate_study(raw, str(path), digest)
+    name = label(str(path), sets)
+    s = validate_study(apply_sets(raw, sets, name), name, digest)
+    return replace(s, path=Path(path).resolve(), sets=tuple(sets))
 
 
 def cells_per_factor(study: Study) -> dict[str, dict[str, int]]:

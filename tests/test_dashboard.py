@@ -14,7 +14,7 @@ from ablate.study import load_study
 from ablate.tracking import Tracker
 from tests.conftest import ROOT, free_port, needs_service, wait_http, write
 
-APP = str(ROOT / "dashboard" / "app.py")
+APP = str(ROOT / "ablate" / "dashboard" / "app.py")
 VALS = {("attention", 0.5): [0.50, 0.52, 0.54], ("attention", 1.0): [0.80, 0.80, 0.80],
         ("conv", 0.5): [0.55, 0.55, 0.55], ("conv", 1.0): [0.70, 0.72, 0.74]}
 DEMO = """\

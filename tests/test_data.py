@@ -393,3 +393,41 @@ factors: {{model.mixer: [mlp, conv]}}
     assert res.returncode == 2, res.stdout + res.stderr
     assert f"{tmp_path / 'missing.tar.gz'} not found" in res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "m.db").exists()
+
+
+def test_imagefolder_without_root_reads_ablate_data(tmp_path, monkeypatch):
+    make_folder(tmp_path / "imgs")
+    monkeypatch.setenv("ABLATE_DATA", str(tmp_path / "imgs"))
+    b = load_dataset(DatasetSpec(name="imagefolder", val_fraction=0.0))
+    assert b.classes == sorted(CLASSES) and len(b.train) == 6 * len(CLASSES)
+
+
+def test_cifar10_without_root_reads_ablate_data(tmp_path, monkeypatch):
+    _fake_cifar(tmp_path)
+    monkeypatch.setenv("ABLATE_DATA", str(tmp_path))
+    b = load_dataset(DatasetSpec(name="cifar10", val_fraction=0.0))
+    assert len(b.train) == 100 and len(b.test) == 20
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "cifar10"])
+def test_no_root_and_no_ablate_data_says_set_one(name, monkeypatch):
+    monkeypatch.delenv("ABLATE_DATA", raising=False)
+    with pytest.raises(DataError, match="dataset.root.*ABLATE_DATA"):
+        load_dataset(DatasetSpec(name=name))
+
+
+def test_driver_expands_the_root_and_trial_ids_keep_it_as_written(tmp_path, monkeypatch):
+    from ablate.study import load_study
+    from ablate.tune.driver import data_root
+
+    make_folder(tmp_path / "d" / "imgs")
+    text = ("name: r\ndataset: {name: imagefolder, image_size: 8, root: '${MYDATA}/imgs'}\n"
+            "model: {dim: 16, depth: 1, patch_size: 4}\n")
+    (tmp_path / "s.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MYDATA", "d")  # relative: to where `ablate run` is called
+    s = load_study(tmp_path / "s.yaml")
+    assert data_root(s) == str(tmp_path / "d" / "imgs")
+    monkeypatch.setenv("MYDATA", str(tmp_path / "d"))
+    assert [t.trial_id for t in load_study(tmp_path / "s.yaml").trials] == \
+        [t.trial_id for t in s.trials]

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ablate.analysis.anova import N_BOOT, GridFit, TermStats, fit_grid, pair, term_name
 from ablate.analysis.design import Design, designs
+from ablate.analysis.explore import metric_vs_param, numeric_params, parallel_dims
 from ablate.analysis.scaling import FRACTION, MIXER, PATCH, cost_table, slopes
 from ablate.analysis.seeds import (
     COST_METRICS,
@@ -100,7 +101,8 @@ __all__ = [
     "MIXER",
     "N_BOOT", "OFF", "PATCH", "Analysis", "Design", "GridFit", "TermStats", "aggregate",
     "analyse", "cell_keys", "cost_table", "designs", "effect_sizes", "factor_columns",
-    "fit_for", "fit_grid", "frontier", "interaction", "label", "main_effects", "numeric",
+    "fit_for", "fit_grid", "frontier", "interaction", "label", "main_effects",
+    "metric_vs_param", "numeric", "numeric_params", "parallel_dims",
     "order_levels", "pair", "pareto_front", "scaling_curves", "sentences", "short",
     "slopes", "split_status", "status_counts", "term_name", "to_dict",
 ]

@@ -100,9 +100,21 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
     return True
 
 
-def _concurrency(res) -> int:
-    """resources.max_concurrent, else as many trials as the CPUs hold."""
-    return res.max_concurrent or max(1, int((os.cpu_count() or 1) // res.cpus_per_trial))
+def _concurrency(res, total: dict[str, float] | None = None) -> int:
+    """resources.max_concurrent, else as many trials as the cluster Ray runs on holds at once
+    (`total`: default `ray.cluster_resources()`), by CPUs and, for GPU trials, GPUs: a laptop
+    driving a GPU cluster is not throttled to its own cores."""
+    if res.max_concurrent:
+        return res.max_concurrent
+    if total is None:
+        import ray
+
+        total = (ray.cluster_resources() if ray.is_initialized()
+                 else {"CPU": float(os.cpu_count() or 1)})
+    fits = [total.get("CPU", 0.0) // res.cpus_per_trial]
+    if res.gpus_per_trial:
+        fits.append(total.get("GPU", 0.0) // res.gpus_per_trial)
+    return max(1, int(min(fits)))
 
 
 def _scheduler(spec, max_t: int):
@@ -121,7 +133,7 @@ def _context(study: Study) -> dict[str, Any]:
     """What every Tune trial of the study needs besides its cell: data root and resources."""
     res = study.spec.resources
     return {"root": data_root(study), "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
-            "fault_file": os.environ.get("ABLATE_FAULT_FILE")}
+            "fault_file": os.environ.get("ABLATE_FAULT_FILE"), "profile": study.profile}
 
 
 def _dirname(trial) -> str:
@@ -137,6 +149,8 @@ def _held(study: Study, uri: str, console: Console, force_unlock: bool = False
     killed first (with the lease held, nobody else can be running them)."""
     tags = {"ablate.study_file_hash": study.file_hash, "ablate.study_file": str(study.path),
             "mlflow.note.content": study.spec.description or study.spec.name}
+    if study.sets:
+        tags["ablate.set"] = " ".join(study.sets)
     tracker = Tracker(uri, study.experiment, tags)
     with StudyLease(tracker.client, tracker.experiment_id, study.spec.name,
                     force_unlock) as lease:
@@ -219,8 +233,8 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
 
     spec = study.spec
     res = spec.resources
-    concurrency = _concurrency(res)
     started_ray = _init_ray(address, verbose)
+    concurrency = _concurrency(res)  # from the cluster Ray now runs on
     _rearm_python_signal_handlers()
     callback = StudyCallback(RunWriter(tracker, study), progress, console, concurrency,
                              optuna_study, tags)
@@ -363,7 +377,6 @@ def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bo
     `tags` go on every run (a tuning phase's), whose earlier runs it reuses."""
     import optuna
     from optuna.trial import TrialState
-    from ray.tune.search import ConcurrencyLimiter
 
     from ablate.tune.searcher import OptunaAskTell
 
@@ -386,9 +399,8 @@ def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bo
     n_told = len(ost.get_trials(deepcopy=False))
     sampled = optuna.load_study(study_name=name, storage=storage,
                                 sampler=search.make_sampler(spec, sampler_seed(name, n_told)))
-    searcher = ConcurrencyLimiter(
-        OptunaAskTell(sampled, search.distributions(spec), spec.search.objectives),
-        max_concurrent=_concurrency(spec.resources))
+    # Tune wraps it in a ConcurrencyLimiter of max_concurrent_trials, sized once Ray is up
+    searcher = OptunaAskTell(sampled, search.distributions(spec), spec.search.objectives)
     sections = {s: getattr(spec, s).model_dump(mode="json") for s in ("dataset", "model", "train")}
     space = {"context": context,
              "search": {"sections": sections, "seeds": list(spec.seeds),

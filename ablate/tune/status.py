@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from ablate import search
 from ablate.errors import mask_url
 from ablate.study import Study
@@ -66,3 +68,29 @@ def search_status(spec) -> dict[str, Any]:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
     return {"study_name": name, "n_trials": spec.search.n_trials, "states": states,
             "objectives": spec.search.objectives, "pareto": search.pareto_set(storage, name)}
+
+
+def store_studies(uri: str, metric: str = "val_acc") -> list[dict[str, Any]]:
+    """Every study in a store (newest activity first): runs by status, last activity and the
+    finished run best on `metric`. A few queries per study, none per run."""
+    from ablate.tracking import list_studies
+
+    rows = []
+    for name in list_studies(uri):
+        df = without_orphans(load_runs(name, uri, params=False), uri, name)
+        if df.empty:
+            rows.append({"study": name, "runs": 0, "counts": {}, "last_activity": None,
+                         "best": None})
+            continue
+        counts = {str(k): int(v) for k, v in df["status"].value_counts().items()}
+        times = [df[c].max() for c in ("start_time", "end_time") if c in df]
+        last = max((t for t in times if t is not None and t == t), default=None)
+        fin = df[df["status"] == "finished"]
+        best = None
+        if metric in fin and fin[metric].notna().any():
+            b = fin.loc[fin[metric].idxmax()]
+            best = {"run_name": b["run_name"], "trial_id": b.get("trial_id"),
+                    metric: float(b[metric])}
+        rows.append({"study": name, "runs": len(df), "counts": counts,
+                     "last_activity": last, "best": best})
+    return sorted(rows, key=lambda r: r["last_activity"] or pd.Timestamp.min, reverse=True)

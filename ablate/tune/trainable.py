@@ -90,13 +90,14 @@ def train_cell(config: dict[str, Any], report) -> None:
     runs = {}
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
-        if cost is None:  # the same architecture for every seed: profile it once
+        if cost is None and ctx.get("profile", True):  # one architecture: profile it once
             cost = profile(model, data.image_size, in_chans=data.channels,
                            num_classes=data.num_classes,
                            batch_size=trial.train.profile_batch_size, device=device,
                            dtype=dtype, channels_last=trial.train.channels_last,
                            min_seconds=trial.train.profile_seconds, warmup=2)
-        extra = {**cost.metrics(), "profile_batch_size": float(cost.batch_size)}
+        extra = ({**cost.metrics(), "profile_batch_size": float(cost.batch_size)} if cost
+                 else {})
         runs[trial.trial_id] = fit_epochs(model, data, trial.train, trial.seed, device,
                                           final_extra=extra)
     for epoch in range(1, first.train.epochs + 1):
@@ -107,7 +108,7 @@ def train_cell(config: dict[str, Any], report) -> None:
         rows = list(per_seed.values())
         if epoch == first.train.epochs:
             rows += list(stored.values())
-        report({**cost.metrics(), **seed_mean(rows), "epoch": float(epoch),
+        report({**(cost.metrics() if cost else {}), **seed_mean(rows), "epoch": float(epoch),
                 "per_seed": json.dumps(per_seed)})
 
 
