@@ -240,9 +240,16 @@ def run(study: StudyArg,
             "else as many as the Ray cluster's CPUs and GPUs hold).")] = None,
         ) -> None:
     """Run a study's trials on Ray Tune and log every trial to MLflow (resumable)."""
+    import signal
+
     from ablate.study import load_study
     from ablate.tracking import resolve_tracking_uri
     from ablate.tune.driver import plan_run, run_study
+
+    def _terminated(signum, frame):  # outside the trials (planning, the summary): just exit
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _terminated)
 
     sets = [*(sets or []), *([f"resources.max_concurrent={max_concurrent}"]
                              if max_concurrent is not None else [])]
@@ -262,6 +269,7 @@ def run(study: StudyArg,
                 out.print(f"  skip  {t.trial_id}  {t.run_name}", highlight=False, markup=False)
             return
         summary = run_study(s, tracking_uri, address, verbose, out, force_unlock, keep_trial_dirs)
+        signal.signal(signal.SIGTERM, _terminated)  # Ray's shutdown may have reset it
     except AblateError as e:
         raise _fail(e) from None
     if summary.interrupted:
