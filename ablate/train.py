@@ -75,7 +75,7 @@ class SeedRNG:
 def build_model(trial: TrialSpec, image_size: int, channels: int, num_classes: int
                 ) -> nn.Module:
     """A trial's model, its initial weights a function of the trial's seed alone."""
-    kwargs = trial.model.model_dump()
+    kwargs = trial.model.model_dump(exclude={"match"})  # match chose dim/depth already
     arch = kwargs.pop("arch")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(trial.seed)

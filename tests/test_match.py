@@ -114,3 +114,30 @@ def test_plan_shows_matched_dim_and_cost(tmp_path):
     assert all(r["matched"]["dim"] == r["config"]["model"]["dim"] for r in rows)
     table = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "200"})
     assert "matched dim" in table.output and "matched gmacs" in table.output
+
+
+def test_a_matched_trial_trains_at_its_matched_width():
+    """The matched dim reaches the model the trial builds (and `match` itself does not)."""
+    from ablate.data import load_dataset
+    from ablate.study import validate_study
+    from ablate.train import build_model, fit
+
+    raw = {"name": "m", "dataset": {"name": "synthetic", "image_size": 16, "train_size": 100,
+                                    "test_size": 20},
+           "model": {"depth": 2, "patch_size": 4, "mixer": "mlp",
+                     "match": {"gmacs": 0.002, "tolerance": 0.2}},
+           "train": {"epochs": 1, "batch_size": 50}, "seeds": [0]}
+    s = validate_study(raw, "inline.yaml")
+    (trial,) = s.trials
+    data = load_dataset(trial.dataset)
+    model = build_model(trial, data.image_size, data.channels, data.num_classes)
+    assert sum(p.numel() for p in model.parameters()) == measured_params(trial)
+    final = fit(model, data, trial.train, trial.seed)
+    assert 0.0 <= final["test_acc"] <= 1.0
+
+
+def measured_params(trial) -> int:
+    args = trial.model.model_dump(exclude={"arch", "match"}, exclude_none=True)
+    assert args["dim"] % 8 == 0  # the matched dim, filled in by validation
+    return profile(create_model("backbone", image_size=16, in_chans=3, num_classes=10, **args),
+                   16, num_classes=10, timing=False).params
