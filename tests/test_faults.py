@@ -208,3 +208,21 @@ def test_dashboard_is_the_streamlit_process_so_sigterm_stops_it(tmp_path):
             proc.kill()
     with socket.socket() as s:  # nothing serves the port any more
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_force_unlock_takes_a_lease_that_looks_alive(tmp_path):
+    """A holder that looks alive (this very process, fresh heartbeat) blocks a driver;
+    --force-unlock (force=True) takes the study over."""
+    from ablate.tracking import Tracker
+    from ablate.tracking.lease import StudyLease, StudyLockedError
+
+    t = Tracker(f"sqlite:///{tmp_path / 'm.db'}", "faults")
+    other = {"id": "someone", "host": socket.gethostname(), "pid": os.getpid(),
+             "since": time.time(), "beat": time.time()}
+    t.client.set_experiment_tag(t.experiment_id, LEASE_TAG, json.dumps(other))
+    with pytest.raises(StudyLockedError, match=f"pid {os.getpid()}.*--force-unlock"):
+        StudyLease(t.client, t.experiment_id, "faults")
+    with StudyLease(t.client, t.experiment_id, "faults", force=True) as held:
+        assert json.loads(t.client.get_experiment(t.experiment_id).tags[LEASE_TAG])["id"] \
+            == held.id
+    assert LEASE_TAG not in t.client.get_experiment(t.experiment_id).tags
