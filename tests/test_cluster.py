@@ -129,8 +129,8 @@ failures: {{max_retries: 3}}
 @pytest.fixture
 def two_nodes(tmp_path):
     """A head (127.0.0.2) and a worker (127.0.0.3) started by this test with `--block`, in
-    their own temp dir, and stopped by the PIDs it started: never `ray stop`, which would stop
-    every Ray process on the host."""
+    their own temp dir, and stopped by the PIDs it started (a host-wide stop command would
+    also stop other users' Ray processes)."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     temp = tempfile.mkdtemp(prefix="rt")  # short: Ray's socket paths have a length limit
