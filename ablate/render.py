@@ -72,6 +72,26 @@ def _cost_rows(a: Analysis) -> tuple[list[str], list[list[str]]] | None:
     return head, rows
 
 
+def pooled_blocks(a: Analysis) -> list[tuple[str, str, list[tuple[list[str], list[list[str]]]]]]:
+    """(title, text, tables) of each pooled view (ablate.analysis.pool), then the refusals."""
+    out = []
+    for key, p in a.pooled.items():
+        f, d = p.fit, p.fit.design
+        text = (f"{short(key)} {p.note}: {d.n_runs} runs in {len(d.cells)} cells over "
+                f"{', '.join(short(k) for k in d.keys)}; {d.note()}. Only runs whose other "
+                "factors take levels every pooled grid has are pooled. "
+                + ("The verdict uses this view" if p.used else "The verdict uses a single grid")
+                + f" ({p.why}).")
+        out.append((f"Pooled view: {short(key)} (grids {'+'.join(map(str, p.grids))})", text,
+                    [(ANOVA_HEAD, anova_rows(f)), (EMM_HEAD, emm_rows(f, key)),
+                     (PAIR_HEAD, pair_rows(f, key))]))
+    if a.pool_refused:
+        rows = [[r.factor, "+".join(map(str, r.grids)), r.reason] for r in a.pool_refused]
+        out.append(("Pools refused", "A factor several grids vary is pooled only where the "
+                    "other factors match:", [(["factor", "grids", "why not"], rows)]))
+    return out
+
+
 def to_markdown(a: Analysis, prov: dict[str, Any]) -> str:
     def table(head: list[str], rows: list[list[str]]) -> list[str]:
         return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
@@ -90,6 +110,10 @@ def to_markdown(a: Analysis, prov: dict[str, Any]) -> str:
         for k in d.keys:
             out += [f"**{short(k)}**: marginal means and pairwise differences", ""]
             out += table(EMM_HEAD, emm_rows(f, k)) + table(PAIR_HEAD, pair_rows(f, k))
+    for title, text, tables in pooled_blocks(a):
+        out += [f"### {title}", "", text, ""]
+        for head, rows in tables:
+            out += table(head, rows)
     cost = _cost_rows(a)
     if cost:
         out += ["### Best accuracy under each mixer's cost", ""] + table(*cost)
@@ -137,14 +161,29 @@ def figures(a: Analysis) -> list[tuple[str, Any]]:
         figs.append((f"Largest interaction: {term_name(t)}",
                      plots.interaction_figure(f.tables[t], x, g, a.metric)))
     figs += scaling_figures(a)
-    if "gmacs" in a.frontiers:
-        agg = analysis.aggregate(a.runs, a.metric)
-        agg = agg[agg["gmacs"].notna()]
-        cols = analysis.factor_columns(agg)
-        color = analysis.MIXER if analysis.MIXER in cols else (cols[0] if cols else None)
-        symbol = analysis.PATCH if analysis.PATCH in cols else None
-        figs.append(("Accuracy vs cost", plots.frontier_figure(
-            agg, analysis.frontier(agg, "gmacs"), "gmacs", a.metric, color, symbol, True)))
+    figs += frontier_figures(a)
+    return figs
+
+
+FRONTIER_TITLES = {"gmacs": "compute (GMACs)", "params": "parameters",
+                   "train_time_s": "measured training time (s)"}
+
+
+def frontier_figures(a: Analysis) -> list[tuple[str, Any]]:
+    """Accuracy against each cost metric the runs have (GMACs, params, measured training
+    time): seed means, the Pareto frontier; colour = mixer level as in every other figure."""
+    if not a.frontiers:
+        return []
+    agg_all = analysis.aggregate(a.runs, a.metric)
+    cols = analysis.factor_columns(agg_all)
+    color = analysis.MIXER if analysis.MIXER in cols else (cols[0] if cols else None)
+    symbol = analysis.PATCH if analysis.PATCH in cols else None
+    figs = []
+    for cost in a.frontiers:
+        agg = agg_all[agg_all[cost].notna()]
+        figs.append((f"Accuracy vs {FRONTIER_TITLES.get(cost, cost)}", plots.frontier_figure(
+            agg, analysis.frontier(agg, cost), cost, a.metric, color, symbol,
+            cost in ("gmacs", "params"))))
     return figs
 
 
@@ -179,6 +218,9 @@ def to_html(a: Analysis, prov: dict[str, Any]) -> str:
         for k in d.keys:
             parts.append(f"<h3>{esc(short(k))}</h3>" + table(EMM_HEAD, emm_rows(f, k)) +
                          table(PAIR_HEAD, pair_rows(f, k)))
+    for title, text, tables in pooled_blocks(a):
+        parts.append(f"<h2>{esc(title)}</h2><p>{esc(text)}</p>" +
+                     "".join(table(h, r) for h, r in tables))
     cost = _cost_rows(a)
     if cost:
         parts.append("<h2>Best accuracy under each mixer's cost</h2>" + table(*cost))
