@@ -118,3 +118,22 @@ def test_a_pool_inside_one_grid_adds_nothing():
     assert a.pooled == {}
     (r,) = a.pool_refused
     assert r.factor == "dataset.fraction" and "every pooled run is in grid 0" in r.reason
+
+
+def test_one_frontier_per_cost_metric_in_the_levels_colours():
+    from ablate import plots
+
+    df = union([GRID_A, GRID_B])
+    cost = {"attention": 4.0, "mlp": 2.0, "conv": 1.0}
+    df["gmacs"] = df["factor.model.mixer"].map(cost)
+    df["params"] = 1000 * df["gmacs"]
+    df["train_time_s"] = 10 * df["gmacs"] * df["factor.dataset.fraction"]
+    a = analysis.analyse(df, "test_acc", grids=[GRID_A, GRID_B], n_boot=100)
+    figs = render.frontier_figures(a)
+    assert [t for t, _ in figs] == ["Accuracy vs compute (GMACs)", "Accuracy vs parameters",
+                                    "Accuracy vs measured training time (s)"]
+    for _, fig in figs:
+        colours = {t.name: t.marker.color for t in fig.data if t.name.startswith("mixer=")}
+        assert colours == {f"mixer={m}": plots.MIXER_COLORS[m] for m in MIXER}
+    html = render.to_html(a, {"study": "u"})
+    assert all(html.count(f"<h3>{t}</h3>") == 1 for t, _ in figs)
