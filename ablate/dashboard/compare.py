@@ -31,11 +31,10 @@ def _side(col, name: str, study: str, studies: list[str], df: pd.DataFrame, metr
     if table.empty:
         col.info(f"`{which}` has no finished runs with {metric}.")
         return which, runs, table, None
-    labels = dict(zip(table["key"], table["label"], strict=True))
-    keys = list(labels)
-    key = col.selectbox(f"cell {name}", keys, index=min(default, len(keys) - 1),
-                        format_func=labels.get, key=f"cmp_{name.lower()}")
-    return which, runs, table, key
+    keys = dict(zip(table["label"], table["key"], strict=True))  # labels are unique
+    pick = col.selectbox(f"cell {name}", list(keys), index=min(default, len(keys) - 1),
+                         key=f"cmp_{name.lower()}")
+    return which, runs, table, keys[pick]
 
 
 def compare_tab(study: str, metric: str, df: pd.DataFrame, studies: list[str],
@@ -43,6 +42,10 @@ def compare_tab(study: str, metric: str, df: pd.DataFrame, studies: list[str],
                 load_curves: Callable[[str, tuple[str, ...]], pd.DataFrame]) -> None:
     """`df`: this study's runs under the sidebar's filters; `load_runs(study)` and
     `load_curves(study, run_ids)` read (cached) from the store."""
+    if st.session_state.get("_cmp_for") != study:  # the sidebar's study changed: follow it
+        for k in ("cmp_study_a", "cmp_study_b", "cmp_a", "cmp_b"):
+            st.session_state.pop(k, None)
+        st.session_state["_cmp_for"] = study
     c1, c2 = st.columns(2)
     sa, runs_a, cells_a, key_a = _side(c1, "A", study, studies, df, metric, load_runs, 0)
     sb, runs_b, cells_b, key_b = _side(c2, "B", study, studies, df, metric, load_runs, 1)
