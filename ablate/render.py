@@ -154,6 +154,9 @@ def figures(a: Analysis) -> list[tuple[str, Any]]:
         title = f"Marginal means, grid {f.design.index}"
         figs.append((title, plots.effects_figure({k: f.emms[k] for k in f.design.keys},
                                                  a.metric)))
+    for key, p in a.pooled.items():
+        figs.append((f"Marginal means, {short(key)} {p.note}",
+                     plots.effects_figure({key: p.fit.emms[key]}, a.metric)))
     inter = [(f, t, s) for f in a.fits for t, s in f.interactions.items()]
     if inter:
         f, t, _ = max(inter, key=lambda x: x[2].share if math.isfinite(x[2].share) else -1)

@@ -86,7 +86,9 @@ def test_pooled_view_recovers_planted_effects_where_the_other_factors_match():
         assert k in out
     md = render.to_markdown(a, {"study": "u"})
     assert "### Pooled view: dataset.fraction (grids 0+1)" in md
-    assert "Pooled view: model.mixer" in render.to_html(a, {"study": "u"})
+    page = render.to_html(a, {"study": "u"})
+    assert "Pooled view: model.mixer" in page
+    assert "Marginal means, dataset.fraction pooled over grids 0+1" in page
 
 
 def test_pool_refused_where_the_other_factors_do_not_match():
