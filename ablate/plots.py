@@ -241,3 +241,36 @@ def metric_vs_param_figure(cells: pd.DataFrame, metric: str, param: str, group: 
     if log_x:
         fig.update_xaxes(type="log")
     return fig
+
+
+def compare_curves_figure(curves: dict[str, pd.DataFrame], colors: dict[str, str], metric: str
+                          ) -> go.Figure:
+    """Per-epoch `metric` of the runs of each compared cell (name -> long curves table:
+    run_id, metric, step, value), one colour per cell."""
+    fig = go.Figure()
+    for i, (name, cv) in enumerate(curves.items()):
+        sub = cv[cv["metric"] == metric] if not cv.empty else cv
+        c = colors.get(name, COLORS[i % len(COLORS)])
+        for j, (_, g) in enumerate(sub.groupby("run_id", sort=False)):
+            g = g.sort_values("step")
+            fig.add_trace(go.Scatter(x=g["step"], y=g["value"], mode="lines", name=name,
+                                     legendgroup=name, showlegend=j == 0,
+                                     line=dict(color=c)))
+    fig.update_layout(title=f"{metric} per epoch (one line per seed)", xaxis_title="epoch",
+                      yaxis_title=metric, template="plotly_white", height=400,
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def importance_figure(imp: pd.DataFrame) -> go.Figure:
+    """Parameter importances (rows: param, importance, evaluator) as grouped bars, one colour
+    per evaluator, params in the order of the first evaluator's ranking."""
+    fig = go.Figure()
+    order = list(dict.fromkeys(imp.sort_values(["evaluator", "rank"])["param"]))
+    for i, (ev, t) in enumerate(imp.groupby("evaluator", sort=True)):
+        t = t.set_index("param").reindex(order)
+        fig.add_trace(go.Bar(x=order, y=t["importance"], name=ev,
+                             marker_color=COLORS[i % len(COLORS)]))
+    fig.update_layout(barmode="group", title="parameter importance (normalised per evaluator)",
+                      yaxis_title="importance", template="plotly_white", height=400)
+    return fig

@@ -66,7 +66,32 @@ def fill_store(tmp: Path) -> str:
         rid = tn.start_run(t, nm)
         tn.log_metrics(rid, {"val_acc": 0.5}, step=1)
         tn.end_run(rid, "finished")
+    fill_search(tmp, uri)
     return uri
+
+
+def fill_search(tmp: Path, uri: str) -> None:
+    """A study whose runs came from an Optuna search: runs tagged with the Optuna study's
+    name, its trials in an optuna.db beside the MLflow store (ablate's default layout), with
+    train.lr planted as the parameter that matters."""
+    import optuna
+
+    from ablate.search import open_storage
+    from tests.test_importance import _objective
+
+    storage = open_storage(f"sqlite:///{tmp / 'optuna.db'}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ost = optuna.create_study(study_name="search-abc", storage=storage, direction="maximize",
+                              sampler=optuna.samplers.RandomSampler(seed=0))
+    ost.optimize(_objective, n_trials=40)
+    sr = load_study(write(tmp / "search.yaml", DEMO.replace("name: demo", "name: search")
+                          .replace("seeds: [0, 1, 2, 3]", "seeds: [0]")))
+    ts = Tracker(uri, "search")
+    for i, t in enumerate(sr.trials):
+        rid = ts.start_run(t, sr, {"optuna.study_name": "search-abc",
+                                   "optuna.trial_number": str(i)})
+        ts.log_metrics(rid, {"val_acc": 0.5 + 0.01 * i}, step=1)
+        ts.end_run(rid, "finished")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +106,9 @@ def app(uri: str, monkeypatch) -> AppTest:
 
 
 SIGNATURE = {"frontier_table": "std", "effect_sizes": "range", "runs_table": "run_id",
-             "pairwise_table": "p_holm"}
+             "pairwise_table": "p_holm", "search_importance": "fanova",
+             "grid_importance": "p_value", "compare_table": "values",
+             "compare_costs": "b / a"}
 
 
 def table(at: AppTest, key: str):
@@ -138,6 +165,54 @@ def test_verdict_tab_first_with_sentences_pairwise_and_download(store, monkeypat
     assert any("report" in str(b.proto.label) for b in buttons)
 
 
+def test_importance_tab_for_a_search_and_for_a_grid(store, monkeypatch):
+    at = app(store, monkeypatch)
+    at.sidebar.selectbox(key="study").set_value("search").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.label for t in at.tabs][4] == "Importance"
+    imp = table(at, "search_importance")
+    for ev in ("fanova", "ped_anova"):  # the planted parameter ranks first for both
+        assert imp.sort_values(ev, ascending=False)["param"].iloc[0] == "train.lr"
+    at.sidebar.selectbox(key="study").set_value("demo").run()
+    assert not at.exception
+    grid = table(at, "grid_importance")
+    assert {"model.mixer", "dataset.fraction"} <= set(grid["term"])
+    pw = table(at, "pairwise_table")  # the Verdict tab's analysis, the same numbers
+    assert grid["share"].between(0, 1).all() and len(pw)
+
+
+def test_compare_tab_difference_with_welch_ci(store, monkeypatch):
+    from scipy import stats
+
+    at = app(store, monkeypatch)
+    at.sidebar.selectbox(key="study").set_value("demo").run()
+    assert not at.exception, [e.value for e in at.exception]
+
+    def pick(key: str, mixer: str, fraction: str) -> None:
+        box = at.selectbox(key=key)
+        i = next(i for i, o in enumerate(box.options)
+                 if f"mixer={mixer}" in o and f"fraction={fraction}" in o)
+        box.select_index(i).run()
+
+    pick("cmp_a", "conv", "1")
+    pick("cmp_b", "attention", "0.5")
+    assert not at.exception, [e.value for e in at.exception]
+    cmp = table(at, "compare_table").set_index("cell")
+    a, b = VALS[("conv", 1.0)], VALS[("attention", 0.5)]
+    assert cmp["seeds"].dropna().tolist() == [3, 3]  # the failed conv seed is no seed
+    assert cmp.loc["A - B", "mean"] == pytest.approx(sum(a) / 3 - sum(b) / 3)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval()
+    assert cmp.loc["A - B", "values"] == f"95% CI [{ci.low:+.4f}, {ci.high:+.4f}]"
+    assert any("Welch t interval over seeds" in c.value for c in at.caption)
+    costs = table(at, "compare_costs").set_index("cost")
+    assert costs.loc["gmacs", "b / a"] == pytest.approx(2.0)  # attention: 2 GMACs, conv 1
+    # a cell of another study with the same factors: one seed there, so no interval
+    at.selectbox(key="cmp_study_b").set_value("nocost").run()
+    assert not at.exception, [e.value for e in at.exception]
+    cmp = table(at, "compare_table").set_index("cell")
+    assert "n/a" in cmp.loc["A - B", "values"]
+
+
 def test_only_failed_runs_get_a_message(store, monkeypatch):
     at = app(store, monkeypatch)
     at.sidebar.selectbox(key="study").set_value("allfailed").run()
@@ -192,6 +267,8 @@ def test_real_browser_renders_the_frontier(store, tmp_path):
             assert page.locator("text=Attention:").count() >= 1
             page.get_by_role("tab", name="Frontier").click()
             page.wait_for_selector("text=Pareto frontier", timeout=30_000)
+            page.get_by_role("tab", name="Compare").click()
+            page.wait_for_selector("text=Welch t interval over seeds", timeout=30_000)
             assert page.locator("[data-testid='stException']").count() == 0
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)

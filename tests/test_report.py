@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ablate import render
 from ablate.study import load_study
 from ablate.tracking import Tracker, load_runs
 from tests.conftest import ROOT, write
@@ -219,10 +220,22 @@ def test_html_report_renders_offline_in_chromium(study, tmp_path):
         n_drawn = page.evaluate("document.querySelectorAll('.js-plotly-plot .main-svg').length")
         points = page.locator(".js-plotly-plot .point").count()
         assert "Verdict" in page.inner_text("body")
+        # one frontier per cost metric the runs have, each drawn with its points
+        frontiers = page.evaluate("""() => [...document.querySelectorAll('h3')]
+            .filter(h => h.textContent.startsWith('Accuracy vs'))
+            .map(h => [h.textContent,
+                       h.nextElementSibling.querySelectorAll('.main-svg').length,
+                       h.nextElementSibling.querySelectorAll('.point').length])""")
         shot = tmp_path / "report.png"
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert n_plots >= 4 and n_drawn >= n_plots and points > 0
+    runs = load_runs("tiny", uri)
+    costs = [c for c in ("gmacs", "params", "train_time_s") if runs[c].notna().any()]
+    assert len(costs) == 3  # the tiny study logs compute, size and measured time
+    assert [t for t, _, _ in frontiers] == [f"Accuracy vs {render.FRONTIER_TITLES[c]}"
+                                            for c in costs]
+    assert all(svg > 0 and pts >= 4 for _, svg, pts in frontiers), frontiers
     assert [u for u in requests if not u.startswith("file:")] == []
     out = ROOT / ".artifacts"
     out.mkdir(exist_ok=True)

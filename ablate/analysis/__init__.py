@@ -12,6 +12,7 @@ import pandas as pd
 from ablate.analysis.anova import N_BOOT, GridFit, TermStats, fit_grid, pair, term_name
 from ablate.analysis.design import Design, designs
 from ablate.analysis.explore import metric_vs_param, numeric_params, parallel_dims
+from ablate.analysis.pool import Pooled, Refusal, pooled_views
 from ablate.analysis.scaling import FRACTION, MIXER, PATCH, cost_table, slopes
 from ablate.analysis.seeds import (
     COST_METRICS,
@@ -32,7 +33,7 @@ from ablate.analysis.seeds import (
     split_status,
     status_counts,
 )
-from ablate.analysis.verdict import Analysis, analyse, fit_for, sentences, to_dict
+from ablate.analysis.verdict import Analysis, analyse, choose, fit_for, sentences, to_dict
 
 
 def _fits(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | None
@@ -99,7 +100,8 @@ def scaling_curves(df: pd.DataFrame, metric: str, fraction: str = FRACTION,
 __all__ = [
     "COST_METRICS", "FINISHED", "FRACTION", "HIGHER_IS_BETTER", "KNOWN_ORDER", "METRIC_HELP",
     "MIXER",
-    "N_BOOT", "OFF", "PATCH", "Analysis", "Design", "GridFit", "TermStats", "aggregate",
+    "N_BOOT", "OFF", "PATCH", "Analysis", "Pooled", "Refusal", "choose", "pooled_views",
+    "Design", "GridFit", "TermStats", "aggregate",
     "analyse", "cell_keys", "cost_table", "designs", "effect_sizes", "factor_columns",
     "fit_for", "fit_grid", "frontier", "interaction", "label", "main_effects",
     "metric_vs_param", "numeric", "numeric_params", "parallel_dims",

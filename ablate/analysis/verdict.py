@@ -13,6 +13,7 @@ import pandas as pd
 
 from ablate.analysis.anova import N_BOOT, GridFit, TermStats, fit_grid, pair, term_name
 from ablate.analysis.design import designs
+from ablate.analysis.pool import Pooled, Refusal, pooled_views
 from ablate.analysis.scaling import FRACTION, MIXER, PATCH, cost_table, slopes
 from ablate.analysis.seeds import (
     COST_METRICS,
@@ -44,6 +45,8 @@ class Analysis:
     frontiers: dict[str, pd.DataFrame] = field(default_factory=dict)
     verdict: list[str] = field(default_factory=list)
     runs: pd.DataFrame = field(default_factory=pd.DataFrame)  # the finished runs analysed
+    pooled: dict[str, Pooled] = field(default_factory=dict)   # factor -> its pooled view
+    pool_refused: list[Refusal] = field(default_factory=list)
 
     @property
     def n_used(self) -> int:
@@ -85,11 +88,15 @@ def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | 
         raise AnalysisError("every factor has one level among the finished runs: nothing to "
                             "compare; add levels to `factors` (or --factor with 2+ values)")
     a = Analysis(metric, len(df), status_counts(df), excluded, fits, runs=ok)
+    a.pooled, a.pool_refused = pooled_views(ok, fits, metric, n_boot, seed)
     for f in fits:
         for key in (FRACTION, PATCH):
             s = slopes(f.design, key)
             if s is not None:
                 a.scaling.append(s)
+    for p in a.pooled.values():
+        p.scaling = [s for key in (FRACTION, PATCH)
+                     if (s := slopes(p.fit.design, key)) is not None]
     a.cost = cost_table(ok, metric)
     agg = aggregate(ok, metric, factor_columns(ok))
     for c in FRONTIER_COSTS:
@@ -166,8 +173,20 @@ def factor_clause(fit: GridFit, key: str, metric: str, grid_note: str) -> tuple[
     return text, holds
 
 
+def choose(a: Analysis, key: str) -> tuple[GridFit | None, str]:
+    """The fit the verdict reads `key` from: its pooled view where that has more information
+    (see ablate.analysis.pool), else the grid that varies it most; and how to name it."""
+    p = a.pooled.get(key)
+    if p is not None and p.used:
+        return p.fit, f", {p.note}"
+    f = fit_for(a.fits, key)
+    return f, (f", grid {f.design.index}" if f is not None and len(a.fits) > 1 else "")
+
+
 def slope_clause(a: Analysis, key: str, grid: int) -> str:
-    s = next((s for s in a.scaling if s["grid"] == grid and s["x"] == short(key)), None)
+    pool = a.pooled.get(key)
+    scaling = pool.scaling if grid < 0 and pool is not None else a.scaling
+    s = next((s for s in scaling if s["grid"] == grid and s["x"] == short(key)), None)
     if s is None:
         return ""
     m = a.metric
@@ -183,15 +202,14 @@ def slope_clause(a: Analysis, key: str, grid: int) -> str:
 
 
 def _question(a: Analysis, title: str, keys: tuple[str, ...]) -> str:
-    present = [(k, fit_for(a.fits, k)) for k in keys]
-    present = [(k, f) for k, f in present if f is not None]
+    present = [(k, *choose(a, k)) for k in keys]
+    present = [(k, f, note) for k, f, note in present if f is not None]
     if not present:
         names = " and ".join(short(k) for k in keys)
         return f"{title}: not tested: {names} {'is' if len(keys) == 1 else 'are'} not a " \
                "factor of this study."
-    clauses, holds, seeds = [], [], min(f.design.typical_seeds for _, f in present)
-    for k, f in present:
-        note = f", grid {f.design.index}" if len(a.fits) > 1 else ""
+    clauses, holds, seeds = [], [], min(f.design.typical_seeds for _, f, _ in present)
+    for k, f, note in present:
         text, ok = factor_clause(f, k, a.metric, note)
         sc = slope_clause(a, k, f.design.index) if k in (FRACTION, PATCH) else ""
         clauses.append(text + (f"; {sc}" if sc else ""))
@@ -273,22 +291,33 @@ def _term_dict(t: TermStats) -> dict[str, Any]:
             "df": _num(t.df), "ss": _num(t.ss)}
 
 
+def _factor_dict(f: GridFit, k: str) -> dict[str, Any]:
+    em = f.emms[k]
+    return {**_term_dict(f.main[k]),
+            "levels": {str(r.level): {"mean": _num(r.mean), "ci": [_num(r.ci_low),
+                                      _num(r.ci_high)], "n": int(r.n)}
+                       for r in em.itertuples()},
+            "pairwise": [{"a": r.a, "b": r.b, "diff": _num(r.diff),
+                          "ci": [_num(r.ci_low), _num(r.ci_high)], "p": _num(r.p),
+                          "p_holm": _num(r.p_holm)} for r in f.pairwise[k].itertuples()]}
+
+
+def _pooled_dict(p: Pooled) -> dict[str, Any]:
+    d = p.fit.design
+    return {**_factor_dict(p.fit, p.factor), "grids": p.grids, "n_runs": d.n_runs,
+            "n_cells": len(d.cells), "seeds_per_cell": list(d.seeds), "ss_type": "II",
+            "design": d.note(), "factors": [short(k) for k in d.keys],
+            "where": {short(k): v for k, v in p.where.items()},
+            "fixed": {short(k): v for k, v in d.fixed.items()},
+            "used_in_verdict": p.used, "why": p.why, "scaling": p.scaling}
+
+
 def to_dict(a: Analysis) -> dict[str, Any]:
     """The analysis as JSON-ready data (`ablate report --format json`)."""
     grids = []
     for f in a.fits:
         d = f.design
-        factors = {}
-        for k in d.keys:
-            em = f.emms[k]
-            factors[short(k)] = {
-                **_term_dict(f.main[k]),
-                "levels": {str(r.level): {"mean": _num(r.mean), "ci": [_num(r.ci_low),
-                                          _num(r.ci_high)], "n": int(r.n)}
-                           for r in em.itertuples()},
-                "pairwise": [{"a": r.a, "b": r.b, "diff": _num(r.diff),
-                              "ci": [_num(r.ci_low), _num(r.ci_high)], "p": _num(r.p),
-                              "p_holm": _num(r.p_holm)} for r in f.pairwise[k].itertuples()]}
+        factors = {short(k): _factor_dict(f, k) for k in d.keys}
         grids.append({
             "index": d.index, "n_runs": d.n_runs, "n_cells": len(d.cells),
             "seeds_per_cell": list(d.seeds), "balanced": d.balanced, "ss_type": "II",
@@ -302,7 +331,11 @@ def to_dict(a: Analysis) -> dict[str, Any]:
         "metric": a.metric, "n_runs": a.n_runs, "n_analysed": a.n_used, "counts": a.counts,
         "excluded": [{"run_id": r.get("run_id"), "run_name": r.get("run_name"),
                       "reason": r.get("reason")} for r in ex.to_dict("records")],
-        "grids": grids, "scaling": a.scaling, "cost": a.cost,
+        "grids": grids,
+        "pooled": {short(k): _pooled_dict(p) for k, p in a.pooled.items()},
+        "pool_refused": [{"factor": r.factor, "grids": r.grids, "reason": r.reason}
+                         for r in a.pool_refused],
+        "scaling": a.scaling, "cost": a.cost,
         "frontiers": {c: [{k.removeprefix("factor."): v for k, v in r.items()}
                           for r in t.to_dict("records")] for c, t in a.frontiers.items()},
         "verdict": a.verdict,

@@ -13,6 +13,8 @@ import pandas as pd
 import streamlit as st
 
 from ablate import analysis, plots, report, tracking
+from ablate.dashboard.compare import compare_tab
+from ablate.dashboard.importance import importance_tab
 from ablate.errors import AblateError, mask_url
 
 ACC_METRICS = ["val_acc", "best_val_acc", "test_acc"]
@@ -261,7 +263,8 @@ def main() -> None:
     factors = analysis.factor_columns(df)
     missing = [m for m in (metric,) if m not in df or df[m].isna().all()]
     a = analysed(df, metric) if not missing else f"no run here has `{metric}` yet"
-    tabs = st.tabs(["Verdict", "Frontier", "Effects", "Explore", "Curves", "Runs"])
+    tabs = st.tabs(["Verdict", "Frontier", "Effects", "Explore", "Importance", "Compare",
+                    "Curves", "Runs"])
     with tabs[0]:
         verdict_tab(a, study)
     with tabs[1]:
@@ -276,8 +279,13 @@ def main() -> None:
     with tabs[3]:
         explore_tab(df, metric, factors)
     with tabs[4]:
-        curves_tab(df, study, uri, factors)
+        importance_tab(df, a, uri)
     with tabs[5]:
+        compare_tab(study, metric, df, studies(uri), lambda s: runs(s, uri),
+                    lambda s, ids: curves(s, uri, ids))
+    with tabs[6]:
+        curves_tab(df, study, uri, factors)
+    with tabs[7]:
         runs_tab(df, study)
 
 main()

@@ -1,0 +1,62 @@
+"""The compare view's numbers: the difference of two cells' seed means with a Welch 95% CI,
+checked against scipy and a hand computation; cells grouped by cell_id; costs side by side."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from ablate.analysis.compare import cells, compare, difference
+
+
+def test_welch_interval_matches_scipy_and_a_hand_computation():
+    a, b = [0.80, 0.81, 0.83], [0.70, 0.72, 0.74, 0.75]
+    got = difference(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert got["ci_low"] == pytest.approx(ci.low) and got["ci_high"] == pytest.approx(ci.high)
+    assert got["p"] == pytest.approx(ref.pvalue) and got["df"] == pytest.approx(ref.df)
+    # by hand: Welch-Satterthwaite
+    ma, mb = sum(a) / 3, sum(b) / 4
+    va = sum((x - ma) ** 2 for x in a) / 2 / 3
+    vb = sum((x - mb) ** 2 for x in b) / 3 / 4
+    df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3)
+    half = stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert got["diff"] == pytest.approx(ma - mb)
+    assert got["ci_high"] - got["diff"] == pytest.approx(half)
+
+
+def test_one_seed_gives_no_interval():
+    got = difference([0.8], [0.7, 0.72])
+    assert got["diff"] == pytest.approx(0.8 - 0.71) and math.isnan(got["ci_low"])
+
+
+def _runs() -> pd.DataFrame:
+    rows = []
+    for m, vals, gm in (("attention", [0.80, 0.82], 2.0), ("conv", [0.70, 0.74], 1.0)):
+        for s, v in enumerate(vals):
+            rows.append({"run_id": f"{m}{s}", "cell_id": f"c-{m}", "status": "finished",
+                         "seed": s, "factor.model.mixer": m, "val_acc": v, "gmacs": gm})
+    rows.append({"run_id": "p", "cell_id": "c-conv", "status": "pruned", "seed": 2,
+                 "factor.model.mixer": "conv", "val_acc": 0.1, "gmacs": 1.0})
+    # an edited study: a second attention cell with the same levels
+    rows.append({"run_id": "old", "cell_id": "c-old", "status": "finished", "seed": 0,
+                 "factor.model.mixer": "attention", "val_acc": 0.5, "gmacs": 2.0})
+    return pd.DataFrame(rows)
+
+
+def test_cells_group_by_cell_id_and_compare_two():
+    df = _runs()
+    c = cells(df, "val_acc")
+    assert len(c) == 3 and c["n"].tolist() == [2, 2, 1]  # the pruned run is no seed
+    assert c["label"].iloc[0] == "model.mixer=attention (cell c-attent)"
+    out = compare(df, "c-attention", df, "c-conv", "val_acc")
+    assert sorted(out["b"]) == [0.70, 0.74]
+    want = stats.ttest_ind([0.80, 0.82], [0.70, 0.74], equal_var=False).confidence_interval()
+    assert out["difference"]["ci_low"] == pytest.approx(want.low)
+    assert out["differing_factors"] == ["factor.model.mixer"]
+    cost = out["costs"].set_index("cost").loc["gmacs"]
+    assert cost["a"] == 2.0 and cost["b / a"] == 0.5
