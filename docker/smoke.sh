@@ -136,6 +136,8 @@ if [ ! -f "$WH/.complete" ]; then
   "$PY" -m pip download -q --only-binary=:all: -d "$WH" -r "$REQS" 2>&1 | grep -v "is ignored" || true
   ls "$WH"/torch-*.whl >/dev/null 2>&1 || die "pip could not download $TORCH_SPEC into $WH"
   touch "$WH/.complete"
+  # one wheelhouse is cache enough (each is a few GB): drop those of older requirements
+  find "$CACHE/wheelhouse" -mindepth 1 -maxdepth 1 -type d ! -name "$WH_ID" -exec rm -rf {} +
 fi
 port_free() { "$PY" -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])))" "$1" 2>/dev/null; }
 free_port() { "$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"; }
@@ -156,6 +158,8 @@ log "building $IMAGE"
 docker build -q "${BUILD_ARGS[@]}" --build-arg GIT_REVISION="$REV" -t "$IMAGE" \
   -f docker/Dockerfile . >/dev/null
 BUILD_S=$((SECONDS - t0))
+# cache images a rebuild replaced (labelled org.ablate.cache) are dangling now: drop them
+docker image prune -f --filter label=org.ablate.cache=1 >/dev/null
 kill "$WHEEL_PID" 2>/dev/null; WHEEL_PID=""
 log "images built in ${BUILD_S} s ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.1f GB", $1/1e9}'))"
 
