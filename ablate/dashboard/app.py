@@ -25,20 +25,38 @@ def _short(f: str | None) -> str:
     return "none" if f is None else f.removeprefix("factor.")
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
-def studies(uri: str) -> list[str]:
-    return tracking.list_studies(uri)
+# The run columns the pages read: final metrics and costs, not every per-epoch key. A tab that
+# needs another metric adds it here (load_runs reads only these from the store).
+RUN_METRICS = tuple(dict.fromkeys([*ACC_METRICS, *analysis.COST_METRICS,
+                                   *tracking.FINAL_METRICS]))
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
+@st.cache_data(ttl=10, show_spinner=False)
+def studies(uri: str) -> pd.DataFrame:
+    """The study picker's list: name, runs, running (one grouped query on a database)."""
+    return tracking.study_summary(uri)
+
+
 def runs(study: str, uri: str) -> pd.DataFrame:
+    """The study's runs, cached until they change: the cache key holds the store's change
+    token (one small query), so a new or finished run shows on the next rerun."""
+    return _runs(study, uri, tracking.change_token(study, uri, TTL_S))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _runs(study: str, uri: str, token: tuple) -> pd.DataFrame:
     from ablate.tracking.lease import without_orphans
 
-    return without_orphans(tracking.load_runs(study, uri, params=False), uri, study)
+    return without_orphans(tracking.load_runs(study, uri, params=False, metrics=RUN_METRICS),
+                           uri, study)
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
 def curves(study: str, uri: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
+    return _curves(study, uri, run_ids, tracking.change_token(study, uri, TTL_S))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _curves(study: str, uri: str, run_ids: tuple[str, ...], token: tuple) -> pd.DataFrame:
     return tracking.load_curves(study, uri, list(run_ids), metrics=("val_acc", "train_loss"))
 
 
@@ -46,10 +64,11 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
     st.sidebar.title("ablate")
     st.sidebar.caption(f"tracking: `{mask_url(uri)}`")
     try:
-        names = studies(uri)
+        summary = studies(uri)
     except AblateError as e:
         st.error(str(e))
         st.stop()
+    names = summary["name"].tolist()
     if not names:
         st.info(f"No studies in `{mask_url(uri)}` yet. Run one first: "
                 "`ablate run studies/quickstart.yaml`"
@@ -57,7 +76,10 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
         st.stop()
     wanted = st.query_params.get("study")  # links can name a study: /?study=quickstart
     index = names.index(wanted) if wanted in names else 0
-    study = st.sidebar.selectbox("study", names, index=index, key="study")
+    counts = dict(zip(names, summary["runs"], strict=True))
+    active = dict(zip(names, summary["running"], strict=True))
+    study = st.sidebar.selectbox("study", names, index=index, key="study",
+                                 format_func=lambda n: _picked(n, counts[n], active[n]))
     metric = st.sidebar.selectbox("accuracy metric", ACC_METRICS, key="metric",
                                   help="; ".join(f"{k}: {v}" for k, v in
                                                  analysis.METRIC_HELP.items()))
@@ -87,14 +109,19 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
     return study, metric, df[keep]
 
 
+def _picked(name: str, n: object, running: object) -> str:
+    """`quickstart (18 runs, 2 running)`; a tracking server's list has no counts."""
+    if n is None or n != n:
+        return name
+    return f"{name} ({int(n):,} runs" + (f", {int(running)} running)" if running else ")")
+
+
 @st.fragment(run_every=10)
 def _watch(study: str, uri: str) -> None:
-    """Re-read the store every 10 s; rerun the page when runs changed."""
-    fresh = tracking.load_runs(study, uri, params=False)
-    sig = (len(fresh), tuple(sorted(fresh["status"])) if not fresh.empty else (),
-           float(fresh.get("val_acc", pd.Series(dtype=float)).fillna(-1).sum()))
+    """Ask the store every 10 s whether the study's runs changed (its change token: one small
+    query); rerun the page when they did (the run caches are keyed by the token)."""
+    sig = tracking.change_token(study, uri, TTL_S)
     if st.session_state.get("_sig") not in (None, sig):
-        st.cache_data.clear()
         st.session_state["_sig"] = sig
         st.rerun(scope="app")
     st.session_state["_sig"] = sig
