@@ -13,51 +13,14 @@ import pandas as pd
 import streamlit as st
 
 from ablate import analysis, plots, report, tracking
+from ablate.dashboard.data import ACC_METRICS, TTL_S, curves, runs, studies, token
 from ablate.errors import AblateError, mask_url
-
-ACC_METRICS = ["val_acc", "best_val_acc", "test_acc"]
-TTL_S = 30
 
 st.set_page_config(page_title="ablate", layout="wide")
 
 
 def _short(f: str | None) -> str:
     return "none" if f is None else f.removeprefix("factor.")
-
-
-# The run columns the pages read: final metrics and costs, not every per-epoch key. A tab that
-# needs another metric adds it here (load_runs reads only these from the store).
-RUN_METRICS = tuple(dict.fromkeys([*ACC_METRICS, *analysis.COST_METRICS,
-                                   *tracking.FINAL_METRICS]))
-
-
-@st.cache_data(ttl=10, show_spinner=False)
-def studies(uri: str) -> pd.DataFrame:
-    """The study picker's list: name, runs, running (one grouped query on a database)."""
-    return tracking.study_summary(uri)
-
-
-def runs(study: str, uri: str) -> pd.DataFrame:
-    """The study's runs, cached until they change: the cache key holds the store's change
-    token (one small query), so a new or finished run shows on the next rerun."""
-    return _runs(study, uri, tracking.change_token(study, uri, TTL_S))
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def _runs(study: str, uri: str, token: tuple) -> pd.DataFrame:
-    from ablate.tracking.lease import without_orphans
-
-    return without_orphans(tracking.load_runs(study, uri, params=False, metrics=RUN_METRICS),
-                           uri, study)
-
-
-def curves(study: str, uri: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
-    return _curves(study, uri, run_ids, tracking.change_token(study, uri, TTL_S))
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def _curves(study: str, uri: str, run_ids: tuple[str, ...], token: tuple) -> pd.DataFrame:
-    return tracking.load_curves(study, uri, list(run_ids), metrics=("val_acc", "train_loss"))
 
 
 def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
@@ -120,7 +83,7 @@ def _picked(name: str, n: object, running: object) -> str:
 def _watch(study: str, uri: str) -> None:
     """Ask the store every 10 s whether the study's runs changed (its change token: one small
     query); rerun the page when they did (the run caches are keyed by the token)."""
-    sig = tracking.change_token(study, uri, TTL_S)
+    sig = token(study, uri)
     if st.session_state.get("_sig") not in (None, sig):
         st.session_state["_sig"] = sig
         st.rerun(scope="app")
