@@ -41,7 +41,7 @@ def read(uri: str, fn: Callable[[Any], Any]) -> Any:
     try:
         with engine(uri).connect() as con:
             return fn(con)
-    except sa.exc.DBAPIError as e:
+    except (sa.exc.DBAPIError, pd.errors.DatabaseError) as e:  # pandas wraps the first
         if not any(s in str(e).lower() for s in ("no such table", "does not exist",
                                                  "doesn't exist")):
             raise
@@ -69,6 +69,12 @@ def _experiment_id(con, study: str) -> Any:
 def _num_map(s: pd.Series, convert: Callable[[Any], Any]) -> pd.Series:
     """s.map(convert), converting each distinct value once (factor levels repeat)."""
     return s.map({v: convert(v) for v in s.dropna().unique()})
+
+
+def _none_for_missing(s: pd.Series) -> pd.Series:
+    """None (not NaN) where a value is missing, as the client's rows have it; numbers keep
+    their dtype when none is."""
+    return s.astype(object).where(s.notna(), None) if s.isna().any() else s
 
 
 def load_runs(study: str, uri: str, params: bool | Sequence[str], metrics: Sequence[str] | None,
@@ -120,13 +126,16 @@ def load_runs(study: str, uri: str, params: bool | Sequence[str], metrics: Seque
          if not tags.empty else pd.DataFrame(index=idx))
 
     def tag(k: str) -> pd.Series:
-        return t[k] if k in t else pd.Series(None, index=idx, dtype=object)
+        """A tag's column; None where a run lacks it (as MLflow's client gives it)."""
+        if k not in t:
+            return pd.Series([None] * len(idx), index=idx, dtype=object)
+        return t[k].astype(object).where(t[k].notna(), None)
 
     df["trial_id"] = tag("ablate.trial_id")
     df["cell_id"] = tag("ablate.cell_id")
-    df["grid"] = _num_map(tag("ablate.grid"), num)
+    df["grid"] = _none_for_missing(_num_map(tag("ablate.grid"), num))
     df["status"] = tag("ablate.status").fillna(runs.set_index("run_uuid")["status"].str.lower())
-    df["seed"] = _num_map(tag("ablate.seed"), num)
+    df["seed"] = _none_for_missing(_num_map(tag("ablate.seed"), num))
     df["error"] = tag("ablate.error").fillna("")
     df["phase"] = tag("ablate.phase").fillna("final")
     for k, col in PROVENANCE_TAGS.items():
