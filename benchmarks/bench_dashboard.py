@@ -51,23 +51,26 @@ def _cold() -> None:
     from ablate.tracking import sqlread
 
     st.cache_data.clear()
+    st.cache_resource.clear()
     for eng in sqlread._ENGINES.values():
         eng.dispose()
     sqlread._ENGINES.clear()
 
 
 def bench_store(uri: str, folder: Path, check: bool) -> None:
-    from ablate import analysis, plots, report
+    import sqlalchemy  # noqa: F401 - imported at start-up by a running dashboard too
+
+    from ablate import analysis, report
     from ablate.dashboard import data
 
     def page(study: str):
+        """What the Frontier tab does on a (re)run: the runs (finished), then the cached
+        configurations, frontier and figure."""
         df = data.runs(study, uri)
         df = df[df["status"] == analysis.FINISHED]
-        factors = analysis.factor_columns(df)
-        agg = analysis.aggregate(df, "val_acc", factors)
-        front = analysis.frontier(agg, "gmacs")
-        fig = plots.frontier_figure(agg, front, "gmacs", "val_acc", "factor.model.mixer",
-                                    "factor.model.patch_size", log_x=True)
+        factors = tuple(analysis.factor_columns(df))
+        agg, front, fig = data.frontier(df, "val_acc", factors, "gmacs", "factor.model.mixer",
+                                        "factor.model.patch_size", True)
         return fig, len(df), len(agg), len(front)
 
     _cold()

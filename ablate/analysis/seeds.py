@@ -150,7 +150,10 @@ def aggregate(df: pd.DataFrame, metric: str, factors: Sequence[str] | None = Non
     out["mean"] = vals.mean()
     out["std"] = vals.std(ddof=1)
     out["n"] = vals.size()
-    half = [t_halfwidth(s, n) for s, n in zip(out["std"], out["n"], strict=True)]
+    # t_halfwidth's quantile once per distinct seed count, not once per configuration
+    ppf = {n: stats.t.ppf(0.975, n - 1) for n in out["n"].unique() if n >= 2}
+    half = [float(ppf[n] * s / math.sqrt(n)) if n >= 2 and np.isfinite(s) else float("nan")
+            for s, n in zip(out["std"], out["n"], strict=True)]
     out["ci_low"] = out["mean"] - half
     out["ci_high"] = out["mean"] + half
     out["run_ids"] = (g["run_id"].agg(list) if "run_id" in d

@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from ablate import analysis, plots, report, tracking
-from ablate.dashboard.data import ACC_METRICS, TTL_S, curves, runs, studies, token
+from ablate.dashboard.data import ACC_METRICS, TTL_S, curves, frontier, runs, studies, token
 from ablate.errors import AblateError, mask_url
 
 st.set_page_config(page_title="ablate", layout="wide")
@@ -106,11 +106,8 @@ def frontier_tab(df: pd.DataFrame, metric: str, factors: list[str]) -> None:
                           index=opts.index("factor.model.patch_size")
                           if "factor.model.patch_size" in opts else 0)
     log_x = c4.toggle("log x", value=cost in ("gmacs", "params"), key="logx")
-    agg = analysis.aggregate(df, metric, factors)
-    agg = agg[agg[cost].notna()] if cost in agg else agg
-    front = analysis.frontier(agg, cost)
-    st.plotly_chart(plots.frontier_figure(agg, front, cost, metric, color, symbol, log_x),
-                    width="stretch", key="frontier_chart")
+    agg, front, fig = frontier(df, metric, tuple(factors), cost, color, symbol, log_x)
+    st.plotly_chart(fig, width="stretch", key="frontier_chart")
     st.caption(f"{len(agg)} configurations (seed means; error bars: 95% Student-t CI, none for "
                f"n = 1); {len(front)} on the Pareto frontier "
                f"({'higher' if cost in analysis.HIGHER_IS_BETTER else 'lower'} {cost} is "

@@ -52,3 +52,17 @@ def curves(study: str, uri: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=16)
 def _curves(study: str, uri: str, run_ids: tuple[str, ...], tok: tuple) -> pd.DataFrame:
     return tracking.load_curves(study, uri, list(run_ids), metrics=CURVE_METRICS)
+
+
+@st.cache_resource(show_spinner=False, max_entries=32)
+def frontier(df: pd.DataFrame, metric: str, factors: tuple[str, ...], cost: str,
+             color: str | None, symbol: str | None, log_x: bool):
+    """(configurations, frontier, figure) of these runs: seed means, the Pareto frontier and
+    its Plotly figure, built once per (runs, choices). A resource cache: the same objects come
+    back (no copy of a 1,000-point figure on every rerun); callers do not modify them."""
+    from ablate import plots
+
+    agg = analysis.aggregate(df, metric, list(factors))
+    agg = agg[agg[cost].notna()] if cost in agg else agg
+    front = analysis.frontier(agg, cost)
+    return agg, front, plots.frontier_figure(agg, front, cost, metric, color, symbol, log_x)

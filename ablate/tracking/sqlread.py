@@ -161,37 +161,46 @@ def load_runs(study: str, uri: str, params: bool | Sequence[str], metrics: Seque
 
 def study_summary(uri: str) -> pd.DataFrame:
     """One grouped query: name, runs, running, last_update (ms) per active experiment but
-    MLflow's 'Default', in MLflow's order (last update first)."""
+    MLflow's 'Default', in MLflow's order (last update first). The runs are counted in one
+    pass over the runs table (a join would build an index on experiment_id every time)."""
     import sqlalchemy as sa
 
     q = sa.text(
-        "SELECT e.name AS name, COUNT(r.run_uuid) AS runs, "
-        "SUM(CASE WHEN r.status = 'RUNNING' THEN 1 ELSE 0 END) AS running, "
-        "e.last_update_time AS last_update FROM experiments e LEFT JOIN runs r ON "
-        "r.experiment_id = e.experiment_id AND r.lifecycle_stage = 'active' "
+        "SELECT e.name AS name, c.n AS runs, c.running AS running, "
+        "e.last_update_time AS last_update FROM experiments e LEFT JOIN ("
+        "SELECT experiment_id, COUNT(*) AS n, "
+        "SUM(CASE WHEN status = 'RUNNING' THEN 1 ELSE 0 END) AS running FROM runs "
+        "WHERE lifecycle_stage = 'active' GROUP BY experiment_id) c "
+        "ON c.experiment_id = e.experiment_id "
         "WHERE e.lifecycle_stage = 'active' AND e.name <> 'Default' "
-        "GROUP BY e.experiment_id, e.name, e.last_update_time "
         "ORDER BY e.last_update_time DESC, e.experiment_id DESC")
     df = read(uri, lambda con: pd.read_sql(q, con))
-    return df.astype({"runs": int}).assign(running=df["running"].fillna(0).astype(int))
+    return df.assign(runs=df["runs"].fillna(0).astype(int),
+                     running=df["running"].fillna(0).astype(int))
 
 
 def change_token(uri: str, study: str) -> tuple:
-    """What changes when a study's runs do, in one cheap query: how many, the newest start
-    and end, how many still running and their newest metric timestamp (an epoch logged)."""
+    """What changes when a study's runs do: how many, the newest start and end, how many
+    still running (one pass over the runs table), and while some run, their newest metric
+    timestamp (an epoch logged; a second query, on the index of latest_metrics)."""
     import sqlalchemy as sa
 
-    q = sa.text(
-        "SELECT COUNT(*), MAX(r.start_time), MAX(r.end_time), "
-        "SUM(CASE WHEN r.status = 'RUNNING' THEN 1 ELSE 0 END), "
-        "(SELECT MAX(m.timestamp) FROM latest_metrics m JOIN runs r2 ON "
-        "m.run_uuid = r2.run_uuid WHERE r2.experiment_id = e.experiment_id AND "
-        "r2.status = 'RUNNING') "
-        "FROM experiments e LEFT JOIN runs r ON r.experiment_id = e.experiment_id AND "
-        "r.lifecycle_stage = 'active' WHERE e.name = :n AND e.lifecycle_stage = 'active' "
-        "GROUP BY e.experiment_id")
-    row = read(uri, lambda con: con.execute(q, {"n": study}).fetchone())
-    return ("sql", *(row or ()))
+    exp = ("(SELECT experiment_id FROM experiments WHERE name = :n AND "
+           "lifecycle_stage = 'active')")
+    q = sa.text("SELECT COUNT(*), MAX(start_time), MAX(end_time), "
+                "SUM(CASE WHEN status = 'RUNNING' THEN 1 ELSE 0 END) FROM runs "
+                f"WHERE experiment_id = {exp} AND lifecycle_stage = 'active'")
+    q_epoch = sa.text("SELECT MAX(timestamp) FROM latest_metrics WHERE run_uuid IN ("
+                      f"SELECT run_uuid FROM runs WHERE experiment_id = {exp} AND "
+                      "lifecycle_stage = 'active' AND status = 'RUNNING')")
+
+    def fetch(con):
+        row = tuple(con.execute(q, {"n": study}).fetchone())
+        if row[3]:
+            row += tuple(con.execute(q_epoch, {"n": study}).fetchone())
+        return row
+
+    return ("sql", *read(uri, fetch))
 
 
 def time_token(ttl_s: float = 30.0) -> tuple:
