@@ -213,11 +213,14 @@ def curves(uri: str, run_ids: list[str], metrics: Sequence[str]) -> pd.DataFrame
     import sqlalchemy as sa
 
     cols = ["run_id", "metric", "step", "value", "ts"]
-    q = sa.text("SELECT run_uuid AS run_id, key AS metric, step, value, timestamp AS ts, is_nan "
-                "FROM metrics WHERE run_uuid IN :ids AND key IN :keys").bindparams(
-        sa.bindparam("ids", expanding=True), sa.bindparam("keys", expanding=True))
 
     def fetch(con):
+        # SQLite would walk the primary key by metric name (every run's val_acc in the store)
+        # instead of the run_uuid index: `+key` takes the name out of index choice
+        key = "+key" if con.dialect.name == "sqlite" else "key"
+        q = sa.text("SELECT run_uuid AS run_id, key AS metric, step, value, timestamp AS ts, "
+                    f"is_nan FROM metrics WHERE run_uuid IN :ids AND {key} IN :keys").bindparams(
+            sa.bindparam("ids", expanding=True), sa.bindparam("keys", expanding=True))
         return [pd.read_sql(q, con, params={"ids": run_ids[i:i + 500], "keys": list(metrics)})
                 for i in range(0, len(run_ids), 500)]
 
