@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from ablate import analysis, tracking
+from ablate.tracking.sqlread import time_token
 
 ACC_METRICS = ["val_acc", "best_val_acc", "test_acc"]
 TTL_S = 30
@@ -28,7 +29,12 @@ def studies(uri: str) -> pd.DataFrame:
 
 
 def token(study: str, uri: str) -> tuple:
-    return tracking.change_token(study, uri, TTL_S)
+    """The study's change token; while runs are RUNNING it also turns every TTL_S, so that a
+    driver that died (its runs shown killed, `without_orphans`) shows without a new write."""
+    tok = tracking.change_token(study, uri, TTL_S)
+    if tok[0] == "sql" and len(tok) > 4 and tok[4]:
+        tok += time_token(TTL_S)
+    return tok
 
 
 def runs(study: str, uri: str) -> pd.DataFrame:
