@@ -38,12 +38,20 @@ def _label(col: str) -> str:
     return col.split(".")[-1]
 
 
-def _config_text(row: pd.Series, factors: list[str]) -> str:
+def _config_text(row: dict, factors: list[str]) -> str:
     parts = [f"{_label(f)}={row[f]}" for f in factors]
     ci = ("" if pd.isna(row["ci_low"]) else f" [{row['ci_low']:.4f}, {row['ci_high']:.4f}]")
     runs = ", ".join(r[:8] for r in row.get("run_ids", []) or [])
     return (" ".join(parts) + f"<br>mean {row['mean']:.4f}{ci} (n={row['n']})"
             + (f"<br>runs: {runs}" if runs else ""))
+
+
+def _config_texts(g: pd.DataFrame, factors: list[str]) -> list[str]:
+    """_config_text of every row, from plain column values (not iterrows: 1,000
+    configurations in milliseconds)."""
+    cols = [c for c in (*factors, "ci_low", "ci_high", "mean", "n", "run_ids") if c in g]
+    return [_config_text(dict(zip(cols, vals, strict=True)), factors)
+            for vals in zip(*(g[c].tolist() for c in cols), strict=True)]
 
 
 def frontier_figure(agg: pd.DataFrame, front: pd.DataFrame, cost: str, metric: str,
@@ -66,7 +74,7 @@ def frontier_figure(agg: pd.DataFrame, front: pd.DataFrame, cost: str, metric: s
             marker=dict(size=11, symbol=symbols, color=colors.get(level, COLORS[0]),
                         line=dict(width=1, color="white")),
             error_y=dict(type="data", array=err.tolist(), visible=True, thickness=1),
-            text=[_config_text(r, factors) for _, r in g.iterrows()],
+            text=_config_texts(g, factors),
             hovertemplate="%{text}<br>" + _label(cost) + "=%{x}<extra></extra>",
         ))
     if not front.empty:

@@ -65,8 +65,9 @@ def verify(uri: str, experiment: str, trials: int, epochs: int, head_ip: str,
     nodes, retried = Counter(), 0
     for r in runs:
         tid = r.data.tags["ablate.trial_id"]
-        if r.info.status != "FINISHED" or r.data.tags.get("ablate.status") != "finished":
-            problems.append(f"trial {tid}: status {r.info.status}/{r.data.tags.get('ablate.status')}")
+        status = r.data.tags.get("ablate.status")
+        if r.info.status != "FINISHED" or status != "finished":
+            problems.append(f"trial {tid}: status {r.info.status}/{status}")
         for m in ("test_acc", "val_acc", "params", "gmacs"):
             if m not in r.data.metrics:
                 problems.append(f"trial {tid}: no {m}")

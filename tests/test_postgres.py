@@ -153,3 +153,48 @@ def test_optuna_storage_on_postgres(postgres, tmp_path):
     for t in done:
         runs = df[df["optuna.trial_number"] == t.number]
         assert t.values[0] == pytest.approx(runs["val_acc"].mean())
+
+
+@needs_postgres
+def test_sql_read_of_postgres_equals_the_servers_client_read(postgres, mlflow_server, tmp_path):
+    """The SQL fast path on the PostgreSQL database itself gives what MLflow's client gives
+    through the server in front of it: runs, the study summary, curves; the token moves."""
+    import pandas as pd
+
+    from ablate.tracking import (
+        Tracker,
+        _load_runs_client,
+        _load_runs_sql,
+        change_token,
+        study_summary,
+    )
+    from ablate.tracking.runs import _load_curves_client, _load_curves_sql
+
+    study = load_study(write(tmp_path / "s.yaml", STUDY.replace("name: pgstudy",
+                                                               "name: pgscale")))
+    db = f"{postgres}/mlflow"
+    tr = Tracker(mlflow_server, "pgscale")
+    before = change_token("pgscale", db)
+    for i, t in enumerate(study.trials):
+        rid = tr.start_run(t, study)
+        tr.log_metrics(rid, {"val_acc": 0.3 + i, "train_loss": 1.0}, step=1)
+        tr.log_metrics(rid, {"test_acc": 0.5 + i, "gmacs": 1.0}, step=1)
+        tr.end_run(rid, "finished" if i else "failed")
+    assert change_token("pgscale", db) != before
+    for params, metrics in ((True, None), (False, ["val_acc", "gmacs"])):
+        a = _load_runs_sql("pgscale", db, params, metrics)
+        b = _load_runs_client("pgscale", mlflow_server, params, metrics)
+        assert len(a) == 2 and sorted(a.columns) == sorted(b.columns)
+        a = a.sort_values("run_id", ignore_index=True)[sorted(a.columns)]
+        b = b.sort_values("run_id", ignore_index=True)[sorted(b.columns)]
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
+    summary = study_summary(db).set_index("name")
+    assert summary.loc["pgscale", "runs"] == 2 and summary.loc["pgscale", "running"] == 0
+    assert list(summary.index) == study_summary(mlflow_server)["name"].tolist()
+    ids = list(a["run_id"])
+    key = ["run_id", "metric", "step", "ts"]
+    ca = _load_curves_sql(db, ids, ("val_acc", "train_loss")).sort_values(key, ignore_index=True)
+    cb = _load_curves_client(mlflow_server, ids, ("val_acc", "train_loss")).sort_values(
+        key, ignore_index=True)
+    assert len(ca) == 4
+    pd.testing.assert_frame_equal(ca, cb, check_dtype=False)

@@ -16,9 +16,9 @@ import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from scipy import stats
 from statsmodels.stats.anova import anova_lm
-from statsmodels.stats.multitest import multipletests
 
 from ablate.analysis.design import Design
+from ablate.analysis.seeds import holm as holm_adjust
 
 N_BOOT = 1000
 Term = tuple[str, ...]  # (key,) for a main effect, (key1, key2) for an interaction
@@ -285,7 +285,7 @@ def _pairwise(levels: list[str], rows: np.ndarray, beta: np.ndarray, cov: np.nda
         with np.errstate(divide="ignore", invalid="ignore"):
             tval = np.abs(est / se)
         p = np.where(se > 0, 2 * stats.t.sf(tval, df), np.where(est == 0, 1.0, 0.0))
-        holm = multipletests(p, method="holm")[1]
+        holm = holm_adjust(p)
         half = stats.t.ppf(1 - (1 - level) / (2 * len(pairs)), df) * se
     else:
         p = holm = half = np.full(len(pairs), np.nan)

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import statsmodels.api as sm
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
 
 from ablate.analysis.design import Design
 from ablate.analysis.seeds import (
@@ -22,6 +21,7 @@ from ablate.analysis.seeds import (
     label,
     numeric,
 )
+from ablate.analysis.seeds import holm as holm_adjust
 
 MIXER = "factor.model.mixer"
 FRACTION = "factor.dataset.fraction"
@@ -79,7 +79,7 @@ def slopes(d: Design, x_key: str, group: str | None = MIXER, level: float = 0.95
         diffs.append({"a": a, "b": b, "diff": est, "se": se, "p": p})
     if diffs:
         ps = np.array([r["p"] for r in diffs])
-        holm = multipletests(ps, method="holm")[1] if np.isfinite(ps).all() else ps
+        holm = holm_adjust(ps) if np.isfinite(ps).all() else ps
         tb = stats.t.ppf(1 - (1 - level) / (2 * len(diffs)), df) if df > 0 else math.nan
         for r, h in zip(diffs, holm, strict=True):
             half = tb * r.pop("se")

@@ -109,6 +109,19 @@ def t_halfwidth(std: float, n: int, level: float = 0.95) -> float:
     return float(stats.t.ppf(0.5 + level / 2, n - 1) * std / math.sqrt(n))
 
 
+def holm(p: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm-adjusted p-values: statsmodels' multipletests(p, method="holm")[1] step for step
+    (same floats), without the gc.collect() it runs on every call (0.4 s each in a process
+    that holds torch and a 5,000-run study)."""
+    p = np.asarray(p, dtype=float)
+    order = np.argsort(p)
+    adj = np.maximum.accumulate(p[order] * np.arange(len(p), 0, -1))
+    adj[adj > 1] = 1
+    out = np.empty_like(adj)
+    out[order] = adj
+    return out
+
+
 def join_labels(lab: pd.DataFrame) -> pd.Series:
     """One string per row joining its level labels (vectorised: 5,000 runs in milliseconds)."""
     if lab.shape[1] == 0:
@@ -150,7 +163,10 @@ def aggregate(df: pd.DataFrame, metric: str, factors: Sequence[str] | None = Non
     out["mean"] = vals.mean()
     out["std"] = vals.std(ddof=1)
     out["n"] = vals.size()
-    half = [t_halfwidth(s, n) for s, n in zip(out["std"], out["n"], strict=True)]
+    # t_halfwidth's quantile once per distinct seed count, not once per configuration
+    ppf = {n: stats.t.ppf(0.975, n - 1) for n in out["n"].unique() if n >= 2}
+    half = [float(ppf[n] * s / math.sqrt(n)) if n >= 2 and np.isfinite(s) else float("nan")
+            for s, n in zip(out["std"], out["n"], strict=True)]
     out["ci_low"] = out["mean"] - half
     out["ci_high"] = out["mean"] + half
     out["run_ids"] = (g["run_id"].agg(list) if "run_id" in d

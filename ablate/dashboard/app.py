@@ -14,11 +14,9 @@ import streamlit as st
 
 from ablate import analysis, plots, report, tracking
 from ablate.dashboard.compare import compare_tab
+from ablate.dashboard.data import ACC_METRICS, TTL_S, curves, frontier, runs, studies, token
 from ablate.dashboard.importance import importance_tab
 from ablate.errors import AblateError, mask_url
-
-ACC_METRICS = ["val_acc", "best_val_acc", "test_acc"]
-TTL_S = 30
 
 st.set_page_config(page_title="ablate", layout="wide")
 
@@ -27,31 +25,15 @@ def _short(f: str | None) -> str:
     return "none" if f is None else f.removeprefix("factor.")
 
 
-@st.cache_data(ttl=TTL_S, show_spinner=False)
-def studies(uri: str) -> list[str]:
-    return tracking.list_studies(uri)
-
-
-@st.cache_data(ttl=TTL_S, show_spinner=False)
-def runs(study: str, uri: str) -> pd.DataFrame:
-    from ablate.tracking.lease import without_orphans
-
-    return without_orphans(tracking.load_runs(study, uri, params=False), uri, study)
-
-
-@st.cache_data(ttl=TTL_S, show_spinner=False)
-def curves(study: str, uri: str, run_ids: tuple[str, ...]) -> pd.DataFrame:
-    return tracking.load_curves(study, uri, list(run_ids), metrics=("val_acc", "train_loss"))
-
-
 def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
     st.sidebar.title("ablate")
     st.sidebar.caption(f"tracking: `{mask_url(uri)}`")
     try:
-        names = studies(uri)
+        summary = studies(uri)
     except AblateError as e:
         st.error(str(e))
         st.stop()
+    names = summary["name"].tolist()
     if not names:
         st.info(f"No studies in `{mask_url(uri)}` yet. Run one first: "
                 "`ablate run studies/quickstart.yaml`"
@@ -59,7 +41,10 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
         st.stop()
     wanted = st.query_params.get("study")  # links can name a study: /?study=quickstart
     index = names.index(wanted) if wanted in names else 0
-    study = st.sidebar.selectbox("study", names, index=index, key="study")
+    counts = dict(zip(names, summary["runs"], strict=True))
+    active = dict(zip(names, summary["running"], strict=True))
+    study = st.sidebar.selectbox("study", names, index=index, key="study",
+                                 format_func=lambda n: _picked(n, counts[n], active[n]))
     metric = st.sidebar.selectbox("accuracy metric", ACC_METRICS, key="metric",
                                   help="; ".join(f"{k}: {v}" for k, v in
                                                  analysis.METRIC_HELP.items()))
@@ -89,14 +74,19 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
     return study, metric, df[keep]
 
 
+def _picked(name: str, n: object, running: object) -> str:
+    """`quickstart (18 runs, 2 running)`; a tracking server's list has no counts."""
+    if n is None or n != n:
+        return name
+    return f"{name} ({int(n):,} runs" + (f", {int(running)} running)" if running else ")")
+
+
 @st.fragment(run_every=10)
 def _watch(study: str, uri: str) -> None:
-    """Re-read the store every 10 s; rerun the page when runs changed."""
-    fresh = tracking.load_runs(study, uri, params=False)
-    sig = (len(fresh), tuple(sorted(fresh["status"])) if not fresh.empty else (),
-           float(fresh.get("val_acc", pd.Series(dtype=float)).fillna(-1).sum()))
+    """Ask the store every 10 s whether the study's runs changed (its change token: one small
+    query); rerun the page when they did (the run caches are keyed by the token)."""
+    sig = token(study, uri)
     if st.session_state.get("_sig") not in (None, sig):
-        st.cache_data.clear()
         st.session_state["_sig"] = sig
         st.rerun(scope="app")
     st.session_state["_sig"] = sig
@@ -118,11 +108,8 @@ def frontier_tab(df: pd.DataFrame, metric: str, factors: list[str]) -> None:
                           index=opts.index("factor.model.patch_size")
                           if "factor.model.patch_size" in opts else 0)
     log_x = c4.toggle("log x", value=cost in ("gmacs", "params"), key="logx")
-    agg = analysis.aggregate(df, metric, factors)
-    agg = agg[agg[cost].notna()] if cost in agg else agg
-    front = analysis.frontier(agg, cost)
-    st.plotly_chart(plots.frontier_figure(agg, front, cost, metric, color, symbol, log_x),
-                    width="stretch", key="frontier_chart")
+    agg, front, fig = frontier(df, metric, tuple(factors), cost, color, symbol, log_x)
+    st.plotly_chart(fig, width="stretch", key="frontier_chart")
     st.caption(f"{len(agg)} configurations (seed means; error bars: 95% Student-t CI, none for "
                f"n = 1); {len(front)} on the Pareto frontier "
                f"({'higher' if cost in analysis.HIGHER_IS_BETTER else 'lower'} {cost} is "
@@ -281,7 +268,7 @@ def main() -> None:
     with tabs[4]:
         importance_tab(df, a, uri)
     with tabs[5]:
-        compare_tab(study, metric, df, studies(uri), lambda s: runs(s, uri),
+        compare_tab(study, metric, df, studies(uri)["name"].tolist(), lambda s: runs(s, uri),
                     lambda s, ids: curves(s, uri, ids))
     with tabs[6]:
         curves_tab(df, study, uri, factors)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from ablate.tracking.runs import (
     _load_runs_client,
     _load_runs_sql,
+    change_token,
     list_studies,
     load_curves,
     load_runs,
+    study_summary,
 )
 from ablate.tracking.store import (
     DONE,
@@ -34,7 +36,8 @@ from ablate.tracking.writer import RunWriter
 
 __all__ = [
     "DONE", "EPOCH_METRICS", "FINAL_METRICS", "PACKAGE_ROOT", "RunWriter", "Tracker",
-    "_load_runs_client", "_load_runs_sql", "artifact_root", "client", "default_store_dir",
-    "default_tracking_uri", "done_trial_ids", "flatten", "git_revision", "list_studies",
-    "load_curves", "load_runs", "resolve_tracking_uri", "sqlite_store_exists", "store_lock",
+    "_load_runs_client", "_load_runs_sql", "artifact_root", "change_token", "client",
+    "default_store_dir", "default_tracking_uri", "done_trial_ids", "flatten", "git_revision",
+    "list_studies", "load_curves", "load_runs", "resolve_tracking_uri", "sqlite_store_exists",
+    "store_lock", "study_summary",
 ]

@@ -1,0 +1,203 @@
+"""The fast read path of database stores (SQL, only the columns asked for) against MLflow's
+own client on the same real store: same runs, same columns, same values; the grouped study
+summary, the change token, and the curves through a real tracking server's bulk endpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ablate.study import load_study
+from ablate.tracking import (
+    Tracker,
+    _load_runs_client,
+    _load_runs_sql,
+    change_token,
+    client,
+    load_curves,
+    study_summary,
+)
+from ablate.tracking.runs import _load_curves_client, _load_curves_sql
+from tests.conftest import free_port, wait_http, write
+
+STUDY = """\
+name: scale
+model: {dim: 16, depth: 2, heads: 2, patch_size: 4}
+factors:
+  model.mixer: [conv, pool]
+  model.kernel_size: [null, 5]
+seeds: [0, 1]
+"""
+
+
+def fill(uri: str, tmp: Path) -> dict[str, str]:
+    """Runs in every state through ablate's Tracker (and MLflow's client for what ablate never
+    writes: a NaN metric, a deleted run, a tuning-phase run, Optuna tags)."""
+    study = load_study(write(tmp / "scale.yaml", STUDY))
+    tr = Tracker(uri, "scale")
+    ids = {}
+    for i, t in enumerate(study.trials):
+        rid = tr.start_run(t, study)
+        ids[t.trial_id] = rid
+        for epoch in (1, 2, 3):
+            tr.log_metrics(rid, {"val_acc": 0.1 * epoch + 0.01 * i, "train_loss": 2.0 / epoch},
+                           step=epoch)
+        if i == 0:
+            continue  # still running: no end time, no final metrics
+        if i == 1:
+            tr.set_tags(rid, {"ablate.error": "RuntimeError: out of memory"})
+            tr.end_run(rid, "failed")
+            continue
+        tr.log_metrics(rid, {"test_acc": 0.5 + 0.01 * i, "gmacs": 1.0 + i, "params": 100.0 * i},
+                       step=3)
+        tr.end_run(rid, "pruned" if i == 2 else "finished")
+    c = client(uri)
+    rids = list(ids.values())
+    c.log_metric(rids[3], "odd", float("nan"), step=3)
+    c.log_metric(rids[4], "odd", float("inf"), step=3)
+    c.set_tag(rids[5], "ablate.phase", "tune")
+    c.set_tag(rids[5], "optuna.trial_number", "7")
+    c.delete_run(rids[6])
+    other = Tracker(uri, "other")
+    other.end_run(other.start_run(study.trials[0], study), "finished")
+    return ids
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("scale")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    fill(uri, tmp)
+    return uri
+
+
+def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert sorted(a.columns) == sorted(b.columns)
+    a = a.sort_values("run_id", ignore_index=True)[sorted(a.columns)]
+    b = b.sort_values("run_id", ignore_index=True)[sorted(b.columns)]
+    pd.testing.assert_frame_equal(a, b, check_dtype=False)
+
+
+@pytest.mark.parametrize("params,metrics", [(True, None), (False, None),
+                                            (["model.dim"], ["val_acc", "odd"]), (False, [])])
+def test_sql_read_equals_the_client_read(store, params, metrics):
+    fast = _load_runs_sql("scale", store, params, metrics)
+    slow = _load_runs_client("scale", store, params, metrics)
+    assert len(fast) == 7  # 8 trials, one deleted
+    _same(fast, slow)
+    assert set(fast["status"]) == {"running", "failed", "pruned", "finished"}
+    assert fast["end_time"].isna().sum() == 1
+    wanted = {"params.train.budget", "params.train.epochs"} | (
+        {"params.model.dim"} if isinstance(params, list) else set())
+    have = {c for c in fast if c.startswith("params.")}
+    assert have == wanted if params is not True else have > wanted
+    if metrics is not None:
+        assert not {"train_loss", "test_acc", "gmacs"} & set(fast.columns)
+
+
+def test_nan_and_inf_metrics_read_as_mlflow_gives_them(store):
+    """MLflow stores NaN as 0 with is_nan set, and inf as the largest float."""
+    fast = _load_runs_sql("scale", store, False, ["odd"])["odd"]
+    assert fast.isna().sum() == len(fast) - 1  # NaN, or never logged
+    assert (fast == 0).sum() == 0 and fast.max() > 1e300
+    ids = _load_runs_sql("scale", store, False, [])["run_id"].tolist()
+    curves = _load_curves_sql(store, ids, ("odd",))["value"]
+    assert len(curves) == 2 and curves.isna().sum() == 1 and curves.max() > 1e300
+
+
+def test_factor_levels_and_optuna_tags_are_typed(store):
+    fast = _load_runs_sql("scale", store, False, None)
+    levels = set(fast["factor.model.kernel_size"])  # null: each mixer's own default
+    assert 5 in levels and all(isinstance(v, int) for v in levels)
+    assert fast["optuna.trial_number"].dropna().tolist() == [7]
+    assert (fast["phase"] == "tune").sum() == 1
+
+
+def test_study_summary_is_the_clients_view(store):
+    summary = study_summary(store)
+    c = client(store)
+    exps = [e for e in c.search_experiments(order_by=["last_update_time DESC"])
+            if e.name != "Default"]
+    assert summary["name"].tolist() == [e.name for e in exps]
+    for e in exps:
+        found = c.search_runs([e.experiment_id])
+        row = summary.set_index("name").loc[e.name]
+        assert row["runs"] == len(found)
+        assert row["running"] == sum(r.info.status == "RUNNING" for r in found)
+    assert summary.set_index("name").loc["scale", "running"] == 1
+
+
+def test_change_token_moves_only_when_runs_change(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(write(tmp_path / "scale.yaml", STUDY))
+    tr = Tracker(uri, "scale")
+    rid = tr.start_run(study.trials[0], study)
+    tokens = [change_token("scale", uri)]
+    tokens.append(change_token("scale", uri))
+    assert tokens[0] == tokens[1]
+    tr.log_metrics(rid, {"val_acc": 0.3}, step=1)  # an epoch of a running trial
+    tokens.append(change_token("scale", uri))
+    tr.end_run(rid, "finished")
+    tokens.append(change_token("scale", uri))
+    tr.start_run(study.trials[1], study)
+    tokens.append(change_token("scale", uri))
+    assert len(set(tokens[1:])) == 4
+
+
+def test_a_new_store_file_gets_its_schema_then_reads_empty(tmp_path):
+    db = tmp_path / "mlflow.db"
+    db.touch()  # exists, no tables yet
+    uri = f"sqlite:///{db}"
+    assert study_summary(uri).empty
+    assert _load_runs_sql("nothing", uri, False, None).empty
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    """A real `mlflow server` in front of the same SQLite store."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", store, "--host",
+                             "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", proc, timeout=120)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_curves_through_a_server_equal_the_sql_read(store, server):
+    ids = _load_runs_sql("scale", store, False, [])["run_id"].tolist()
+    metrics = ("val_acc", "train_loss", "odd")
+    key = ["run_id", "metric", "step", "ts"]
+    fast = _load_curves_sql(store, ids, metrics).sort_values(key, ignore_index=True)
+    bulk = _load_curves_client(server, ids, metrics).sort_values(key, ignore_index=True)
+    assert len(fast) == 7 * 3 * 2 + 2
+    pd.testing.assert_frame_equal(fast, bulk, check_dtype=False)
+    a = load_curves("scale", store, ids, metrics)
+    b = load_curves("scale", server, ids, metrics)
+    pd.testing.assert_frame_equal(a, b, check_dtype=False)
+    _same(_load_runs_sql("scale", store, False, None),
+          _load_runs_client("scale", server, False, None))
+    assert study_summary(server)["name"].tolist() == study_summary(store)["name"].tolist()
+
+
+def test_holm_gives_statsmodels_numbers():
+    """ablate's Holm adjustment (no gc.collect per call) equals statsmodels' exactly."""
+    import numpy as np
+    from statsmodels.stats.multitest import multipletests
+
+    from ablate.analysis.seeds import holm
+
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 7, 300):
+        p = rng.random(n) ** 3
+        p[:: max(1, n // 3)] = 1.0  # ties, and values the adjustment clips at 1
+        assert np.array_equal(holm(p), multipletests(p, method="holm")[1])
+    p = np.array([0.01, np.nan, 0.2])
+    assert np.array_equal(holm(p), multipletests(p, method="holm")[1], equal_nan=True)
