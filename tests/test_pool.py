@@ -139,3 +139,30 @@ def test_one_frontier_per_cost_metric_in_the_levels_colours():
         assert colours == {f"mixer={m}": plots.MIXER_COLORS[m] for m in MIXER}
     html = render.to_html(a, {"study": "u"})
     assert all(html.count(f"<h3>{t}</h3>") == 1 for t, _ in figs)
+
+
+def test_no_pool_across_grids_whose_fixed_factors_differ():
+    """Grids with no mixer in common, each at its own data fraction: the fraction is a
+    function of the mixer in their union, yet it is a setting of each grid, not an attribute
+    of a mixer level. Pooling would compare attention at fraction 1 with mlp at 0.25."""
+    g0 = {"model.mixer": ["attention", "conv"], "dataset.fraction": [1.0]}
+    g1 = {"model.mixer": ["mlp", "identity"], "dataset.fraction": [0.25]}
+    rng = np.random.default_rng(0)
+    rows = [{"run_id": f"{m}-{s}", "cell_id": m, "grid": g, "status": "finished", "seed": s,
+             "factor.model.mixer": m, "factor.dataset.fraction": f,
+             "test_acc": 0.6 + PER_DOUBLING * math.log2(f) + SIGMA * rng.standard_normal()}
+            for g, grid in enumerate([g0, g1]) for m in grid["model.mixer"]
+            for f in grid["dataset.fraction"] for s in range(3)]
+    a = analysis.analyse(pd.DataFrame(rows), "test_acc", grids=[g0, g1], n_boot=50)
+    assert "factor.model.mixer" not in a.pooled
+    (r,) = [r for r in a.pool_refused if r.factor == "model.mixer"]
+    assert "dataset.fraction (grid 0: 1; grid 1: 0.25)" in r.reason
+    assert "pooled" not in a.verdict[0]
+
+
+def test_runs_two_grids_share_are_counted_once():
+    df = union([GRID_A, GRID_B])  # attention at fraction 1 is in both grids
+    a = analysis.analyse(df, "test_acc", grids=[GRID_A, GRID_B], n_boot=50)
+    assert a.n_used == len(df) == 21
+    assert analysis.to_dict(a)["n_analysed"] == len(df)
+    assert f"; {len(df)} finished runs with test_acc analysed" in render.to_markdown(a, {})

@@ -3,9 +3,10 @@ together, but only where the other factors match.
 
 Definition. For a factor F varied (2+ levels) by grids S, the *other factors* are every
 factor column but F, except F's attributes: columns that are a function of F in the runs
-of S (ConvMixer's kernel size is 'off' for every other mixer: it describes a level of the
-mixer, it is not a second factor). A grid's *configurations* are the distinct tuples of the
-other factors among its runs. The pool keeps, from each grid of S, the runs whose
+of S and vary with it inside a grid (ConvMixer's kernel size is 'off' for every other mixer:
+it describes a level of the mixer, it is not a second factor; a fraction that each grid holds
+at its own value is a setting, and must match). A grid's *configurations* are the distinct
+tuples of the other factors among its runs. The pool keeps, from each grid of S, the runs whose
 configuration every grid of S has (the intersection); so F's levels from different grids
 are only ever compared at the same levels of everything else. Where no configuration is
 common (one grid holds `model.tokens` at off, another varies it over 8 and 16; one grid has
@@ -62,11 +63,15 @@ class Refusal:
     reason: str
 
 
-def _attributes(lab: pd.DataFrame, key: str, cols: list[str]) -> set[str]:
-    """Columns that are a function of `key` in these runs (and vary): attributes of its
-    levels, not other factors."""
+def _attributes(lab: pd.DataFrame, key: str, cols: list[str], rows: dict[int, pd.Index]
+                ) -> set[str]:
+    """Columns that are a function of `key` in these runs and vary with it inside a grid:
+    attributes of its levels, not other factors. A column each grid holds at its own value
+    (fraction 1 in one grid, 0.25 in another with no level of `key` in common) is a function
+    of `key` in the union too, but it is a setting of the grids that must match."""
     return {c for c in cols if lab[c].nunique() > 1
-            and lab.groupby(key)[c].nunique().max() <= 1}
+            and lab.groupby(key)[c].nunique().max() <= 1
+            and any(lab.loc[r, c].nunique() > 1 for r in rows.values())}
 
 
 def _mismatch(lab: pd.DataFrame, rows: dict[int, pd.Index], others: list[str]) -> str:
@@ -89,7 +94,8 @@ def _try(df: pd.DataFrame, lab: pd.DataFrame, key: str, group: list[GridFit], me
     rows = {f.design.index: f.design.data.index for f in group}
     union = pd.Index(sorted(set().union(*rows.values())))
     cols = [c for c in lab.columns if c != key]
-    others = [c for c in cols if c not in _attributes(lab.loc[union], key, cols)]
+    attrs = _attributes(lab.loc[union], key, cols, rows)
+    others = [c for c in cols if c not in attrs]
     conf = {g: pd.Series(list(map(tuple, lab.loc[r, others].to_numpy())), index=r)
             for g, r in rows.items()}
     common = set.intersection(*(set(s) for s in conf.values()))

@@ -50,7 +50,8 @@ class Analysis:
 
     @property
     def n_used(self) -> int:
-        return sum(len(f.design.data) for f in self.fits)
+        """Runs analysed: a run two grids share (a trial of both) counts once."""
+        return len(set().union(*(f.design.data.index for f in self.fits)))
 
 
 def analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | None = None,
