@@ -223,6 +223,19 @@ def test_only_failed_runs_get_a_message(store, monkeypatch):
     assert not at.exception
 
 
+def test_filters_follow_the_sidebars_study(store, monkeypatch):
+    """A study's status and level filters do not carry over to the next study picked: after
+    `allfailed` (no finished run, one mixer), `demo` shows its finished runs of both mixers."""
+    at = app(store, monkeypatch)
+    at.sidebar.selectbox(key="study").set_value("allfailed").run()
+    at.sidebar.selectbox(key="study").set_value("demo").run()
+    assert not at.exception
+    assert at.sidebar.multiselect(key="status").value == ["finished"]
+    assert at.sidebar.multiselect(key="filter.factor.model.mixer").value == ["attention",
+                                                                            "conv"]
+    assert not any("no runs with the chosen filters" in i.value for i in at.info)
+
+
 def test_missing_cost_metrics_get_a_message(store, monkeypatch):
     at = app(store, monkeypatch)
     at.sidebar.selectbox(key="study").set_value("nocost").run()

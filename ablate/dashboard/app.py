@@ -45,6 +45,10 @@ def sidebar(uri: str) -> tuple[str | None, str, pd.DataFrame]:
     active = dict(zip(names, summary["running"], strict=True))
     study = st.sidebar.selectbox("study", names, index=index, key="study",
                                  format_func=lambda n: _picked(n, counts[n], active[n]))
+    if st.session_state.get("_filters_for") != study:  # a new study: its own default filters
+        for k in [k for k in st.session_state if k == "status" or str(k).startswith("filter.")]:
+            del st.session_state[k]
+        st.session_state["_filters_for"] = study
     metric = st.sidebar.selectbox("accuracy metric", ACC_METRICS, key="metric",
                                   help="; ".join(f"{k}: {v}" for k, v in
                                                  analysis.METRIC_HELP.items()))
