@@ -80,3 +80,42 @@ def test_grid_importance_is_the_variance_shares():
     for t, s in fit.terms.items():
         row = g[g["term"] == analysis.term_name(t)].iloc[0]
         assert row["share"] == s.share and (row["ci_low"], row["ci_high"]) == s.share_ci
+
+
+def _split_objective(trial: optuna.Trial) -> tuple[float, float]:
+    """Objective 0: lr decides the bad trials (a cliff), weight decay orders the good ones;
+    objective 1 (a cost): driven only by the mixer."""
+    lr = trial.suggest_float("train.lr", 0.0, 1.0)
+    wd = trial.suggest_float("train.weight_decay", 0.0, 1.0)
+    mixer = trial.suggest_categorical("model.mixer", ["attention", "conv"])
+    acc = -10.0 if lr < 0.2 else wd
+    return acc, (5.0 if mixer == "attention" else 1.0) + 0.01 * lr
+
+
+def test_ped_anova_reads_the_top_trials_and_the_chosen_objective(tmp_path):
+    """PED-ANOVA looks at what sets the best trials apart (weight decay), fANOVA at the
+    variance (the lr cliff): a sign error in the maximised target, or an ignored `objective`,
+    changes these rankings."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.create_study(study_name="split", storage=storage,
+                             directions=["maximize", "minimize"],
+                             sampler=optuna.samplers.RandomSampler(seed=1))
+    st.optimize(_split_objective, n_trials=120)
+    imp, _ = optuna_importance(st, objective=0)
+    top = imp[imp["rank"] == 1].set_index("evaluator")["param"]
+    assert top["ped_anova"] == "train.weight_decay"
+    assert top["fanova"] == "train.lr"
+    cost, _ = optuna_importance(st, objective=1)  # the mixer makes nearly all its variance
+    assert cost[(cost["rank"] == 1) & (cost["evaluator"] == "fanova")]["param"].tolist() \
+        == ["model.mixer"]
+
+
+def test_few_trials_are_flagged_as_rough(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.create_study(study_name="few", storage=storage, direction="maximize",
+                             sampler=optuna.samplers.RandomSampler(seed=0))
+    st.optimize(_objective, n_trials=12)
+    _, notes = optuna_importance(st)
+    assert any("rough" in n and "12 complete trials" in n for n in notes), notes

@@ -215,3 +215,13 @@ def test_resumed_search_proposes_new_configurations(ray_session, tmp_path):
     assert len(trials) == 4 and [t.params for t in trials[:2]] == first
     lrs = [t.params["train.lr"] for t in trials]
     assert len(set(lrs)) == 4, lrs  # a replayed seed would propose the first two again
+
+
+def test_the_optuna_study_names_its_objectives(tmp_path):
+    """Importance views and Optuna's own tools say which metric objective k is."""
+    from ablate.tune.driver import open_search_study
+
+    path = study_file(tmp_path, sampler="nsga2", objectives="{val_acc: max, gmacs: min}")
+    _, _, ost = open_search_study(load_study(path).spec)
+    assert ost.metric_names == ["val_acc", "gmacs"]
+    assert [d.name for d in ost.directions] == ["MAXIMIZE", "MINIMIZE"]

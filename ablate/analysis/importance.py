@@ -30,6 +30,9 @@ def _evaluator(name: str, seed: int) -> Any:
     raise ValueError(f"importance evaluator {name!r}: use one of {', '.join(EVALUATORS)}")
 
 
+FEW_TRIALS = 50
+
+
 def optuna_importance(study: Any, objective: int = 0, evaluators: tuple[str, ...] = EVALUATORS,
                       seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
     """(importances, notes) of the parameters of an Optuna study for its objective number
@@ -53,16 +56,23 @@ def optuna_importance(study: Any, objective: int = 0, evaluators: tuple[str, ...
         target = None if not multi else (
             (lambda t: -t.values[objective]) if maximize else (lambda t: t.values[objective]))
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 imp = get_param_importances(study, evaluator=_evaluator(name, seed),
                                             target=target, normalize=True)
         except (RuntimeError, ValueError, ZeroDivisionError) as e:
             notes.append(f"{name}: {str(e).splitlines()[0][:200]}")
             continue
+        notes += [f"{name}: {str(w.message).splitlines()[0][:200]}" for w in caught
+                  if not issubclass(w.category, (DeprecationWarning, FutureWarning))
+                  and "experimental" not in str(w.message)
+                  and "multiplying the output by -1" not in str(w.message)]  # done above
         order = sorted(imp.items(), key=lambda kv: -kv[1])
         rows += [{"param": p, "importance": float(v), "evaluator": name, "rank": i + 1}
                  for i, (p, v) in enumerate(order)]
+    if len(complete) < FEW_TRIALS:
+        notes.append(f"only {len(complete)} complete trials: importances from fewer than "
+                     f"{FEW_TRIALS} are rough (PED-ANOVA's top 10% is then a handful of trials)")
     return pd.DataFrame(rows, columns=COLUMNS), notes
 
 

@@ -51,6 +51,10 @@ def compare_tab(study: str, metric: str, df: pd.DataFrame, studies: list[str],
     sb, runs_b, cells_b, key_b = _side(c2, "B", study, studies, df, metric, load_runs, 1)
     if key_a is None or key_b is None:
         return
+    if sa == sb and key_a == key_b:
+        st.info("A and B are the same cell: pick two different cells (a cell compared with "
+                "itself is not two independent samples).")
+        return
     out = compare(runs_a, key_a, runs_b, key_b, metric)
     la = cells_a.set_index("key").loc[key_a, "label"]
     lb = cells_b.set_index("key").loc[key_b, "label"]
@@ -70,7 +74,9 @@ def compare_tab(study: str, metric: str, df: pd.DataFrame, studies: list[str],
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="compare_table")
     sig = ("the CI excludes 0" if d["ci_low"] == d["ci_low"] and
            (d["ci_low"] > 0 or d["ci_high"] < 0) else "inconclusive: the CI includes 0"
-           if d["ci_low"] == d["ci_low"] else "inconclusive: fewer than 2 seeds on a side")
+           if d["ci_low"] == d["ci_low"] else
+           "inconclusive: fewer than 2 seeds on a side" if min(len(out["a"]), len(out["b"])) < 2
+           else "inconclusive: no spread between seeds on either side, so no interval")
     p = "" if d["p"] != d["p"] else f", p = {d['p']:.3g}, df = {d['df']:.1f}"
     st.caption(f"A - B = {d['diff']:+.4f} {metric}, 95% CI {_ci(d['ci_low'], d['ci_high'])} "
                f"({d['method']}: each seed's final {metric} is one observation, variances "

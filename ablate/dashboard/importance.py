@@ -47,6 +47,8 @@ def importances(url: str, name: str, objective: int) -> tuple[pd.DataFrame, list
                           "storage field (or ABLATE_OPTUNA_STORAGE) at the study's "
                           "search.storage") from None
     directions = [d.name.lower() for d in st_.directions]
+    if st_.metric_names:  # ablate names them after search.objectives
+        directions = [f"{m}: {d}" for m, d in zip(st_.metric_names, directions, strict=True)]
     imp, notes = optuna_importance(st_, objective=min(objective, len(directions) - 1))
     return imp, notes, directions
 
@@ -72,14 +74,15 @@ def _search(names: list[str], uri: str) -> None:
         st.warning(str(e))
         return
     for n in notes:
-        st.caption(f"Not computed: {n}")
+        st.caption(f"Note: {n}")
     if imp.empty:
         return
     st.plotly_chart(plots.importance_figure(imp), width="stretch", key="importance_chart")
     table = imp.pivot(index="param", columns="evaluator", values="importance")
     table = table.sort_values(table.columns[0], ascending=False).reset_index()
     st.dataframe(table, hide_index=True, key="importance_table")
-    st.caption(f"Objective {min(objective, len(directions) - 1)} ({', '.join(directions)}), "
+    st.caption(f"Objective {min(objective, len(directions) - 1)}: "
+               f"{directions[min(objective, len(directions) - 1)]} (of {', '.join(directions)}), "
                "complete trials only. fANOVA: share of the objective's variance each "
                "parameter explains (a random forest's functional ANOVA). PED-ANOVA: how far "
                "a parameter's distribution among the top 10% of trials is from its "

@@ -10,6 +10,7 @@ import os
 import signal
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,6 +361,10 @@ def open_search_study(spec):
                               load_if_exists=True)
     for t in ost.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         ost.tell(t.number, state=TrialState.FAIL)
+    if ost.metric_names is None:  # so that importance views can say which metric is which
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            ost.set_metric_names(list(spec.search.objectives))
     return storage, name, ost
 
 
