@@ -253,6 +253,16 @@ def supported_candidates(device: str | torch.device) -> list[tuple[str, bool]]:
     return [c for c in CANDIDATES if c[0] != "bf16" or ok_bf16]
 
 
+def candidates_for(precision: str, channels_last: bool | str, device: str | torch.device
+                   ) -> list[tuple[str, bool]]:
+    """The settings a probe compares for `train.precision` / `train.channels_last`: every
+    supported one where a field is `auto`, the given value where it is not."""
+    precs = ([p for p, _ in supported_candidates(device)] if precision == "auto"
+             else [precision])
+    layouts = [False, True] if channels_last == "auto" else [bool(channels_last)]
+    return [(p, c) for p in dict.fromkeys(precs) for c in layouts]
+
+
 def probe_settings(model: nn.Module, image_size: int, in_chans: int = 3,
                    num_classes: int = 10, batch_size: int = 64,
                    device: str | torch.device = "cpu",

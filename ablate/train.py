@@ -109,10 +109,9 @@ def resolve_auto(cfg: TrainSpec, model: nn.Module, data: DataBundle, device: tor
     if not is_auto(cfg):
         return cfg
     if choice is None:
-        from ablate.cost import probe_settings, supported_candidates
+        from ablate.cost import candidates_for, probe_settings
 
-        cands = [c for c in supported_candidates(device)
-                 if cfg.precision in ("auto", c[0]) and cfg.channels_last in ("auto", c[1])]
+        cands = candidates_for(cfg.precision, cfg.channels_last, device)
         choice, _ = probe_settings(model, data.image_size, data.channels, data.num_classes,
                                    min(cfg.batch_size, cfg.profile_batch_size), device, cands,
                                    min_seconds=cfg.profile_seconds)

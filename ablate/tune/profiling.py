@@ -88,7 +88,7 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     auto probe where asked, then params, GMACs and the timed metrics at the chosen setting."""
     import torch
 
-    from ablate.cost import probe_settings, profile, supported_candidates
+    from ablate.cost import candidates_for, probe_settings, profile
     from ablate.train import DTYPES, build_model, is_auto
 
     start = int(time.time() * 1000)
@@ -100,8 +100,7 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     model = build_model(spec, *shape)
     choice, speeds = (cfg.precision, cfg.channels_last), {}
     if is_auto(cfg):
-        cands = [c for c in supported_candidates(device)
-                 if cfg.precision in ("auto", c[0]) and cfg.channels_last in ("auto", c[1])]
+        cands = candidates_for(cfg.precision, cfg.channels_last, device)
         choice, speeds = probe_settings(model, shape[0], shape[1], shape[2],
                                         cfg.profile_batch_size, device, cands,
                                         min_seconds=cfg.profile_seconds)
