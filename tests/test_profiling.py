@@ -149,3 +149,4 @@ def test_auto_precision_and_layout_are_probed_once_and_logged(ray_session, tmp_p
         assert params["train.precision_resolved"] == prof.data.params["train.precision_resolved"]
         assert (params["train.channels_last_resolved"]
                 == prof.data.params["train.channels_last_resolved"])
+
