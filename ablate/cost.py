@@ -247,9 +247,17 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
 
 def supported_candidates(device: str | torch.device) -> list[tuple[str, bool]]:
     """The (precision, channels_last) settings `auto` may pick on `device`: bf16 only where
-    the device runs it (every CPU emulates it; a CUDA GPU needs native support)."""
+    the device has bf16 kernels (a CUDA GPU that supports it; a CPU with AVX-512 or AMX,
+    torch's oneDNN check: elsewhere bf16 is emulated, ten times slower and not worth a probe)."""
     device = torch.device(device)
-    ok_bf16 = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if device.type == "cuda":
+        ok_bf16 = torch.cuda.is_bf16_supported()
+    else:
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            ok_bf16 = bool(check()) if check is not None else True
+        except (RuntimeError, AttributeError):
+            ok_bf16 = True
     return [c for c in CANDIDATES if c[0] != "bf16" or ok_bf16]
 
 
