@@ -206,7 +206,7 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
     node, cpus = _profile_node(device_type)
     opts = dict(num_cpus=cpus, num_gpus=1 if device_type == "cuda" else 0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-    ident = ray.get(ray.remote(**opts)(identity).remote(device_type, cpus))
+    ident = _wait(ray.remote(**opts)(identity).remote(device_type, cpus))
     found = {} if study.reprofile else stored_profiles(tracker, ident, set(keys))
     missing = [k for k in keys if k not in found]
     console.print(f"{study.spec.name}: {len(keys)} architecture(s); profiling {len(missing)} "
@@ -216,12 +216,26 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
     task = ray.remote(**opts)(measure)
     for key in missing:  # one at a time: each task holds the whole node
         config, t = keys[key]
-        res = ray.get(task.remote(t.to_dict(), (config["image_size"], config["channels"],
-                                                config["num_classes"]), device_type, cpus))
+        res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
+                                              config["num_classes"]), device_type, cpus))
         rid = _log_profile(tracker, study, key, config, res, t.cell_name)
         found[key] = {"metrics": res["metrics"], "precision": res["precision"],
                       "channels_last": res["channels_last"], "run_id": rid}
     return {tid: {**found[key], "arch_key": key} for tid, key in by_trial.items()}
+
+
+def _wait(ref) -> Any:
+    """ray.get that Ctrl-C and SIGTERM can interrupt (a blocking ray.get does not return to
+    Python until the task ends); the task is cancelled then."""
+    import ray
+
+    try:
+        while not ray.wait([ref], timeout=0.5)[0]:
+            pass
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+    return ray.get(ref)
 
 
 def trial_params(info: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
