@@ -204,7 +204,7 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
         keys.setdefault(key, (config, t))
         by_trial[t.trial_id] = key
     node, cpus = _profile_node(device_type)
-    opts = dict(num_cpus=cpus, num_gpus=1 if device_type == "cuda" else 0,
+    opts = dict(num_cpus=cpus, num_gpus=1 if device_type == "cuda" else 0, max_retries=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
     ident = _wait(ray.remote(**opts)(identity).remote(device_type, cpus))
     found = {} if study.reprofile else stored_profiles(tracker, ident, set(keys))
