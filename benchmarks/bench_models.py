@@ -11,7 +11,7 @@ ratios to fp32 contiguous. The settings of one model are measured in interleaved
 GFLOP/s against this machine's matmul peak).
 
 Usage: python benchmarks/bench_models.py [--mixers conv,mlp] [--patches 2,4] [--steps 3]
-       [--rounds 3] [--no-compile] [--vs-timm [--quick]]
+       [--rounds 3] [--no-compile] [--supported-only] [--vs-timm [--quick]]
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def settings_table(args) -> None:
     torch.manual_seed(0)
     x = torch.randn(bs, 3, 32, 32)
     y = torch.randint(0, 10, (bs,))
-    fixed = [s for s in SETTINGS if s in supported_candidates("cpu")]
+    fixed = [s for s in SETTINGS if not args.supported_only or s in supported_candidates("cpu")]
     cols = [_name(s) for s in fixed] + ["auto"] + ([] if args.no_compile else ["compile"])
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, batch {bs}, 32x32, "
           f"10 classes, dim {args.dim}, depth {args.depth}; {args.rounds} rounds x "
@@ -213,6 +213,8 @@ def main() -> None:
     ap.add_argument("--probe-seconds", type=float, default=0.5,
                     help="the auto probe's budget per setting (train.profile_seconds)")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--supported-only", action="store_true",
+                    help="time only the fixed settings auto may pick here (no emulated bf16)")
     args = ap.parse_args()
     if args.vs_timm:
         vs_timm(args)
