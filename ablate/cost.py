@@ -226,16 +226,16 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
         x1 = x[:1].clone()
         with _train_mode(model, False), torch.no_grad(), _autocast(device, dtype):
             thr, iqr["throughput_img_s_iqr"] = median_iqr(
-                [batch_size / t for t in _time_calls(lambda: model(x), device, warmup, 3,
+                [batch_size / t for t in _time_calls(lambda: model(x), device, warmup, 1,
                                                      min_seconds, repeats)])
             lat, iqr["latency_ms_iqr"] = median_iqr(
-                [1000 * t for t in _time_calls(lambda: model(x1), device, warmup, 5,
+                [1000 * t for t in _time_calls(lambda: model(x1), device, warmup, 2,
                                                min_seconds / 2, repeats)])
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         step, opt = _train_step(model, x, num_classes, device, dtype)
         with _train_mode(model, True):
             train, iqr["train_img_s_iqr"] = median_iqr(
-                [batch_size / t for t in _time_calls(step, device, warmup, 2, min_seconds,
+                [batch_size / t for t in _time_calls(step, device, warmup, 1, min_seconds,
                                                      repeats)])
             peak = _peak_train_memory(model, opt, step, device)
         model.load_state_dict(saved)
