@@ -30,10 +30,10 @@ def load_study(path: str | Path, sets: Sequence[str] = ()) -> Study:
 def run(study: Study | str | Path, tracking_uri: str | None = None,
         address: str | None = None, sets: Sequence[str] = (),
         max_concurrent: int | None = None, smoke: bool = False, verbose: bool = False,
-        console: Console | None = None) -> RunSummary | SmokeResult:
+        console: Console | None = None, reprofile: bool = False) -> RunSummary | SmokeResult:
     """Run a study (a Study, or a study file with optional `sets`) as `ablate run` does:
     resumable, one writer, the study's lease held. `smoke=True` runs `ablate run --smoke`
-    (a study file only) and returns its failures."""
+    (a study file only) and returns its failures; `reprofile=True` is `--reprofile`."""
     from dataclasses import replace
 
     from ablate.tune.driver import run_study
@@ -54,6 +54,8 @@ def run(study: Study | str | Path, tracking_uri: str | None = None,
         elif max_concurrent:
             res = s.spec.resources.model_copy(update={"max_concurrent": max_concurrent})
             s = replace(s, spec=s.spec.model_copy(update={"resources": res}))
+    if reprofile:
+        s = replace(s, reprofile=True)
     return run_study(s, tracking_uri, address, verbose, console)
 
 

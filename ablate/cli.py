@@ -238,6 +238,9 @@ def run(study: StudyArg,
         max_concurrent: Annotated[int | None, typer.Option(
             "--max-concurrent", min=1, help="Trials at once (default: resources.max_concurrent, "
             "else as many as the Ray cluster's CPUs and GPUs hold).")] = None,
+        reprofile: Annotated[bool, typer.Option(
+            "--reprofile", help="Measure the cost profile of every architecture to run again "
+                                "instead of reusing a stored one.")] = False,
         ) -> None:
     """Run a study's trials on Ray Tune and log every trial to MLflow (resumable)."""
     import signal
@@ -258,6 +261,10 @@ def run(study: StudyArg,
         return
     try:
         s = load_study(study, sets)
+        if reprofile:
+            import dataclasses
+
+            s = dataclasses.replace(s, reprofile=True)
         if dry_run:
             uri = resolve_tracking_uri(tracking_uri, s.spec.tracking.uri)
             todo, skipped = plan_run(s, uri)

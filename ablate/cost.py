@@ -18,7 +18,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-METRICS = ("params", "gmacs", "throughput_img_s", "latency_ms", "train_img_s", "peak_mem_mb")
+METRICS = ("params", "gmacs", "throughput_img_s", "latency_ms", "train_img_s", "peak_mem_mb",
+           "throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr")
+REPEATS = 5  # timed repeats of every timing metric (its median is reported, and the IQR)
+# the settings `train.precision: auto` / `train.channels_last: auto` choose among
+CANDIDATES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
 
 
 def _sdpa_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
@@ -71,19 +75,30 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
 
 
 def _time_calls(fn, device: torch.device, warmup: int, min_iters: int,
-                min_seconds: float) -> float:
-    """Seconds per call: warm up, then time at least `min_iters` calls and `min_seconds`."""
+                min_seconds: float, repeats: int = REPEATS) -> list[float]:
+    """Seconds per call of each of `repeats` timed blocks, after `warmup` calls; a block is
+    at least `min_iters` calls and `min_seconds / repeats` seconds."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    n, start = 0, time.perf_counter()
-    while n < min_iters or time.perf_counter() - start < min_seconds:
-        fn()
-        n += 1
-        if n >= 1000:
-            break
-    _sync(device)
-    return (time.perf_counter() - start) / n
+    out = []
+    for _ in range(repeats):
+        n, start = 0, time.perf_counter()
+        while n < min_iters or time.perf_counter() - start < min_seconds / repeats:
+            fn()
+            n += 1
+            if n >= 1000:
+                break
+        _sync(device)
+        out.append((time.perf_counter() - start) / n)
+    return out
+
+
+def median_iqr(values: list[float]) -> tuple[float, float]:
+    """(median, interquartile range) of repeated measurements."""
+    t = torch.tensor(values, dtype=torch.float64)
+    q = torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    return float(q[1]), float(q[2] - q[0])
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -154,6 +169,10 @@ class Profile:
     dtype: str
     batch_size: int
     image_size: int
+    throughput_img_s_iqr: float | None = None
+    latency_ms_iqr: float | None = None
+    train_img_s_iqr: float | None = None
+    repeats: int = REPEATS
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics only (what is logged to MLflow)."""
@@ -163,44 +182,128 @@ class Profile:
         return asdict(self)
 
 
+def _train_step(model: nn.Module, x: torch.Tensor, num_classes: int, device: torch.device,
+                dtype: torch.dtype):
+    """(one AdamW training step at lr 0 as the trainer takes it, its optimizer)."""
+    y = torch.randint(0, num_classes, (x.shape[0],), device=device)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+
+    def step() -> None:
+        with _autocast(device, dtype):
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+
+    return step, opt
+
+
+def _input(batch_size: int, in_chans: int, image_size: int, device: torch.device,
+           channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.randn(batch_size, in_chans, image_size, image_size, device=device).to(
+        memory_format=fmt)
+
+
 def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: int = 1000,
             batch_size: int = 64, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.float32, timing: bool = True, channels_last: bool = False,
-            min_seconds: float = 1.0, warmup: int = 3) -> Profile:
-    """Measure a model's cost on `device`. The model's weights are left unchanged."""
+            min_seconds: float = 1.0, warmup: int = 3, repeats: int = REPEATS) -> Profile:
+    """Measure a model's cost on `device`: params and MACs counted exactly; every timing
+    metric the median of `repeats` timed blocks after warm-up, with its IQR. The model's
+    weights are left unchanged."""
     device = torch.device(device)
+    repeats = max(REPEATS, repeats)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = count_params(model)
     gmacs = count_gmacs(model, image_size, in_chans)
     thr = lat = train = peak = None
+    iqr: dict[str, float] = {}
     if timing:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = torch.randn(batch_size, in_chans, image_size, image_size, device=device).to(
-            memory_format=fmt)
+        x = _input(batch_size, in_chans, image_size, device, channels_last)
         x1 = x[:1].clone()
         with _train_mode(model, False), torch.no_grad(), _autocast(device, dtype):
-            thr = batch_size / _time_calls(lambda: model(x), device, warmup, 3, min_seconds)
-            lat = 1000 * _time_calls(lambda: model(x1), device, warmup, 5, min_seconds / 2)
+            thr, iqr["throughput_img_s_iqr"] = median_iqr(
+                [batch_size / t for t in _time_calls(lambda: model(x), device, warmup, 1,
+                                                     min_seconds, repeats)])
+            lat, iqr["latency_ms_iqr"] = median_iqr(
+                [1000 * t for t in _time_calls(lambda: model(x1), device, warmup, 2,
+                                               min_seconds / 2, repeats)])
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        y = torch.randint(0, num_classes, (batch_size,), device=device)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
-
-        def step() -> None:
-            with _autocast(device, dtype):
-                loss = nn.functional.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            opt.step()
-
+        step, opt = _train_step(model, x, num_classes, device, dtype)
         with _train_mode(model, True):
-            train = batch_size / _time_calls(step, device, warmup, 2, min_seconds)
+            train, iqr["train_img_s_iqr"] = median_iqr(
+                [batch_size / t for t in _time_calls(step, device, warmup, 1, min_seconds,
+                                                     repeats)])
             peak = _peak_train_memory(model, opt, step, device)
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
     return Profile(params, gmacs, thr, lat, train, peak, str(device),
-                   str(dtype).replace("torch.", ""), batch_size, image_size)
+                   str(dtype).replace("torch.", ""), batch_size, image_size, repeats=repeats,
+                   **iqr)
+
+
+def supported_candidates(device: str | torch.device) -> list[tuple[str, bool]]:
+    """The (precision, channels_last) settings `auto` may pick on `device`: bf16 only where
+    the device has bf16 kernels (a CUDA GPU that supports it; a CPU with AVX-512 or AMX,
+    torch's oneDNN check: elsewhere bf16 is emulated, ten times slower and not worth a probe)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok_bf16 = torch.cuda.is_bf16_supported()
+    else:
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            ok_bf16 = bool(check()) if check is not None else True
+        except (RuntimeError, AttributeError):
+            ok_bf16 = True
+    return [c for c in CANDIDATES if c[0] != "bf16" or ok_bf16]
+
+
+def candidates_for(precision: str, channels_last: bool | str, device: str | torch.device
+                   ) -> list[tuple[str, bool]]:
+    """The settings a probe compares for `train.precision` / `train.channels_last`: every
+    supported one where a field is `auto`, the given value where it is not."""
+    precs = ([p for p, _ in supported_candidates(device)] if precision == "auto"
+             else [precision])
+    layouts = [False, True] if channels_last == "auto" else [bool(channels_last)]
+    return [(p, c) for p in dict.fromkeys(precs) for c in layouts]
+
+
+def probe_settings(model: nn.Module, image_size: int, in_chans: int = 3,
+                   num_classes: int = 10, batch_size: int = 64,
+                   device: str | torch.device = "cpu",
+                   candidates: list[tuple[str, bool]] | None = None,
+                   min_seconds: float = 0.3, warmup: int = 2
+                   ) -> tuple[tuple[str, bool], dict[str, float]]:
+    """The fastest training setting (precision, channels_last) of `candidates` (default:
+    all the device supports) by a short timed probe, and each one's training img/s (median
+    of `REPEATS` blocks; one block for a setting under half the best so far's speed) by
+    `precision/contiguous|channels_last`. Weights are unchanged."""
+    device = torch.device(device)
+    candidates = candidates or supported_candidates(device)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    speeds: dict[tuple[str, bool], float] = {}
+    model = model.to(device)
+    for precision, cl in candidates:
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        x = _input(batch_size, in_chans, image_size, device, cl)
+        step, _ = _train_step(model, x, num_classes, device, dtype)
+        with _train_mode(model, True):
+            times = _time_calls(step, device, warmup, 1, min_seconds, repeats=1)
+            best = max(speeds.values(), default=0.0)
+            if batch_size / times[0] > best / 2:  # a clear loser is not timed further
+                times += _time_calls(step, device, 0, 1, min_seconds, repeats=REPEATS - 1)
+        speeds[precision, cl] = median_iqr([batch_size / t for t in times])[0]
+        model.load_state_dict(saved)
+    model.to(memory_format=torch.contiguous_format)
+    model.zero_grad(set_to_none=True)
+    best = max(speeds, key=lambda c: speeds[c])
+    return best, {f"{p}/{'channels_last' if c else 'contiguous'}": v
+                  for (p, c), v in speeds.items()}
 
 
 def _peak_train_memory(model: nn.Module, opt, step, device: torch.device) -> float | None:

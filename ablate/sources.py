@@ -5,6 +5,8 @@ cached as .npz keyed by path, mtime and size.
 """
 
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -448,13 +450,34 @@ def load_source(spec: DatasetSpec, root: Path | None = None) -> Source:
                         ".tar.gz/.zip with train/<class>/* and test/<class>/* "
                         "(e.g. export ABLATE_DATA=../shared/data for the CIFAR-10 JPEGs)")
     cached = _cache_path(root, spec.image_size)
-    if cached.exists():
-        src = _load_cached(cached)
+    src = _load_cached(cached) if cached.exists() else None
+    if src is not None:
+        return src
+    with _decode_lock(cached):  # trials starting together on a node: one decodes, the rest wait
+        src = _load_cached(cached) if cached.exists() else None
         if src is not None:
             return src
-    src = imagefolder_source(root, spec.image_size)
-    try:
-        _save_cached(cached, src)
-    except OSError:
-        pass  # a read-only cache only costs the next load a re-decode
+        src = imagefolder_source(root, spec.image_size)
+        log = os.environ.get("ABLATE_DECODE_LOG")  # test hook: one line per decode
+        if log:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {root}\n")
+        try:
+            _save_cached(cached, src)
+        except OSError:
+            pass  # a read-only cache only costs the next load a re-decode
     return src
+
+
+@contextlib.contextmanager
+def _decode_lock(cached: Path) -> Iterator[None]:
+    """An exclusive lock beside the cache file (none where the cache cannot be written)."""
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        f = open(cached.with_suffix(".lock"), "a")  # noqa: SIM115 - held across the yield
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield

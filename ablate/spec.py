@@ -103,10 +103,13 @@ class TrainSpec(Strict):
     warmup_epochs: NonNegativeFloat = 1.0
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
     grad_clip: PositiveFloat | None = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="auto: the fastest of fp32/bf16 on the device, by a probe")
     augment: tuple[Literal["crop", "flip"], ...] = ("crop", "flip")
     crop_padding: NonNegativeInt = 4
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = Field(
+        False, description="auto: channels_last where the probe finds it faster")
+    compile: bool = Field(False, description="torch.compile the model (CPU and CUDA)")
     max_minutes: PositiveFloat | None = None
     profile_batch_size: PositiveInt = 64
     profile_seconds: PositiveFloat = 0.5

@@ -120,6 +120,7 @@ class Study:
     warnings: list[str] = field(default_factory=list)  # `file: path: message` lines
     sets: tuple[str, ...] = ()  # the `--set KEY=VALUE` overrides applied to the file
     profile: bool = True  # False: trials skip the cost profile (a smoke run)
+    reprofile: bool = False  # True: measure every architecture again (`ablate run --reprofile`)
 
     @property
     def experiment(self) -> str:
@@ -211,8 +212,10 @@ def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) ->
     model ignores blanked (None)."""
     model = resolved_model(ms)
     dataset = ds.model_dump(mode="json")
-    return {"dataset": dataset, "model": model, "train": ts.model_dump(mode="json"),
-            "seed": seed}
+    train = ts.model_dump(mode="json")
+    if not train["compile"]:  # only then: the ids of studies without it stay as they were
+        del train["compile"]
+    return {"dataset": dataset, "model": model, "train": train, "seed": seed}
 
 
 def trial_id(config: dict[str, Any]) -> str:

@@ -98,6 +98,47 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
+def is_auto(cfg: TrainSpec) -> bool:
+    return cfg.precision == "auto" or cfg.channels_last == "auto"
+
+
+def resolve_auto(cfg: TrainSpec, model: nn.Module, data: DataBundle, device: torch.device,
+                 choice: tuple[str, bool] | None = None) -> TrainSpec:
+    """`cfg` with `precision: auto` / `channels_last: auto` replaced: by `choice` (the
+    architecture's profile probed it), else by a short probe here; explicit values stay."""
+    if not is_auto(cfg):
+        return cfg
+    if choice is None:
+        from ablate.cost import candidates_for, probe_settings
+
+        cands = candidates_for(cfg.precision, cfg.channels_last, device)
+        choice, _ = probe_settings(model, data.image_size, data.channels, data.num_classes,
+                                   min(cfg.batch_size, cfg.profile_batch_size), device, cands,
+                                   min_seconds=cfg.profile_seconds)
+    precision = choice[0] if cfg.precision == "auto" else cfg.precision
+    channels_last = choice[1] if cfg.channels_last == "auto" else cfg.channels_last
+    return cfg.model_copy(update={"precision": precision, "channels_last": channels_last})
+
+
+def compiled(model: nn.Module, cfg: TrainSpec) -> nn.Module:
+    """The model torch.compile'd when `train.compile` is true."""
+    if not cfg.compile:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # noqa: BLE001 - any backend failure: one clear line
+        raise CompileError(e) from None
+
+
+class CompileError(RuntimeError):
+    """torch.compile failed on this machine: say so and how to go on without it."""
+
+    def __init__(self, e: BaseException) -> None:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        super().__init__(f"train.compile: torch.compile failed on this machine ({type(e).__name__}"
+                         f": {first}); set train.compile: false")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases, norms and position embeddings (the usual ViT recipe)."""
     decay, no_decay = [], []
@@ -171,6 +212,9 @@ def fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
     a seed draws comes from its own generators, so its result does not depend on what trains
     beside it."""
     device = torch.device(device)
+    if is_auto(cfg):
+        raise ValueError("train.precision / train.channels_last 'auto' must be resolved "
+                         "(train.resolve_auto) before training")
     rng = SeedRNG(seed, device)
     epochs = _fit_epochs(model, data, cfg, seed, device, final_extra)
     while True:
@@ -192,6 +236,7 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = compiled(model, cfg)
     train_batches = Batches(data.train, data.mean, data.std, cfg.batch_size, device,
                             shuffle=True, augment=cfg.augment, padding=cfg.crop_padding,
                             seed=seed, channels_last=cfg.channels_last,
@@ -214,7 +259,14 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         for _ in range(steps_per_epoch):
             x, y = next(batches)
             with autocast(device, cfg.precision):
-                loss = loss_fn(model(x).float(), y)
+                if cfg.compile and steps == 0:  # torch.compile compiles at the first call
+                    try:
+                        out = model(x)
+                    except Exception as e:  # noqa: BLE001 - a backend failure: one clear line
+                        raise CompileError(e) from None
+                else:
+                    out = model(x)
+                loss = loss_fn(out.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip is not None:

@@ -1,14 +1,23 @@
-"""Training speed of our paper-faithful ViT, Mixer and ConvMixer against timm's, side by side.
+"""Training speed per mixer and setting, and our models against timm's, side by side.
 
-Prints img/s and ratios (ours / timm) in fp32 and bf16 autocast, the six backbone mixers at
-one size, and achieved GFLOP/s against this machine's matmul peak measured in the same run.
-Measurements alternate between the two implementations (A B A B ...) and take the median,
-so background load hits both alike. Usage: python benchmarks/bench_models.py [--quick]
+Default: per mixer (attention, mlp, conv, dual, pool, identity) at dim 192, depth 8, patch 2
+and 4, 32x32 images, batch 128: training img/s of fp32 contiguous, then of every fixed
+(precision, layout) setting, of `auto` (the setting the profile's probe picks, timed on its
+own) and of `compile` (torch.compile at auto's setting; its compile time printed apart), as
+ratios to fp32 contiguous. The settings of one model are measured in interleaved rounds
+(A B C ... A B C ...) and the median taken, so background load hits all alike.
+
+`--vs-timm`: our paper-faithful ViT, Mixer and ConvMixer against timm's (img/s, ratios,
+GFLOP/s against this machine's matmul peak).
+
+Usage: python benchmarks/bench_models.py [--mixers conv,mlp] [--patches 2,4] [--steps 3]
+       [--rounds 3] [--no-compile] [--supported-only] [--vs-timm [--quick]]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -60,11 +69,7 @@ def compare(pairs: dict, x, y, dtype, rounds: int, steps: int) -> dict[str, list
     return rates
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fewer steps (noisier)")
-    ap.add_argument("--batch-size", type=int, default=128)
-    args = ap.parse_args()
+def vs_timm(args) -> None:
     import timm.models.convmixer as tcm
     import timm.models.mlp_mixer as tmm
     import timm.models.vision_transformer as tvit
@@ -124,6 +129,97 @@ def main() -> None:
                                              steps)["m"])
             row.append(f"{mixer} {rate:.0f}")
         print(f"  {dname}: " + ", ".join(row))
+
+
+SETTINGS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
+
+
+def _name(setting: tuple[str, bool]) -> str:
+    return f"{setting[0]}{'/cl' if setting[1] else ''}"
+
+
+def _prepared(model: nn.Module, setting: tuple[str, bool], compile_: bool = False
+              ) -> nn.Module:
+    m = copy.deepcopy(model)
+    if setting[1]:
+        m = m.to(memory_format=torch.channels_last)
+    return torch.compile(m) if compile_ else m
+
+
+def _input(x: torch.Tensor, setting: tuple[str, bool]) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if setting[1] else
+                        torch.contiguous_format)
+
+
+def settings_table(args) -> None:
+    from ablate.cost import probe_settings, supported_candidates
+
+    bs = args.batch_size
+    torch.manual_seed(0)
+    x = torch.randn(bs, 3, 32, 32)
+    y = torch.randint(0, 10, (bs,))
+    fixed = [s for s in SETTINGS if not args.supported_only or s in supported_candidates("cpu")]
+    cols = [_name(s) for s in fixed] + ["auto"] + ([] if args.no_compile else ["compile"])
+    print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, batch {bs}, 32x32, "
+          f"10 classes, dim {args.dim}, depth {args.depth}; {args.rounds} rounds x "
+          f"{args.steps} steps, medians; ratios to fp32 contiguous")
+    print(f"{'mixer':9s} {'p':>2s} {'fp32 img/s':>10s} " + " ".join(f"{c:>8s}" for c in cols)
+          + f" {'auto pick':>9s} {'probe s':>7s} {'compile s':>9s}")
+    for patch in args.patches:
+        for mixer in args.mixers:
+            model = create_model(mixer=mixer, dim=args.dim, depth=args.depth, patch_size=patch,
+                                 heads=max(1, args.dim // 64), window_size=4, image_size=32,
+                                 num_classes=10)
+            t0 = time.perf_counter()
+            pick, _ = probe_settings(model, 32, 3, 10, batch_size=args.probe_batch_size,
+                                     min_seconds=args.probe_seconds)
+            probe_s = time.perf_counter() - t0
+            runs = {_name(s): (_prepared(model, s), _input(x, s), s) for s in fixed}
+            runs["auto"] = (_prepared(model, pick), _input(x, pick), pick)
+            compile_s = float("nan")
+            if not args.no_compile:
+                m = _prepared(model, pick, compile_=True)
+                t0 = time.perf_counter()
+                train_step_rate(m, _input(x, pick), y, DT[pick[0]], 0)  # compiles
+                compile_s = time.perf_counter() - t0
+                runs["compile"] = (m, _input(x, pick), pick)
+            rates: dict[str, list[float]] = {k: [] for k in runs}
+            for _ in range(args.rounds):
+                for k, (m, xx, s) in runs.items():
+                    rates[k].append(train_step_rate(m, xx, y, DT[s[0]], args.steps))
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            base = med["fp32"]
+            print(f"{mixer:9s} {patch:2d} {base:10.1f} "
+                  + " ".join(f"{med[c] / base:7.2f}x" for c in cols)
+                  + f" {_name(pick):>9s} {probe_s:7.1f} {compile_s:9.1f}", flush=True)
+
+
+DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--vs-timm", action="store_true", help="our models against timm's")
+    ap.add_argument("--quick", action="store_true", help="--vs-timm: fewer steps (noisier)")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--mixers", type=lambda s: s.split(","), default=list(MIXERS))
+    ap.add_argument("--patches", type=lambda s: [int(p) for p in s.split(",")], default=[2, 4])
+    ap.add_argument("--dim", type=int, default=192)
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--probe-batch-size", type=int, default=64,
+                    help="the auto probe's batch (train.profile_batch_size's default)")
+    ap.add_argument("--probe-seconds", type=float, default=0.5,
+                    help="the auto probe's budget per setting (train.profile_seconds)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--supported-only", action="store_true",
+                    help="time only the fixed settings auto may pick here (no emulated bf16)")
+    args = ap.parse_args()
+    if args.vs_timm:
+        vs_timm(args)
+    else:
+        settings_table(args)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,38 @@ def test_no_validation_split_gives_nan_val_metrics_not_a_fake_best():
     final = fit(model(), data, TrainSpec(epochs=1, batch_size=32), seed=0)
     assert math.isnan(final["val_acc"]) and math.isnan(final["best_val_acc"])
     assert 0 <= final["test_acc"] <= 1
+
+
+def test_compile_trains_a_tiny_model_for_one_epoch():
+    data = load_dataset(DATA)
+    final = fit(model(), data, TrainSpec(epochs=1, batch_size=32, compile=True), seed=0)
+    assert math.isfinite(final["train_time_s"]) and 0.0 <= final["test_acc"] <= 1.0
+
+
+def test_auto_resolves_to_a_supported_candidate_and_keeps_explicit_values():
+    from ablate.cost import supported_candidates
+    from ablate.train import resolve_auto
+
+    data = load_dataset(DATA)
+    auto = TrainSpec(precision="auto", channels_last="auto", profile_batch_size=8,
+                     profile_seconds=0.05)
+    with pytest.raises(ValueError, match="must be resolved"):
+        fit(model(), data, auto, seed=0)
+    cfg = resolve_auto(auto, model(), data, torch.device("cpu"))
+    assert (cfg.precision, cfg.channels_last) in supported_candidates("cpu")
+    half = resolve_auto(auto.model_copy(update={"precision": "fp32"}), model(), data,
+                        torch.device("cpu"))
+    assert half.precision == "fp32" and isinstance(half.channels_last, bool)
+    explicit = TrainSpec(precision="bf16", channels_last=True)
+    assert resolve_auto(explicit, model(), data, torch.device("cpu")) is explicit
+    assert fit(model(), data, cfg.model_copy(update={"epochs": 1}), seed=0)["test_acc"] >= 0
+
+
+def test_compile_false_keeps_trial_ids_compile_true_changes_them(tmp_path):
+    from ablate.study import validate_study
+
+    base = {"name": "ids", "dataset": {"name": "synthetic"}, "factors": {}}
+    off = validate_study(base, "ids.yaml").trials[0]
+    on = validate_study({**base, "train": {"compile": True}}, "ids.yaml").trials[0]
+    assert "compile" not in off.config["train"] and on.config["train"]["compile"] is True
+    assert off.trial_id != on.trial_id

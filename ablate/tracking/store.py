@@ -20,6 +20,9 @@ DONE = ("finished", "pruned")  # a trial in one of these is never run again
 FINAL_METRICS = ("val_acc", "best_val_acc", "test_acc", "test_loss", "params", "gmacs",
                  "throughput_img_s", "latency_ms", "train_img_s", "train_time_s",
                  "peak_mem_mb", "train_images", "train_steps", "train_images_seen")
+# what a cost profile adds besides the FINAL_METRICS it fills (timing spreads, its batch)
+PROFILE_METRICS = ("throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr",
+                   "profile_batch_size")
 EPOCH_METRICS = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,7 +171,8 @@ class Tracker:
     def done_trial_ids(self) -> set[str]:
         return _done_trial_ids(self.client, self.experiment_id)
 
-    def start_run(self, trial: Any, study: Any, extra_tags: dict[str, str] | None = None) -> str:
+    def start_run(self, trial: Any, study: Any, extra_tags: dict[str, str] | None = None,
+                  extra_params: dict[str, str] | None = None) -> str:
         from mlflow.entities import Param, RunTag
 
         tags = {"ablate.study": study.spec.name, "ablate.trial_id": trial.trial_id,
@@ -183,7 +187,8 @@ class Tracker:
         tags.update(extra_tags or {})
         run = self.client.create_run(self.experiment_id, run_name=trial.run_name, tags=tags)
         rid = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(trial.config).items()]
+        params = [Param(k, str(v)[:6000]) for k, v in
+                  {**flatten(trial.config), **(extra_params or {})}.items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(rid, params=params[i:i + 100])
         self.client.log_batch(rid, tags=[RunTag("mlflow.runName", trial.run_name)])

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from ablate.tracking.store import EPOCH_METRICS, FINAL_METRICS, Tracker
+from ablate.tracking.store import EPOCH_METRICS, FINAL_METRICS, PROFILE_METRICS, Tracker
 
 
 class RunWriter:
@@ -37,7 +37,8 @@ class RunWriter:
 
         self._pool.submit(op)
 
-    def start(self, trial: Any, extra_tags: dict[str, str] | None = None) -> None:
+    def start(self, trial: Any, extra_tags: dict[str, str] | None = None,
+              extra_params: dict[str, str] | None = None) -> None:
         """A trial starts: a new run, or the next attempt of its run after a retry."""
         tid = trial.trial_id
         if tid in self.runs:
@@ -46,7 +47,7 @@ class RunWriter:
             self._write(tid, lambda rid: self.tracker.set_tags(rid, tags))
         else:
             self.runs[tid] = self._pool.submit(self.tracker.start_run, trial, self.study,
-                                               extra_tags)
+                                               extra_tags, extra_params)
             self.attempts[tid] = 1
         self.open.add(tid)
 
@@ -62,7 +63,7 @@ class RunWriter:
         per_epoch = {k: metrics[k] for k in EPOCH_METRICS if k in metrics}
         self._write(trial_id, lambda rid: self.tracker.log_metrics(rid, per_epoch, step=step))
         if "test_acc" in metrics:
-            final = {k: metrics[k] for k in (*FINAL_METRICS, "profile_batch_size")
+            final = {k: metrics[k] for k in (*FINAL_METRICS, *PROFILE_METRICS)
                      if k in metrics and k not in per_epoch}
             self._write(trial_id, lambda rid: self.tracker.log_metrics(rid, final, step=step))
 

@@ -38,11 +38,13 @@ class StudyCallback(Callback):
 
     def __init__(self, writer: RunWriter, progress: Progress, console: Console,
                  concurrency: int, optuna_study: str | None = None,
-                 tags: dict[str, str] | None = None) -> None:
+                 tags: dict[str, str] | None = None,
+                 arch: dict[str, dict[str, Any]] | None = None) -> None:
         self.writer, self.progress, self.console = writer, progress, console
         self.concurrency = concurrency
         self.optuna_study = optuna_study
         self.tags = dict(tags or {})  # added to every run (a tuning phase's tags)
+        self.arch = arch or {}  # trial id -> its architecture's profile (profiling.py)
         self.trials: dict[str, list[TrialSpec]] = {}  # Tune trial id -> its ablate trials
         self.started: dict[str, float] = {}
         self.status = None  # a rich Status line while the study runs (terminals only)
@@ -73,8 +75,12 @@ class StudyCallback(Callback):
         extra = {**self.tags, **({"optuna.trial_number": str(number),
                                   "optuna.study_name": str(self.optuna_study)}
                                  if number is not None else {})}
+        from ablate.tune.profiling import trial_params
+
         for spec in self.trials_of(trial):
-            self.writer.start(spec, extra)
+            info = self.arch.get(spec.trial_id)
+            tags, params = trial_params(info) if info else ({}, {})
+            self.writer.start(spec, {**extra, **tags}, params)
         self.started[trial.trial_id] = time.monotonic()
         self.progress.running.add(trial.trial_id)
 

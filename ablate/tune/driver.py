@@ -131,10 +131,12 @@ def _scheduler(spec, max_t: int):
 
 
 def _context(study: Study) -> dict[str, Any]:
-    """What every Tune trial of the study needs besides its cell: data root and resources."""
+    """What every Tune trial of the study needs besides its cell: data root and resources.
+    A grid adds `arch` (each trial's profile); a search's trials profile themselves."""
     res = study.spec.resources
     return {"root": data_root(study), "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
-            "fault_file": os.environ.get("ABLATE_FAULT_FILE"), "profile": study.profile}
+            "fault_file": os.environ.get("ABLATE_FAULT_FILE"), "profile": study.profile,
+            "self_profile": study.spec.search.method == "optuna"}
 
 
 def _dirname(trial) -> str:
@@ -238,7 +240,7 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
     concurrency = _concurrency(res)  # from the cluster Ray now runs on
     _rearm_python_signal_handlers()
     callback = StudyCallback(RunWriter(tracker, study), progress, console, concurrency,
-                             optuna_study, tags)
+                             optuna_study, tags, param_space["context"].get("arch"))
     storage = trial_storage()
     _remove_dead_drivers_dirs(storage, spec.name)
     name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -318,15 +320,26 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
         return RunSummary(len(study.trials), len(skipped), 0, 0, 0, uri)
     from ray import tune
 
+    from ablate.tune.profiling import profile_trials
+
     context = _context(study)
     progress = Progress(total=len(todo), skipped=len(skipped))
     console.print(f"{study.spec.name}: {len(todo)} trials to run, {len(skipped)} already "
                   f"finished (tracking: {mask_url(uri)})", highlight=False)
-    interrupted = _fit(
-        study, tracker, address, verbose, console, progress,
-        {"context": context, "cell": tune.grid_search([[t.to_dict()] for t in todo])},
-        dict(scheduler=_scheduler(study.spec, max(t.train.epochs for t in todo))),
-        keep_trial_dirs=keep_trial_dirs)
+    started = _init_ray(address, verbose)
+    try:  # profiles first, each alone on its node; then the trials
+        _rearm_python_signal_handlers()
+        context["arch"] = profile_trials(study, todo, tracker, console, context["root"])
+        interrupted = _fit(
+            study, tracker, address, verbose, console, progress,
+            {"context": context, "cell": tune.grid_search([[t.to_dict()] for t in todo])},
+            dict(scheduler=_scheduler(study.spec, max(t.train.epochs for t in todo))),
+            keep_trial_dirs=keep_trial_dirs)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     return RunSummary(len(study.trials), len(skipped), progress.done, progress.pruned,
                       progress.failed, uri, interrupted)
 

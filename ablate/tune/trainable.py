@@ -65,14 +65,18 @@ def seed_mean(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def train_cell(config: dict[str, Any], report) -> None:
-    """Data -> one model per seed -> cost profile (once: one architecture) -> the epochs of
-    every seed in lock-step. Each report carries the seed means and, under `per_seed`, each
-    seed's own metrics by trial id (JSON)."""
+    """Data -> one model per seed -> the epochs of every seed in lock-step. Each report
+    carries the seed means and, under `per_seed`, each seed's own metrics by trial id (JSON).
+
+    Cost metrics come from the architecture's profile, measured by the driver alone on a node
+    (`context.arch`, by trial id), with the precision and layout it chose for `auto`. Only an
+    Optuna search (`context.self_profile`: its architectures are sampled as it goes) still
+    profiles in the trial, beside other trials."""
     import torch
 
     from ablate.cost import profile
     from ablate.data import load_dataset
-    from ablate.train import DTYPES, build_model, fit_epochs, pick_device
+    from ablate.train import DTYPES, build_model, fit_epochs, pick_device, resolve_auto
 
     todo, stored = cell_trials(config)
     ctx = config["context"]
@@ -84,21 +88,26 @@ def train_cell(config: dict[str, Any], report) -> None:
     device = pick_device(ctx.get("gpus", 0.0))
     first = todo[0]
     data = load_dataset(first.dataset, Path(ctx["root"]) if ctx.get("root") else None)
-    precision = first.train.precision
-    dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
-    cost = None
+    arch = ctx.get("arch") or {}
+    extra: dict[str, float] = {}
     runs = {}
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
-        if cost is None and ctx.get("profile", True):  # one architecture: profile it once
+        info = arch.get(trial.trial_id)
+        choice = (info["precision"], info["channels_last"]) if info else None
+        cfg = resolve_auto(trial.train, model, data, device, choice)
+        if info:
+            extra = dict(info["metrics"])
+        elif not extra and ctx.get("profile", True) and ctx.get("self_profile"):
+            precision = "fp32" if cfg.precision == "fp16" and device.type != "cuda" \
+                else cfg.precision
             cost = profile(model, data.image_size, in_chans=data.channels,
-                           num_classes=data.num_classes,
-                           batch_size=trial.train.profile_batch_size, device=device,
-                           dtype=dtype, channels_last=trial.train.channels_last,
-                           min_seconds=trial.train.profile_seconds, warmup=2)
-        extra = ({**cost.metrics(), "profile_batch_size": float(cost.batch_size)} if cost
-                 else {})
-        runs[trial.trial_id] = fit_epochs(model, data, trial.train, trial.seed, device,
+                           num_classes=data.num_classes, batch_size=cfg.profile_batch_size,
+                           device=device, dtype=DTYPES[precision],
+                           channels_last=cfg.channels_last, min_seconds=cfg.profile_seconds,
+                           warmup=2)
+            extra = {**cost.metrics(), "profile_batch_size": float(cost.batch_size)}
+        runs[trial.trial_id] = fit_epochs(model, data, cfg, trial.seed, device,
                                           final_extra=extra)
     for epoch in range(1, first.train.epochs + 1):
         per_seed = {tid: next(run) for tid, run in runs.items()}
@@ -108,7 +117,7 @@ def train_cell(config: dict[str, Any], report) -> None:
         rows = list(per_seed.values())
         if epoch == first.train.epochs:
             rows += list(stored.values())
-        report({**(cost.metrics() if cost else {}), **seed_mean(rows), "epoch": float(epoch),
+        report({**extra, **seed_mean(rows), "epoch": float(epoch),
                 "per_seed": json.dumps(per_seed)})
 
 

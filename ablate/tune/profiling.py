@@ -1,0 +1,245 @@
+"""Cost profiles: measured once per architecture key, alone on a node, before a study's trials.
+
+A trial that measured its own speed beside other trials would mix the architecture's cost with
+the contention of whatever ran next to it, and the seeds of one architecture would measure the
+same thing several times. So the driver, before it launches Ray Tune, runs one Ray task per
+architecture key not yet in the store; each task holds a whole node (all its CPUs, and the
+whole GPU for GPU studies) and is pinned to one node, so every profile of a study is taken on
+the same hardware with nothing beside it. Each profile is an MLflow run tagged
+`ablate.phase=profile` and `ablate.arch_key`, with the device name, torch version and thread
+count; a later run (of any study in the store) with the same key on the same device, torch and
+threads reuses it, unless `--reprofile`. Its metrics are then logged on every trial of the key.
+The same task runs the `train.precision: auto` / `train.channels_last: auto` probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from ablate.study import Study, TrialSpec
+from ablate.tracking import Tracker, flatten
+
+PHASE = "profile"
+KEY_TAG = "ablate.arch_key"
+IDENTITY_TAGS = {"device_name": "ablate.device_name", "torch_version": "ablate.torch_version",
+                 "threads": "ablate.profile_threads"}
+RESOLVED = ("precision", "channels_last")  # logged as train.<name>_resolved on trials
+
+
+def data_shape(ds: Any, root: str | None) -> tuple[int, int, int]:
+    """(image size, channels, classes) a trial's model sees. Known from the study file for
+    synthetic and CIFAR data; an image folder is read (decoded once into the on-disk cache,
+    which the trials then load)."""
+    if ds.name == "synthetic":
+        return ds.image_size or 32, ds.channels or 3, ds.num_classes or 10
+    if ds.name in ("cifar10", "cifar100"):
+        return ds.image_size or 32, ds.channels or 3, 10 if ds.name == "cifar10" else 100
+    from ablate.data import load_source
+
+    src = load_source(ds, Path(root) if root else None)
+    return (ds.image_size or int(src.train_x.shape[-1]), ds.channels or int(src.train_x.shape[1]),
+            len(src.classes))
+
+
+def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str
+                ) -> dict[str, Any]:
+    """What a profile depends on: the resolved model, the input and output shapes, the
+    precision and memory layout asked for, the device type and the profile's batch size."""
+    t = trial.train
+    return {"model": {k: v for k, v in trial.config["model"].items() if k != "match"},
+            "image_size": shape[0], "channels": shape[1], "num_classes": shape[2],
+            "precision": t.precision, "channels_last": t.channels_last,
+            "device_type": device_type, "profile_batch_size": t.profile_batch_size}
+
+
+def arch_key(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def identity(device_type: str, threads: int) -> dict[str, str]:
+    """The device name, torch version and thread count a profile is only reused on."""
+    import torch
+
+    if device_type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"device_name": name, "torch_version": torch.__version__, "threads": str(threads)}
+
+
+def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str,
+            threads: int) -> dict[str, Any]:
+    """One architecture's profile (run inside a Ray task that holds the whole node): the
+    auto probe where asked, then params, GMACs and the timed metrics at the chosen setting."""
+    import torch
+
+    from ablate.cost import candidates_for, probe_settings, profile
+    from ablate.train import DTYPES, build_model, is_auto
+
+    start = int(time.time() * 1000)
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if device_type == "cuda" and torch.cuda.is_available()
+                          else "cpu")
+    spec = TrialSpec.from_dict(trial)
+    cfg = spec.train
+    model = build_model(spec, *shape)
+    choice, speeds = (cfg.precision, cfg.channels_last), {}
+    if is_auto(cfg):
+        cands = candidates_for(cfg.precision, cfg.channels_last, device)
+        choice, speeds = probe_settings(model, shape[0], shape[1], shape[2],
+                                        cfg.profile_batch_size, device, cands,
+                                        min_seconds=cfg.profile_seconds)
+    precision, channels_last = choice
+    dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
+    p = profile(model, shape[0], in_chans=shape[1], num_classes=shape[2],
+                batch_size=cfg.profile_batch_size, device=device, dtype=dtype,
+                channels_last=bool(channels_last), min_seconds=cfg.profile_seconds, warmup=3)
+    return {"metrics": {**p.metrics(), "profile_batch_size": float(p.batch_size)},
+            "precision": precision, "channels_last": bool(channels_last),
+            "probe": {f"probe_img_s.{k.replace('/', '_')}": v for k, v in speeds.items()},
+            "start_ms": start, "end_ms": int(time.time() * 1000),
+            **identity(device_type, threads)}
+
+
+def _profile_node(device_type: str) -> tuple[str, int]:
+    """(node id, CPUs) of the node profiles run on: the largest alive node (with a GPU for
+    a GPU study). Every profile of a study runs there, one at a time."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")
+             and (device_type != "cuda" or n["Resources"].get("GPU", 0) >= 1)]
+    if not nodes:
+        from ablate.errors import AblateError
+
+        raise AblateError("resources.gpus_per_trial > 0 but no Ray node has a whole GPU to "
+                          "profile on; add a GPU node or set gpus_per_trial: 0")
+    best = max(nodes, key=lambda n: n["Resources"].get("CPU", 0))
+    return best["NodeID"], max(1, int(best["Resources"].get("CPU", 1)))
+
+
+def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str]
+                    ) -> dict[str, dict[str, Any]]:
+    """The newest finished profile of each key in the whole store (any study) taken on the
+    same device name, torch version and thread count."""
+    from ablate.tracking.store import _search_all
+
+    c = tracker.client
+    exps = [e.experiment_id for e in c.search_experiments()]
+    runs = _search_all(c, exps, f"tags.`ablate.phase` = '{PHASE}' and "
+                                "tags.`ablate.status` = 'finished'")
+    out: dict[str, dict[str, Any]] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True):
+        tags = r.data.tags
+        key = tags.get(KEY_TAG)
+        if key not in keys or key in out:
+            continue
+        if any(tags.get(tag) != ident[k] for k, tag in IDENTITY_TAGS.items()):
+            continue
+        out[key] = {"metrics": {k: v for k, v in r.data.metrics.items()
+                                if not k.startswith("probe_img_s.")},
+                    "precision": r.data.params.get("train.precision_resolved", "fp32"),
+                    "channels_last": r.data.params.get("train.channels_last_resolved") == "True",
+                    "run_id": r.info.run_id}
+    return out
+
+
+def _log_profile(tracker: Tracker, study: Study, key: str, config: dict[str, Any],
+                 res: dict[str, Any], name: str) -> str:
+    """The profile as a finished MLflow run spanning the measurement's own time."""
+    from mlflow.entities import Metric, Param
+
+    c = tracker.client
+    tags = {"ablate.phase": PHASE, KEY_TAG: key, "ablate.study": study.spec.name,
+            "ablate.status": "running",
+            **{tag: str(res[k]) for k, tag in IDENTITY_TAGS.items()}}
+    run = c.create_run(tracker.experiment_id, start_time=res["start_ms"],
+                       run_name=f"profile {name}", tags=tags)
+    rid = run.info.run_id
+    params = {**flatten(config), "train.precision_resolved": res["precision"],
+              "train.channels_last_resolved": res["channels_last"]}
+    now = res["end_ms"]
+    metrics = [Metric(k, float(v), now, 0) for k, v in {**res["metrics"], **res["probe"]}.items()]
+    c.log_batch(rid, metrics=metrics,
+                params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    c.set_tag(rid, "ablate.status", "finished")
+    c.set_terminated(rid, "FINISHED", end_time=res["end_ms"])
+    return rid
+
+
+def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, console: Console,
+                   root: str | None) -> dict[str, dict[str, Any]]:
+    """Each trial's profile by trial id ({"metrics", "precision", "channels_last", "arch_key",
+    "run_id"}): reused from the store or measured now, one whole-node Ray task per missing
+    architecture key. Ray must be running. Nothing when the study is run without profiles."""
+    if not study.profile or not trials:
+        return {}
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    device_type = "cuda" if study.spec.resources.gpus_per_trial > 0 else "cpu"
+    shapes: dict[str, tuple[int, int, int]] = {}
+    keys: dict[str, tuple[dict[str, Any], TrialSpec]] = {}
+    by_trial: dict[str, str] = {}
+    for t in trials:
+        ds = t.dataset.model_dump_json()
+        if ds not in shapes:
+            shapes[ds] = data_shape(t.dataset, root)
+        config = arch_config(t, shapes[ds], device_type)
+        key = arch_key(config)
+        keys.setdefault(key, (config, t))
+        by_trial[t.trial_id] = key
+    node, cpus = _profile_node(device_type)
+    opts = dict(num_cpus=cpus, num_gpus=1 if device_type == "cuda" else 0, max_retries=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+    ident = _wait(ray.remote(**opts)(identity).remote(device_type, cpus))
+    found = {} if study.reprofile else stored_profiles(tracker, ident, set(keys))
+    missing = [k for k in keys if k not in found]
+    console.print(f"{study.spec.name}: {len(keys)} architecture(s); profiling {len(missing)} "
+                  f"alone on {ident['device_name']} ({cpus} CPUs, torch "
+                  f"{ident['torch_version']}), {len(keys) - len(missing)} from the store",
+                  highlight=False)
+    task = ray.remote(**opts)(measure)
+    for key in missing:  # one at a time: each task holds the whole node
+        config, t = keys[key]
+        res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
+                                              config["num_classes"]), device_type, cpus))
+        rid = _log_profile(tracker, study, key, config, res, t.cell_name)
+        found[key] = {"metrics": res["metrics"], "precision": res["precision"],
+                      "channels_last": res["channels_last"], "run_id": rid}
+    return {tid: {**found[key], "arch_key": key} for tid, key in by_trial.items()}
+
+
+def _wait(ref) -> Any:
+    """ray.get that Ctrl-C and SIGTERM can interrupt (a blocking ray.get does not return to
+    Python until the task ends); the task is cancelled then."""
+    import ray
+
+    try:
+        while not ray.wait([ref], timeout=0.5)[0]:
+            pass
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+    return ray.get(ref)
+
+
+def trial_params(info: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """(tags, params) a trial's run gets from its profile."""
+    tags = {KEY_TAG: info["arch_key"], "ablate.profile_run_id": info["run_id"]}
+    return tags, {f"train.{k}_resolved": str(info[k]) for k in RESOLVED}
+

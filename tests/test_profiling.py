@@ -1,0 +1,155 @@
+"""Cost profiles: once per architecture key, alone on the node, before the trials; reused
+from the store across studies; `--reprofile`; the `auto` precision/layout probe. Real Ray,
+real MLflow (SQLite in a temp dir), synthetic data, tiny models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from mlflow import MlflowClient
+
+from ablate.study import load_study
+from ablate.tracking import load_runs
+from ablate.tune.driver import run_study
+from tests.conftest import write
+
+pytestmark = pytest.mark.slow
+
+STUDY = """\
+name: {name}
+dataset: {{name: synthetic, image_size: 16, train_size: 120, test_size: 40}}
+model: {{dim: 16, depth: 1, heads: 2, patch_size: 4}}
+train: {{epochs: 1, batch_size: 32, eval_batch_size: 64, profile_batch_size: 8,
+        profile_seconds: 0.05, warmup_epochs: 0.2{train}}}
+factors:
+  model.mixer: {mixers}
+seeds: {seeds}
+resources: {{cpus_per_trial: 1, max_concurrent: 2}}
+"""
+
+COST = ("params", "gmacs", "throughput_img_s", "latency_ms", "train_img_s", "peak_mem_mb",
+        "throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def study_file(tmp_path, name, mixers, seeds=(0,), train=""):
+    text = STUDY.format(name=name, mixers=json.dumps(list(mixers)),
+                        seeds=json.dumps(list(seeds)), train=train)
+    return write(tmp_path / f"{name}.yaml", text)
+
+
+def profile_runs(uri: str) -> list:
+    """Every profile run in the store, whatever study measured it."""
+    c = MlflowClient(uri)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    return c.search_runs(exps, filter_string="tags.`ablate.phase` = 'profile'")
+
+
+def test_two_architectures_three_seeds_profile_twice_alone_and_reuse(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(study_file(tmp_path, "prof", ["conv", "mlp"], seeds=[0, 1, 2]))
+    summary = run_study(study, uri)
+    assert summary.finished == 6 and summary.failed == 0
+    profiles = profile_runs(uri)
+    assert len(profiles) == 2
+    assert {p.data.params["model.mixer"] for p in profiles} == {"conv", "mlp"}
+    for p in profiles:
+        assert p.data.tags["ablate.device_name"] and p.data.tags["ablate.torch_version"]
+        assert p.info.status == "FINISHED"
+    trials = load_runs("prof", uri)  # the trials only: profile runs are not results
+    assert len(trials) == 6 and set(trials["status"]) == {"finished"}
+    # each profile was measured while no trial ran: its time span meets no trial's
+    for p in profiles:
+        p0, p1 = p.info.start_time, p.info.end_time
+        assert p1 >= p0
+        for _, t in trials.iterrows():
+            t0, t1 = t["start_time"].value // 10**6, t["end_time"].value // 10**6
+            assert p1 <= t0 or p0 >= t1, (p.info.run_name, t["run_name"])
+    # every trial carries its architecture's profile, exactly
+    by_key = {p.data.tags["ablate.arch_key"]: p for p in profiles}
+    c = MlflowClient(uri)
+    for _, t in trials.iterrows():
+        run = c.get_run(t["run_id"])
+        prof = by_key[run.data.tags["ablate.arch_key"]]
+        assert prof.data.params["model.mixer"] == t["factor.model.mixer"]
+        for m in COST:
+            assert run.data.metrics[m] == pytest.approx(prof.data.metrics[m]), m
+        assert run.data.params["train.precision_resolved"] == "fp32"
+        assert run.data.params["train.channels_last_resolved"] == "False"
+    # the seeds of one architecture share one measurement
+    assert trials.groupby("factor.model.mixer")["throughput_img_s"].nunique().max() == 1
+
+    # status counts trials, not profile runs
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    cli = CliRunner()
+    st = cli.invoke(app, ["status", str(study.path), "--tracking-uri", uri, "--json"])
+    assert st.exit_code == 0, st.output
+    info = json.loads(st.stdout)
+    assert info["trials"] == 6 and info["counts"]["finished"] == 6
+
+    # another study with one architecture seen before and one new: only the new is measured
+    second = load_study(study_file(tmp_path, "prof2", ["conv", "identity"]))
+    assert run_study(second, uri).finished == 2
+    after = profile_runs(uri)
+    assert len(after) == 3
+    new = [p for p in after if p.info.run_id not in {q.info.run_id for q in profiles}]
+    assert [p.data.params["model.mixer"] for p in new] == ["identity"]
+    conv_old = next(p for p in profiles if p.data.params["model.mixer"] == "conv")
+    t2 = load_runs("prof2", uri)
+    conv2 = t2[t2["factor.model.mixer"] == "conv"].iloc[0]
+    assert conv2["throughput_img_s"] == pytest.approx(conv_old.data.metrics["throughput_img_s"])
+    assert c.get_run(conv2["run_id"]).data.tags["ablate.profile_run_id"] == conv_old.info.run_id
+
+    # --reprofile measures the architectures it runs again
+    third = study_file(tmp_path, "prof3", ["conv"])
+    res = cli.invoke(app, ["run", str(third), "--tracking-uri", uri, "--reprofile", "-q"])
+    assert res.exit_code == 0, res.output
+    last = profile_runs(uri)
+    assert len(last) == 4
+    assert sum(p.data.params["model.mixer"] == "conv" for p in last) == 2
+
+    # a run without profiles (what --smoke does) measures nothing
+    fourth = replace(load_study(study_file(tmp_path, "prof4", ["pool"])), profile=False)
+    assert run_study(fourth, uri).finished == 1
+    assert len(profile_runs(uri)) == 4
+
+
+def test_auto_precision_and_layout_are_probed_once_and_logged(ray_session, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(study_file(tmp_path, "auto", ["conv"], seeds=[0, 1],
+                                  train=", precision: auto, channels_last: auto"))
+    assert run_study(study, uri).finished == 2
+    (prof,) = profile_runs(uri)
+    probes = {k: v for k, v in prof.data.metrics.items() if k.startswith("probe_img_s.")}
+    from ablate.cost import supported_candidates
+
+    assert set(probes) == {f"probe_img_s.{p}_{'channels_last' if cl else 'contiguous'}"
+                           for p, cl in supported_candidates("cpu")}
+    assert {"probe_img_s.fp32_contiguous", "probe_img_s.fp32_channels_last"} <= set(probes)
+    fastest = max(probes, key=probes.get).removeprefix("probe_img_s.")
+    layout = ("channels_last" if prof.data.params["train.channels_last_resolved"] == "True"
+              else "contiguous")
+    chosen = f"{prof.data.params['train.precision_resolved']}_{layout}"
+    assert chosen == fastest
+    c = MlflowClient(uri)
+    for _, t in load_runs("auto", uri).iterrows():
+        params = c.get_run(t["run_id"]).data.params
+        assert params["train.precision"] == "auto"
+        assert params["train.precision_resolved"] == prof.data.params["train.precision_resolved"]
+        assert (params["train.channels_last_resolved"]
+                == prof.data.params["train.channels_last_resolved"])
+
