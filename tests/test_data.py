@@ -153,7 +153,7 @@ def test_cache_is_used_and_written_atomically(tmp_path):
     # touching the archive (new mtime) makes a new cache key
     os.utime(tgz, ns=(1, 10**18))
     load_dataset(spec(tgz))
-    assert len(list(cache_dir().glob("c.tar.gz-*"))) == 2
+    assert len(list(cache_dir().glob("c.tar.gz-*.npz"))) == 2
 
 
 def _tar_with(tmp_path: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
