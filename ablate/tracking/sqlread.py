@@ -38,14 +38,19 @@ def read(uri: str, fn: Callable[[Any], Any]) -> Any:
     gets them from MLflow's client first (it creates and migrates the schema under the store
     lock), then fn runs again. Reading never needs the client otherwise."""
 
+    import sqlalchemy as sa
+
+    from ablate.tracking.store import client
+
     try:
         with engine(uri).connect() as con:
             return fn(con)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, pandas and each driver raise their own
         if not any(s in str(e).lower() for s in ("no such table", "does not exist",
                                                  "doesn't exist")):
+            if isinstance(e, sa.exc.OperationalError):  # cannot connect: the client's error
+                client(uri)                             # names the URI, password masked
             raise
-    from ablate.tracking.store import client
 
     client(uri)
     with engine(uri).connect() as con:
