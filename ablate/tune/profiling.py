@@ -164,7 +164,8 @@ def _log_profile(tracker: Tracker, study: Study, key: str, config: dict[str, Any
     from mlflow.entities import Metric, Param
 
     c = tracker.client
-    tags = {"ablate.phase": PHASE, KEY_TAG: key, "ablate.study": study.spec.name,
+    tags = {**tracker.run_tags,  # the driver's id and the git revision, as on trial runs
+            "ablate.phase": PHASE, KEY_TAG: key, "ablate.study": study.spec.name,
             "ablate.status": "running",
             **{tag: str(res[k]) for k, tag in IDENTITY_TAGS.items()}}
     run = c.create_run(tracker.experiment_id, start_time=res["start_ms"],
