@@ -76,7 +76,11 @@ def load_runs(study: str, uri: str | None = None, params: bool | Sequence[str] =
         df = _load_runs_client(study, uri, params, metrics)
     if df.empty or phase is None:
         return df
-    return df[df["phase"] == phase].reset_index(drop=True)
+    df = df[df["phase"] == phase].reset_index(drop=True)
+    # params only other phases' runs have (a profile's own config) are not columns here
+    empty = [c for c in df.columns if c.startswith("params.") and df[c].isna().all()
+             and c[len("params."):] not in ALWAYS_PARAMS]
+    return df.drop(columns=empty)
 
 
 def _load_runs_client(study: str, uri: str, params: bool | Sequence[str] = True,
