@@ -193,8 +193,10 @@ def test_mlflow_server_sees_runs(ray_session, tmp_path):
         wait_http(f"{base}/health", proc)
         c = MlflowClient(base)
         exp = c.get_experiment_by_name("smoke")
-        runs = c.search_runs([exp.experiment_id])
+        # the trial's run (the experiment also holds the architecture's profile run)
+        runs = c.search_runs([exp.experiment_id], "tags.`ablate.phase` = 'final'")
         assert len(runs) == 1
+        assert len(c.search_runs([exp.experiment_id], "tags.`ablate.phase` = 'profile'")) == 1
         r = runs[0]
         assert r.data.tags["factor.model.mixer"] == "conv"
         assert r.data.params["model.mixer"] == "conv"
@@ -251,11 +253,15 @@ def test_sql_fast_path_matches_mlflow_client(ray_session, tmp_path):
     text = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]", "[mlp, pool]")
     run_study(load_study(write(tmp_path / "q.yaml", text)), uri)
     fast, slow = _load_runs_sql("smoke", uri, True), _load_runs_client("smoke", uri, True)
-    assert len(fast) == 2
+    # both read every phase: the 2 trials' runs and the 2 architectures' profile runs
+    assert sorted(fast["phase"]) == ["final", "final", "profile", "profile"]
     assert sorted(fast.columns) == sorted(slow.columns)
     fast = fast.sort_values("run_id", ignore_index=True)[sorted(fast.columns)]
     slow = slow.sort_values("run_id", ignore_index=True)[sorted(slow.columns)]
     import pandas as pd
+
+    # a tag a run lacks (a profile run has no cell id) is missing either way: None or NaN
+    fast, slow = (d.astype(object).where(d.notna(), None) for d in (fast, slow))
 
     pd.testing.assert_frame_equal(fast, slow, check_dtype=False, check_like=True)
     from ablate.tracking.runs import _load_curves_client, _load_curves_sql
