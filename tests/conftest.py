@@ -123,3 +123,31 @@ def stop_tree(root: int, timeout: float = 30.0) -> None:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """One local Ray runtime (2 CPUs) per test module, stopped after it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def mlflow_server(backend: str, *extra: str):
+    """A real `mlflow server` on a free loopback port in front of `backend` (a generator for
+    fixtures: yields its URL, stops it by its PID afterwards)."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", backend, *extra,
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", proc, timeout=120)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

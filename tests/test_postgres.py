@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -15,7 +14,8 @@ import pytest
 from ablate.study import load_study
 from ablate.tracking import load_curves, load_runs
 from ablate.tune.driver import run_study
-from tests.conftest import free_port, needs_service, wait_http, write
+from tests.conftest import free_port, needs_service, write
+from tests.conftest import mlflow_server as start_mlflow_server
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 pytestmark = [pytest.mark.postgres]
@@ -62,18 +62,9 @@ def postgres():
 
 @pytest.fixture(scope="module")
 def mlflow_server(postgres):
-    port = free_port()
     art = Path(tempfile.mkdtemp(prefix="ablate-art-"))
-    exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"{postgres}/mlflow",
-                             "--artifacts-destination", str(art), "--serve-artifacts",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health", proc, timeout=120)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from start_mlflow_server(f"{postgres}/mlflow", "--artifacts-destination", str(art),
+                             "--serve-artifacts")
     shutil.rmtree(art, ignore_errors=True)
 
 

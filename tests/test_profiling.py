@@ -33,15 +33,6 @@ COST = ("params", "gmacs", "throughput_img_s", "latency_ms", "train_img_s", "pea
         "throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
-    yield
-    ray.shutdown()
-
 
 def study_file(tmp_path, name, mixers, seeds=(0,), train=""):
     text = STUDY.format(name=name, mixers=json.dumps(list(mixers)),

@@ -4,8 +4,6 @@ summary, the change token, and the curves through a real tracking server's bulk 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +20,7 @@ from ablate.tracking import (
     study_summary,
 )
 from ablate.tracking.runs import _load_curves_client, _load_curves_sql
-from tests.conftest import free_port, wait_http, write
+from tests.conftest import mlflow_server, write
 
 STUDY = """\
 name: scale
@@ -159,16 +157,7 @@ def test_a_new_store_file_gets_its_schema_then_reads_empty(tmp_path):
 @pytest.fixture(scope="module")
 def server(store):
     """A real `mlflow server` in front of the same SQLite store."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", store, "--host",
-                             "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health", proc, timeout=120)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from mlflow_server(store)
 
 
 def test_curves_through_a_server_equal_the_sql_read(store, server):

@@ -49,14 +49,6 @@ def study_file(tmp: Path, *, sampler="tpe", n=6, objectives="{val_acc: max}",
     return write(tmp / "search.yaml", text)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()
-
 
 runner = CliRunner()
 

@@ -35,15 +35,6 @@ FINAL = ("val_acc", "best_val_acc", "test_acc", "params", "gmacs", "throughput_i
          "latency_ms", "train_img_s", "train_time_s", "peak_mem_mb")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
-    yield
-    ray.shutdown()
-
 
 def runs_of(uri: str, name: str):
     df = load_runs(name, uri)
