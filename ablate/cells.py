@@ -9,6 +9,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ablate.archs import (
+    BACKBONE_DEFAULTS,
+    REFERENCE_NAMES,
+    TOKEN_FIELDS,
+    default_heads,
+    resolve_args,
+)
+from ablate.archs import MIXER_TRAITS as MIXERS
 from ablate.spec import DatasetSpec, ModelSpec, StudySpec, did_you_mean
 
 if TYPE_CHECKING:
@@ -54,14 +62,12 @@ def check_validation_split(spec: StudySpec, problems: list[tuple[str, str]]) -> 
 def check_cell(ds: DatasetSpec, ms: ModelSpec, factor_keys: Iterable[str] = ()) -> list[str]:
     """Reasons a (dataset, model) cell cannot run, or would not run what its factors say
     (`factor_keys`: the dotted keys the study varies in this cell); empty when it can."""
-    from ablate.models import BACKBONE_DEFAULTS, MIXERS, REFERENCES
-    from ablate.models.backbone import default_heads
 
     reasons = [r for k in factor_keys if (r := ignored_factor(ms, k))]
     if ms.arch != "backbone":
-        if ms.arch not in REFERENCES and not ms.arch.startswith("timm:"):
+        if ms.arch not in REFERENCE_NAMES and not ms.arch.startswith("timm:"):
             reasons.append(f"model.arch: unknown architecture {ms.arch!r}; use backbone, "
-                           f"timm:<name> or one of {', '.join(REFERENCES)}")
+                           f"timm:<name> or one of {', '.join(REFERENCE_NAMES)}")
         return reasons
     mixer = ms.mixer or BACKBONE_DEFAULTS["mixer"]
     if mixer not in MIXERS:
@@ -117,8 +123,6 @@ def check_cell(ds: DatasetSpec, ms: ModelSpec, factor_keys: Iterable[str] = ()) 
 
 def ignored_factor(ms: ModelSpec, key: str) -> str | None:
     """Why the factor `key` has no effect on this cell's model, or None when it has one."""
-    from ablate.models import MIXERS
-    from ablate.models.backbone import TOKEN_FIELDS
 
     section, _, name = key.partition(".")
     if section != "model" or name == "arch" or getattr(ms, name, None) is None:
@@ -141,8 +145,6 @@ def ignored_factor(ms: ModelSpec, key: str) -> str | None:
 def resolved_model(ms: ModelSpec) -> dict[str, Any]:
     """The model part of a resolved config: the backbone's arguments as it resolves them
     (defaults filled in, ignored ones None); only the name for any other architecture."""
-    from ablate.models import resolve_args
-
     if ms.arch != "backbone":
         return {"arch": ms.arch}
     model = ms.model_dump(mode="json")

@@ -75,8 +75,8 @@ def cost(ms: ModelSpec, shape: tuple[int, int, int]) -> dict[str, float]:
 def candidates(ms: ModelSpec, by: str) -> list[int]:
     """The values `by` may take: dims that are multiples of 8 x heads (heads from the model's
     rule when unset) for mixers with heads, of 8 otherwise; depths even for paired mixers."""
-    from ablate.models import BACKBONE_DEFAULTS, MIXERS
-    from ablate.models.backbone import default_heads
+    from ablate.archs import BACKBONE_DEFAULTS, default_heads
+    from ablate.archs import MIXER_TRAITS as MIXERS
 
     cls = MIXERS[ms.mixer or BACKBONE_DEFAULTS["mixer"]]
     if by == "depth":

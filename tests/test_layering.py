@@ -40,3 +40,21 @@ def test_nothing_below_tune_imports_tune_and_study_search_have_no_cycle():
             assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
     assert "ablate.study" not in _imports(pkg / "search.py")
     assert "ablate.search" not in _imports(pkg / "spec.py")
+
+
+def test_validating_a_study_and_reporting_import_no_torch(tmp_path):
+    """`ablate check`, `ablate report` and the dashboard validate study files; importing torch
+    for that costs seconds, so the facts validation needs live in ablate.archs."""
+    study = tmp_path / "s.yaml"
+    study.write_text("name: s\ndataset: {name: synthetic, image_size: 32, num_classes: 10}\n"
+                     "model: {dim: 64, depth: 2, patch_size: 4}\n"
+                     "factors: {model.mixer: [attention, mlp, conv, dual, pool, identity], "
+                     "model.patch_size: [2, 4]}\nseeds: [0, 1]\n")
+    code = ("import sys; from ablate.study import load_study; import ablate.report, "
+            "ablate.dashboard.data; s = load_study(sys.argv[1]); "
+            "print(len(s.trials), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(study)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    n, torch_loaded = out.stdout.split()
+    assert int(n) > 0 and torch_loaded == "False", out.stdout

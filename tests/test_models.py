@@ -287,3 +287,23 @@ def test_token_learner_v10_convolutions_have_no_bias():
     model = create_model(**dict(SMALL, tokens=4, token_learner_version="1.0"))
     convs = [m for m in model.token_learners.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 4 and all(c.bias is None for c in convs)
+
+
+def test_torch_free_registry_matches_the_models():
+    """ablate.archs states, without torch, what the modules are: the backbone's signature,
+    each mixer's traits and the reference table must say the same."""
+    import inspect
+
+    from ablate import archs
+
+    sig = {n: p.default for n, p in inspect.signature(Backbone.__init__).parameters.items()
+           if n != "self"}
+    assert archs.BACKBONE_DEFAULTS == sig
+    assert set(archs.REFERENCE_NAMES) == set(REFERENCES)
+    assert list(MIXERS) == list(archs.MIXER_TRAITS)
+    for name, cls in MIXERS.items():
+        t = archs.MIXER_TRAITS[name]
+        assert (cls.uses, cls.pairs, cls.needs_grid, cls.mixes, cls.default_kernel,
+                cls.default_pos_embed) == (t.uses, t.pairs, t.needs_grid, t.mixes,
+                                           t.default_kernel, t.default_pos_embed)
+    assert MIXERS["pool"].kernel_problem(4) and MIXERS["pool"].kernel_problem(3) is None

@@ -6,13 +6,16 @@ differ only in `mixer` differ only in token mixing. Defaults are ViT-Tiny/16 at 
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
-
 import torch
 from torch import nn
 
-from ablate.models.mixers import MIXER_FIELDS, MIXERS, POS_EMBEDS, ConvPosEnc, TokenMixer
+from ablate.archs import (  # noqa: F401 - re-exported
+    BACKBONE_DEFAULTS,
+    TOKEN_FIELDS,
+    default_heads,
+    resolve_args,
+)
+from ablate.models.mixers import MIXERS, POS_EMBEDS, ConvPosEnc, TokenMixer
 from ablate.models.tokenlearner import TokenFuser, TokenLearner
 
 
@@ -44,11 +47,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-def default_heads(dim: int) -> int:
-    """ViT's convention of 64-dimensional heads (ViT-Ti/S/B: 3/6/12), at least one head."""
-    return max(1, dim // 64)
 
 
 class Block(nn.Module):
@@ -193,33 +191,3 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
-
-
-BACKBONE_DEFAULTS: dict[str, Any] = {
-    name: p.default for name, p in inspect.signature(Backbone.__init__).parameters.items()
-    if name != "self"
-}
-TOKEN_FIELDS = ("token_learner_at", "token_learner_version", "token_fuser")
-
-
-def resolve_args(**kwargs: Any) -> dict[str, Any]:
-    """The backbone's arguments as the model resolves them: defaults filled in, and what the
-    model ignores (another mixer's arguments, TokenLearner's without tokens) set to None.
-    A trial id hashes this, so two trials differ exactly where their models differ."""
-    args = {**BACKBONE_DEFAULTS, **{k: v for k, v in kwargs.items() if v is not None}}
-    cls = MIXERS.get(args["mixer"])
-    if cls is None:
-        return args
-    for name in MIXER_FIELDS - cls.uses:
-        args[name] = None
-    if "heads" in cls.uses and args["heads"] is None:
-        args["heads"] = default_heads(args["dim"])
-    if "kernel_size" in cls.uses and args["kernel_size"] is None:
-        args["kernel_size"] = cls.default_kernel
-    if args["pos_embed"] is None:
-        args["pos_embed"] = cls.default_pos_embed
-    if args["tokens"] is None:
-        args.update(dict.fromkeys(TOKEN_FIELDS))
-    elif args["token_learner_at"] is None:
-        args["token_learner_at"] = args["depth"] // 2
-    return args

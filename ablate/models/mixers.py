@@ -1,8 +1,9 @@
 """Token mixers of the ablation backbone: the one thing a `model.mixer` ablation changes.
 
 Every mixer maps tokens (B, N, C) to (B, N, C), given the patch grid `hw` (None once a
-TokenLearner has replaced the grid by learned tokens). A new mixer is one class here plus
-one line in `MIXERS`; the model tests pick it up from the registry.
+TokenLearner has replaced the grid by learned tokens). A new mixer is its traits in
+`ablate.archs.MIXER_TRAITS`, one class here naming it, and one line in `MIXERS`; the model
+tests pick it up from the registry.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-POS_EMBEDS = ("learned", "cpe", "none")
+from ablate.archs import MIXER_FIELDS, MIXER_TRAITS, POS_EMBEDS, MixerTraits
+
+__all__ = ["MIXERS", "MIXER_FIELDS", "POS_EMBEDS", "TokenMixer"]
 
 
 class TokenMixer(nn.Module):
-    """Base class. Class attributes tell the backbone and the study validator what a mixer
-    takes and can run on; they are the one place a mixer declares it."""
+    """Base class. A subclass names its mixer (`class Conv(TokenMixer, mixer="conv")`) and takes
+    that mixer's traits from `ablate.archs.MIXER_TRAITS`, the one place they are declared
+    (study validation reads them there without importing torch)."""
 
+    traits: ClassVar[MixerTraits] = MixerTraits()
     uses: ClassVar[frozenset[str]] = frozenset()  # mixer-specific backbone arguments it honours
     needs_grid: ClassVar[bool] = False  # needs the (H, W) patch grid (no TokenLearner before it)
     default_kernel: ClassVar[int | None] = None
@@ -28,10 +33,17 @@ class TokenMixer(nn.Module):
     mixes: ClassVar[bool] = True  # False: the block skips the mixer branch (and its norm)
     # Subclasses define forward(x: (B, N, C), hw: (H, W) | None) -> (B, N, C).
 
+    def __init_subclass__(cls, mixer: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if mixer is not None:
+            t = cls.traits = MIXER_TRAITS[mixer]
+            cls.uses, cls.needs_grid, cls.default_kernel = t.uses, t.needs_grid, t.default_kernel
+            cls.pairs, cls.default_pos_embed, cls.mixes = t.pairs, t.default_pos_embed, t.mixes
+
     @classmethod
     def kernel_problem(cls, kernel_size: int) -> str | None:
         """Why this mixer cannot take `kernel_size`, or None when it can."""
-        return None
+        return cls.traits.kernel_problem(kernel_size)
 
 
 def _to_grid(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -43,11 +55,8 @@ def _from_grid(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-class Attention(TokenMixer):
+class Attention(TokenMixer, mixer="attention"):
     """Global multi-head self-attention (ViT)."""
-
-    uses = frozenset({"heads"})
-    default_pos_embed = "learned"
 
     def __init__(self, dim: int, *, heads: int, **_: object) -> None:
         super().__init__()
@@ -64,10 +73,8 @@ class Attention(TokenMixer):
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
-class TokenMLP(TokenMixer):
+class TokenMLP(TokenMixer, mixer="mlp"):
     """Token-mixing MLP across the token axis (MLP-Mixer), hidden = token_mlp_ratio x dim."""
-
-    uses = frozenset({"token_mlp_ratio"})
 
     def __init__(self, dim: int, *, num_tokens: int, token_mlp_ratio: float, **_: object) -> None:
         super().__init__()
@@ -80,12 +87,8 @@ class TokenMLP(TokenMixer):
         return self.fc2(self.act(self.fc1(x.transpose(1, 2)))).transpose(1, 2)
 
 
-class DepthwiseConv(TokenMixer):
+class DepthwiseConv(TokenMixer, mixer="conv"):
     """Depthwise k x k convolution over the patch grid (ConvMixer's spatial mixing)."""
-
-    uses = frozenset({"kernel_size"})
-    needs_grid = True
-    default_kernel = 9
 
     def __init__(self, dim: int, *, kernel_size: int, **_: object) -> None:
         super().__init__()
@@ -156,13 +159,8 @@ class ChannelAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
-class DualAttention(TokenMixer):
+class DualAttention(TokenMixer, mixer="dual"):
     """DaViT's pair: even blocks spatial-window attention, odd blocks channel-group attention."""
-
-    uses = frozenset({"heads", "window_size"})
-    needs_grid = True
-    pairs = True
-    default_pos_embed = "cpe"
 
     def __init__(self, dim: int, *, heads: int, window_size: int, index: int, **_: object) -> None:
         super().__init__()
@@ -180,19 +178,8 @@ class DualAttention(TokenMixer):
         return self.attn(x)
 
 
-class Pooling(TokenMixer):
+class Pooling(TokenMixer, mixer="pool"):
     """Average pooling minus identity (PoolFormer): mixing with no learned weights."""
-
-    uses = frozenset({"kernel_size"})
-    needs_grid = True
-    default_kernel = 3
-
-    @classmethod
-    def kernel_problem(cls, kernel_size: int) -> str | None:
-        if kernel_size % 2 == 0:
-            return (f"pooling keeps the grid's size only with an odd kernel, not {kernel_size}: "
-                    "use 3, 5, 7, ...")
-        return None
 
     def __init__(self, dim: int, *, kernel_size: int, **_: object) -> None:
         super().__init__()
@@ -204,10 +191,8 @@ class Pooling(TokenMixer):
         return _from_grid(self.pool(g) - g)
 
 
-class NoMixing(TokenMixer):
+class NoMixing(TokenMixer, mixer="identity"):
     """No token mixing at all: the patches-only lower bound."""
-
-    mixes = False
 
     def __init__(self, dim: int, **_: object) -> None:
         super().__init__()
@@ -235,5 +220,3 @@ MIXERS: dict[str, type[TokenMixer]] = {
     "pool": Pooling,
     "identity": NoMixing,
 }
-# every mixer-specific argument some mixer honours: the others ignore it
-MIXER_FIELDS: frozenset[str] = frozenset().union(*(c.uses for c in MIXERS.values()))
