@@ -144,3 +144,73 @@ def test_auto_precision_and_layout_are_probed_once_and_logged(ray_session, tmp_p
         assert (params["train.channels_last_resolved"]
                 == prof.data.params["train.channels_last_resolved"])
 
+
+
+SEARCH = """\
+name: psearch
+dataset: {name: synthetic, image_size: 16, train_size: 120, test_size: 40}
+model: {dim: 16, depth: 1, heads: 2, patch_size: 4}
+train: {epochs: 1, batch_size: 32, eval_batch_size: 64, profile_batch_size: 8,
+        profile_seconds: 0.05, warmup_epochs: 0.2}
+search:
+  method: optuna
+  n_trials: 4
+  objectives: {val_acc: max, throughput_img_s: max}
+  space:
+    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+    model.mixer: [mlp, conv]
+  storage: sqlite:///STORAGE
+seeds: [0, 1]
+resources: {cpus_per_trial: 1, max_concurrent: 2}
+"""
+
+
+def test_a_search_profiles_each_architecture_it_can_sample_once_before_its_trials(
+        ray_session, tmp_path):
+    """An Optuna search samples architectures as it goes; its finite model dimensions are
+    enumerated and profiled alone before the first trial, and each trial (whatever lr it
+    drew) carries its architecture's profile, also as the objective Optuna was told."""
+    import optuna
+
+    from ablate.search import open_storage, study_name
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write(tmp_path / "psearch.yaml",
+                 SEARCH.replace("STORAGE", str(tmp_path / "optuna.db")))
+    study = load_study(path)
+    summary = run_study(study, uri)
+    assert summary.finished == 4 and summary.failed == 0
+    profiles = profile_runs(uri)
+    assert sorted(p.data.params["model.mixer"] for p in profiles) == ["conv", "mlp"]
+    trials = load_runs("psearch", uri)
+    assert len(trials) == 8 and set(trials["status"]) == {"finished"}
+    first_trial = min(t.value // 10**6 for t in trials["start_time"])
+    assert all(p.info.end_time <= first_trial for p in profiles)
+    by_key = {p.data.tags["ablate.arch_key"]: p for p in profiles}
+    c = MlflowClient(uri)
+    for _, t in trials.iterrows():
+        prof = by_key[c.get_run(t["run_id"]).data.tags["ablate.arch_key"]]
+        assert prof.data.params["model.mixer"] == t["factor.model.mixer"]
+        for m in COST:
+            assert t[m] == pytest.approx(prof.data.metrics[m]), m
+    ost = optuna.load_study(study_name=study_name(study.spec),
+                            storage=open_storage(study.spec.search.storage))
+    tput = {p.data.params["model.mixer"]: p.data.metrics["throughput_img_s"] for p in profiles}
+    for t in ost.trials:
+        assert t.values[1] == pytest.approx(tput[t.params["model.mixer"]])
+
+
+def test_search_architectures_enumerates_only_finite_model_dimensions(tmp_path):
+    from ablate.tune.profiling import search_architectures
+
+    text = SEARCH.replace("STORAGE", str(tmp_path / "o.db"))
+    two = search_architectures(load_study(write(tmp_path / "a.yaml", text)))
+    assert sorted(t.model.mixer for t in two) == ["conv", "mlp"]
+    wide = text.replace("model.mixer: [mlp, conv]",
+                        "model.mixer: [mlp, conv]\n    model.depth: {low: 1, high: 4}")
+    assert len(search_architectures(load_study(write(tmp_path / "b.yaml", wide)))) == 8
+    cont = text.replace("model.mixer: [mlp, conv]",
+                        "model.mixer: [mlp, conv]\n    model.mlp_ratio: {low: 1.0, high: 4.0}")
+    assert search_architectures(load_study(write(tmp_path / "c.yaml", cont))) is None
+    big = text.replace("model.mixer: [mlp, conv]", "model.dim: {low: 8, high: 1024, step: 8}")
+    assert search_architectures(load_study(write(tmp_path / "d.yaml", big))) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,14 @@ class StudyCallback(Callback):
     def __init__(self, writer: RunWriter, progress: Progress, console: Console,
                  concurrency: int, optuna_study: str | None = None,
                  tags: dict[str, str] | None = None,
-                 arch: dict[str, dict[str, Any]] | None = None) -> None:
+                 arch: dict[str, dict[str, Any]] | None = None,
+                 lookup: Callable[[TrialSpec], dict[str, Any] | None] | None = None) -> None:
         self.writer, self.progress, self.console = writer, progress, console
         self.concurrency = concurrency
         self.optuna_study = optuna_study
         self.tags = dict(tags or {})  # added to every run (a tuning phase's tags)
         self.arch = arch or {}  # trial id -> its architecture's profile (profiling.py)
+        self.lookup = lookup  # a search's: trial -> its architecture's profile
         self.trials: dict[str, list[TrialSpec]] = {}  # Tune trial id -> its ablate trials
         self.started: dict[str, float] = {}
         self.status = None  # a rich Status line while the study runs (terminals only)
@@ -78,7 +81,7 @@ class StudyCallback(Callback):
         from ablate.tune.profiling import trial_params
 
         for spec in self.trials_of(trial):
-            info = self.arch.get(spec.trial_id)
+            info = self.arch.get(spec.trial_id) or (self.lookup(spec) if self.lookup else None)
             tags, params = trial_params(info) if info else ({}, {})
             self.writer.start(spec, {**extra, **tags}, params)
         self.started[trial.trial_id] = time.monotonic()

@@ -132,7 +132,8 @@ def _scheduler(spec, max_t: int):
 
 def _context(study: Study) -> dict[str, Any]:
     """What every Tune trial of the study needs besides its cell: data root and resources.
-    A grid adds `arch` (each trial's profile); a search's trials profile themselves."""
+    A grid adds `arch` (each trial's profile), a search `arch_keys` (each architecture's);
+    a search trial whose architecture was not profiled up front profiles itself."""
     res = study.spec.resources
     return {"root": data_root(study), "cpus": res.cpus_per_trial, "gpus": res.gpus_per_trial,
             "fault_file": os.environ.get("ABLATE_FAULT_FILE"), "profile": study.profile,
@@ -239,8 +240,11 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
     started_ray = _init_ray(address, verbose)
     concurrency = _concurrency(res)  # from the cluster Ray now runs on
     _rearm_python_signal_handlers()
+    from ablate.tune.profiling import lookup_for
+
+    ctx = param_space["context"]
     callback = StudyCallback(RunWriter(tracker, study), progress, console, concurrency,
-                             optuna_study, tags, param_space["context"].get("arch"))
+                             optuna_study, tags, ctx.get("arch"), lookup_for(ctx))
     storage = trial_storage()
     _remove_dead_drivers_dirs(storage, spec.name)
     name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -426,14 +430,46 @@ def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bo
                         "done": _finished_metrics(study, uri, (tags or {}).get(
                             "ablate.phase", "final"))}}
     progress = Progress(total=remaining, skipped=n_done)
-    interrupted = _fit(
-        study, tracker, address, verbose, console, progress, space,
-        dict(search_alg=searcher, scheduler=_scheduler(spec, spec.train.epochs),
-             num_samples=remaining), optuna_study=name, keep_trial_dirs=keep_trial_dirs,
-        tags=tags)
+    started = _init_ray(address, verbose)
+    try:  # the architectures it can sample profiled first, each alone on its node
+        _rearm_python_signal_handlers()
+        context.update(_search_profiles(study, tracker, console, context["root"]))
+        interrupted = _fit(
+            study, tracker, address, verbose, console, progress, space,
+            dict(search_alg=searcher, scheduler=_scheduler(spec, spec.train.epochs),
+                 num_samples=remaining), optuna_study=name, keep_trial_dirs=keep_trial_dirs,
+            tags=tags)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
     _print_pareto(console, storage, name, spec)
     return RunSummary(spec.search.n_trials, n_done, progress.done, progress.pruned,
                       progress.failed, uri, interrupted)
+
+
+def _search_profiles(study: Study, tracker: Tracker, console: Console, root: str | None
+                     ) -> dict[str, Any]:
+    """Context for a search's trials: the profiles of every architecture it can sample, by
+    key (measured alone on a node now, or reused), when those are few enough to enumerate."""
+    from ablate.tune.profiling import SEARCH_ARCH_CAP, device_type_of, profile_trials
+    from ablate.tune.profiling import search_architectures as archs_of
+
+    if not study.profile:
+        return {}
+    archs = archs_of(study)
+    if archs is None:
+        console.print(f"{study.spec.name}: the search's model dimensions are continuous or have "
+                      f"more than {SEARCH_ARCH_CAP} combinations, so each trial measures its "
+                      "own costs, beside other trials (timing metrics include contention; "
+                      "use categorical model dimensions for profiles taken alone)",
+                      highlight=False)
+        return {}
+    by_trial = profile_trials(study, archs, tracker, console, root)
+    by_key = {i["arch_key"]: {k: v for k, v in i.items() if k != "arch_key"}
+              for i in by_trial.values()}
+    return {"arch_keys": by_key, "device_type": device_type_of(study)}
 
 
 def _print_pareto(console: Console, storage, name: str, spec) -> None:

@@ -10,20 +10,29 @@ the same hardware with nothing beside it. Each profile is an MLflow run tagged
 count; a later run (of any study in the store) with the same key on the same device, torch and
 threads reuses it, unless `--reprofile`. Its metrics are then logged on every trial of the key.
 The same task runs the `train.precision: auto` / `train.channels_last: auto` probe.
+
+An Optuna search samples its architectures as it goes, so the driver enumerates the ones it
+can sample (`search_architectures`: every combination of the model and input dimensions, the
+rest of the space held at the study's values) and profiles them the same way before the
+search; each trial then finds its profile by architecture key (`keyed`). Only a space whose
+architecture dimensions are continuous, or have more than `SEARCH_ARCH_CAP` combinations,
+leaves its trials to measure their own costs beside each other (the driver says so).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from ablate.study import Study, TrialSpec
+from ablate.study import Study, TrialSpec, trials_for
 from ablate.tracking import Tracker, flatten
 
 PHASE = "profile"
@@ -31,6 +40,73 @@ KEY_TAG = "ablate.arch_key"
 IDENTITY_TAGS = {"device_name": "ablate.device_name", "torch_version": "ablate.torch_version",
                  "threads": "ablate.profile_threads"}
 RESOLVED = ("precision", "channels_last")  # logged as train.<name>_resolved on trials
+SEARCH_ARCH_CAP = 64  # most architectures a search's profile phase measures up front
+# the search dimensions `arch_config` depends on (the rest do not change a profile)
+ARCH_DIMS = ("model.", "dataset.name", "dataset.root", "dataset.image_size", "dataset.channels",
+             "dataset.num_classes", "train.precision", "train.channels_last",
+             "train.profile_batch_size")
+
+
+def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[TrialSpec] | None:
+    """One trial per configuration of an Optuna search's architecture dimensions (the other
+    dimensions at the study's values; combinations that cannot run left out), or None when a
+    model dimension is continuous or they have more than `cap` combinations."""
+    import optuna.distributions as od
+
+    from ablate import search
+
+    spec = study.spec
+    levels: dict[str, list[Any]] = {}
+    for key, dist in search.distributions(spec).items():
+        if not key.startswith(ARCH_DIMS):
+            continue
+        if isinstance(dist, od.CategoricalDistribution):
+            levels[key] = list(dist.choices)
+        elif isinstance(dist, od.IntDistribution) and (dist.high - dist.low) // dist.step < cap:
+            levels[key] = list(range(dist.low, dist.high + 1, dist.step))
+        else:
+            return None
+    if (n := len(list(itertools.product(*levels.values())))) > cap:
+        return None
+    sections = {s: getattr(spec, s).model_dump(mode="json") for s in ("dataset", "model", "train")}
+    keys = list(search.full_space(spec))
+    out = []
+    for combo in itertools.product(*levels.values()) if n else [()]:
+        try:
+            out += trials_for(sections, dict(zip(levels, combo, strict=True)), spec.seeds[:1],
+                              keys)
+        except ValueError:  # a combination that cannot run: the search's trial fails too
+            continue
+    return out
+
+
+def keyed(by_key: dict[str, dict[str, Any]], trial: TrialSpec, shape: tuple[int, int, int],
+          device_type: str) -> dict[str, Any] | None:
+    """The profile of `trial`'s architecture key among `by_key`, as `profile_trials` gives it
+    by trial id; None when it was not profiled."""
+    key = arch_key(arch_config(trial, shape, device_type))
+    return {**by_key[key], "arch_key": key} if key in by_key else None
+
+
+def lookup_for(context: dict[str, Any]) -> Callable[[TrialSpec], dict[str, Any] | None] | None:
+    """trial -> its profile, for a search whose architectures were profiled up front
+    (`context["arch_keys"]`); None otherwise."""
+    by_key = context.get("arch_keys")
+    if not by_key:
+        return None
+    shapes: dict[str, tuple[int, int, int]] = {}
+
+    def lookup(trial: TrialSpec) -> dict[str, Any] | None:
+        ds = trial.dataset.model_dump_json()
+        if ds not in shapes:
+            shapes[ds] = data_shape(trial.dataset, context.get("root"))
+        return keyed(by_key, trial, shapes[ds], context["device_type"])
+
+    return lookup
+
+
+def device_type_of(study: Study) -> str:
+    return "cuda" if study.spec.resources.gpus_per_trial > 0 else "cpu"
 
 
 def data_shape(ds: Any, root: str | None) -> tuple[int, int, int]:
@@ -192,7 +268,7 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    device_type = "cuda" if study.spec.resources.gpus_per_trial > 0 else "cpu"
+    device_type = device_type_of(study)
     shapes: dict[str, tuple[int, int, int]] = {}
     keys: dict[str, tuple[dict[str, Any], TrialSpec]] = {}
     by_trial: dict[str, str] = {}

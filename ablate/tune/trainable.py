@@ -69,14 +69,15 @@ def train_cell(config: dict[str, Any], report) -> None:
     carries the seed means and, under `per_seed`, each seed's own metrics by trial id (JSON).
 
     Cost metrics come from the architecture's profile, measured by the driver alone on a node
-    (`context.arch`, by trial id), with the precision and layout it chose for `auto`. Only an
-    Optuna search (`context.self_profile`: its architectures are sampled as it goes) still
-    profiles in the trial, beside other trials."""
+    (`context.arch` by trial id; a search's `context.arch_keys` by architecture key), with the
+    precision and layout it chose for `auto`. Only a search trial whose architecture was not
+    profiled up front (`context.self_profile`) measures its own costs, beside other trials."""
     import torch
 
     from ablate.cost import profile
     from ablate.data import load_dataset
     from ablate.train import DTYPES, build_model, fit_epochs, pick_device, resolve_auto
+    from ablate.tune.profiling import lookup_for
 
     todo, stored = cell_trials(config)
     ctx = config["context"]
@@ -89,11 +90,12 @@ def train_cell(config: dict[str, Any], report) -> None:
     first = todo[0]
     data = load_dataset(first.dataset, Path(ctx["root"]) if ctx.get("root") else None)
     arch = ctx.get("arch") or {}
+    lookup = lookup_for(ctx)
     extra: dict[str, float] = {}
     runs = {}
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
-        info = arch.get(trial.trial_id)
+        info = arch.get(trial.trial_id) or (lookup(trial) if lookup else None)
         choice = (info["precision"], info["channels_last"]) if info else None
         cfg = resolve_auto(trial.train, model, data, device, choice)
         if info:
