@@ -172,6 +172,8 @@ def test_passwords_never_printed(tmp_path):
         assert res.returncode == 2, res.stdout + res.stderr
         assert "hunter2secret" not in res.stdout + res.stderr
         assert "ablate:***@127.0.0.1" in res.stderr
+        # refused at once: not MLflow's ~100 s of connection retries first
+        assert "will be retried" not in res.stderr, res.stderr
 
 
 def _closed_port() -> int:

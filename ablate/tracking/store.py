@@ -97,7 +97,7 @@ def client(uri: str):
     from mlflow import MlflowClient
 
     _quiet_mlflow()
-
+    _reachable(uri)
     for attempt in range(5):
         try:
             with store_lock(uri):
@@ -111,12 +111,42 @@ def client(uri: str):
             if any(r in str(e) for r in racing) and attempt < 4:
                 time.sleep(1.0)
                 continue
-            msg = str(e).splitlines()[0][:300]
-            raise TrackingError(f"tracking uri {mask_url(uri)}: cannot open the MLflow store "
-                                f"({mask_url(msg)}); "
-                                "check --tracking-uri / ABLATE_TRACKING_URI / tracking.uri"
-                                ) from None
+            raise _cannot_open(uri, e) from None
     raise AssertionError("unreachable")
+
+
+def _cannot_open(uri: str, e: BaseException) -> TrackingError:
+    msg = str(e).splitlines()[0][:300]
+    return TrackingError(f"tracking uri {mask_url(uri)}: cannot open the MLflow store "
+                         f"({mask_url(msg)}); "
+                         "check --tracking-uri / ABLATE_TRACKING_URI / tracking.uri")
+
+
+# connect-timeout arguments of the database drivers MLflow's SQL store takes
+_CONNECT_TIMEOUT = {"postgresql": {"connect_timeout": 10}, "mysql": {"connect_timeout": 10}}
+
+
+def _reachable(uri: str) -> None:
+    """One plain connection to a database server before MLflow's client opens it: MLflow
+    retries a refused connection for about 100 s, so a wrong host or port would stall
+    every command that long before its one-line error."""
+    dialect = uri.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in _CONNECT_TIMEOUT:
+        return
+    import sqlalchemy as sa
+
+    try:
+        eng = sa.create_engine(uri, poolclass=sa.pool.NullPool,
+                               connect_args=_CONNECT_TIMEOUT[dialect])
+    except ModuleNotFoundError:  # no driver here: MLflow's client says what to install
+        return
+    try:
+        with eng.connect():
+            pass
+    except sa.exc.OperationalError as e:  # refused, timed out, bad password, no database
+        raise _cannot_open(uri, e.orig if e.orig is not None else e) from None
+    finally:
+        eng.dispose()
 
 
 def use_wal(uri: str) -> None:
