@@ -79,10 +79,23 @@ class TrialSpec:
     def build(cls, ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int, grid: int,
               keys: list[str], matched: Matched | None = None) -> TrialSpec:
         """Resolve the config, hash it into the trial and cell ids, read the factor levels."""
-        config = resolved_config(ds, ms, ts, seed)
-        levels = {k: _level(config, (ds, ms, ts), k) for k in keys}
-        return cls(trial_id(config), cell_id(config), seed, grid, ds, ms, ts, levels, config,
-                   matched)
+        return cls.build_seeds(ds, ms, ts, [seed], grid, keys, matched)[0]
+
+    @classmethod
+    def build_seeds(cls, ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seeds: Sequence[int],
+                    grid: int, keys: list[str], matched: Matched | None = None
+                    ) -> list[TrialSpec]:
+        """`build` for each seed of one cell: the config resolved, the cell id hashed and the
+        factor levels read once (a 5,000-trial study file loads in a fraction of the time)."""
+        base = resolved_config(ds, ms, ts, 0)
+        cid = cell_id(base)
+        levels = {k: _level(base, (ds, ms, ts), k) for k in keys}
+        out = []
+        for seed in seeds:
+            config = {**base, "seed": seed}
+            out.append(cls(trial_id(config), cid, seed, grid, ds, ms, ts, dict(levels), config,
+                           matched))
+        return out
 
     @property
     def run_name(self) -> str:
@@ -263,8 +276,7 @@ def _expand_trials(spec: StudySpec, problems: list[tuple[str, str]],
                 problems.append((label, f"{path}: {msg}") if text else (path, msg))
             if reasons:
                 continue
-            built = [TrialSpec.build(ds, ms, ts, seed, gi, keys, matched)
-                     for seed in spec.seeds]
+            built = TrialSpec.build_seeds(ds, ms, ts, spec.seeds, gi, keys, matched)
             if merge_cell(cells, Cell(label, gi, levels, built[0]), problems, warnings):
                 trials += built
     return trials, keys
@@ -393,7 +405,7 @@ def trials_for(base: dict[str, dict[str, Any]], overrides: dict[str, Any], seeds
     ms, matched, reasons = _checked(ds, ms, overrides)
     if reasons:
         raise ValueError("; ".join(reasons))
-    return [TrialSpec.build(ds, ms, ts, seed, 0, keys, matched) for seed in seeds]
+    return TrialSpec.build_seeds(ds, ms, ts, seeds, 0, keys, matched)
 
 
 def tune_levels(spec: StudySpec, trials: list[TrialSpec]) -> dict[str, dict[str, Any]]:
