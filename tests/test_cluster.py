@@ -163,8 +163,8 @@ def two_nodes(tmp_path):
         yield {"address": f"127.0.0.2:{port}", "env": env, "worker": worker}
     finally:
         for proc in (worker, head):
-            if proc is not None:
-                stop_tree(proc.pid)
+            if proc is not None:  # Ray's daemons linger 30 s on SIGTERM; ours may be killed
+                stop_tree(proc.pid, timeout=5)
         shutil.rmtree(temp, ignore_errors=True)
 
 
