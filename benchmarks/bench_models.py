@@ -189,6 +189,9 @@ def settings_table(args) -> None:
             runs = {_name(s): (_prepared(model, s), _input(x, s), s) for s in fixed}
             compile_s = float("nan")
             if not args.no_compile:
+                # each model is a new entry in the cache of Backbone.forward; past dynamo's
+                # recompile limit (8) it would run eager and `compile` would time eager
+                torch._dynamo.reset()
                 m = _prepared(model, pick, compile_=True)
                 t0 = time.perf_counter()
                 train_step_rate(m, _input(x, pick), y, DT[pick[0]], 0)  # compiles

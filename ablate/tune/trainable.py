@@ -86,6 +86,8 @@ def train_cell(config: dict[str, Any], report) -> None:
         report({**seed_mean(list(stored.values())), "epoch": float(epochs), "per_seed": "{}"})
         return
     torch.set_num_threads(max(1, int(ctx.get("cpus", 1))))
+    if any(t.train.compile for t in todo):  # a reused worker compiled other trials' models:
+        torch._dynamo.reset()  # past dynamo's recompile limit (8) this one would run eager
     device = pick_device(ctx.get("gpus", 0.0))
     first = todo[0]
     data = load_dataset(first.dataset, Path(ctx["root"]) if ctx.get("root") else None)
