@@ -77,7 +77,7 @@ def train_cell(config: dict[str, Any], report) -> None:
     from ablate.cost import profile
     from ablate.data import load_dataset
     from ablate.train import DTYPES, build_model, fit_epochs, pick_device, resolve_auto
-    from ablate.tune.profiling import lookup_for
+    from ablate.tune.profiling import keyed
 
     todo, stored = cell_trials(config)
     ctx = config["context"]
@@ -92,12 +92,14 @@ def train_cell(config: dict[str, Any], report) -> None:
     first = todo[0]
     data = load_dataset(first.dataset, Path(ctx["root"]) if ctx.get("root") else None)
     arch = ctx.get("arch") or {}
-    lookup = lookup_for(ctx)
+    by_key = ctx.get("arch_keys") or {}  # a search's profiles, by architecture key
+    shape = (data.image_size, data.channels, data.num_classes)  # as loaded: no second read
     extra: dict[str, float] = {}
     runs = {}
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
-        info = arch.get(trial.trial_id) or (lookup(trial) if lookup else None)
+        info = arch.get(trial.trial_id) or (keyed(by_key, trial, shape, ctx["device_type"])
+                                            if by_key else None)
         choice = (info["precision"], info["channels_last"]) if info else None
         cfg = resolve_auto(trial.train, model, data, device, choice)
         if info:
