@@ -34,6 +34,33 @@ def level_colors(levels: list[str]) -> dict[str, str]:
     return out
 
 
+_TEMPLATE: dict = {}
+
+
+def _figure(traces: list[dict], layout: dict) -> go.Figure:
+    """A figure from plain dicts (nested titles, no `xaxis_title` shorthands), built without
+    Plotly's per-property validation: the report's nine figures took 0.6 s to validate,
+    half of it copying the template into each. tests/test_analysis.py checks that every
+    builder's output passes validation unchanged."""
+    if not _TEMPLATE:
+        import plotly.io as pio
+
+        _TEMPLATE.update(pio.templates["plotly_white"].to_plotly_json())
+    return go.Figure(data=traces, layout={**layout, "template": _TEMPLATE}, _validate=False)
+
+
+def _title(text: str) -> dict:
+    return {"title": {"text": text}}
+
+
+def _bars(hi: pd.Series, lo: pd.Series | None = None) -> dict:
+    """Asymmetric (or, without lo, symmetric) error bars from the CI half-widths."""
+    if lo is None:
+        return dict(type="data", array=hi.fillna(0).tolist())
+    return dict(type="data", symmetric=False, array=hi.fillna(0).tolist(),
+                arrayminus=lo.fillna(0).tolist())
+
+
 def _label(col: str) -> str:
     return col.split(".")[-1]
 
@@ -57,7 +84,7 @@ def _config_texts(g: pd.DataFrame, factors: list[str]) -> list[str]:
 def frontier_figure(agg: pd.DataFrame, front: pd.DataFrame, cost: str, metric: str,
                     color: str | None, symbol: str | None, log_x: bool = False) -> go.Figure:
     """One marker per configuration (seed mean, CI error bars), the frontier as a line."""
-    fig = go.Figure()
+    traces = []
     factors = [c for c in agg.columns if c.startswith("factor.")]
     keyed = agg.assign(_c=agg[color].map(label)) if color else agg
     groups = [(None, agg)] if color is None else [
@@ -67,27 +94,24 @@ def frontier_figure(agg: pd.DataFrame, front: pd.DataFrame, cost: str, metric: s
     for level, g in groups:
         symbols = ([SYMBOLS[sym_levels.index(str(v)) % len(SYMBOLS)] for v in g[symbol]]
                    if symbol else "circle")
-        err = (g["ci_high"] - g["mean"]).fillna(0)
-        fig.add_trace(go.Scatter(
-            x=g[cost], y=g["mean"], mode="markers",
-            name=f"{_label(color)}={level}" if color else "configurations",
+        traces.append(dict(
+            type="scatter", x=g[cost].to_numpy(float), y=g["mean"].to_numpy(float),
+            mode="markers", name=f"{_label(color)}={level}" if color else "configurations",
             marker=dict(size=11, symbol=symbols, color=colors.get(level, COLORS[0]),
                         line=dict(width=1, color="white")),
-            error_y=dict(type="data", array=err.tolist(), visible=True, thickness=1),
+            error_y={**_bars(g["ci_high"] - g["mean"]), "visible": True, "thickness": 1},
             text=_config_texts(g, factors),
             hovertemplate="%{text}<br>" + _label(cost) + "=%{x}<extra></extra>",
         ))
     if not front.empty:
-        fig.add_trace(go.Scatter(x=front[cost], y=front["mean"], mode="lines",
-                                 name="Pareto frontier", line=dict(color="black", dash="dash",
-                                                                    shape="hv"),
-                                 hoverinfo="skip"))
+        traces.append(dict(type="scatter", x=front[cost].to_numpy(float),
+                           y=front["mean"].to_numpy(float), mode="lines",
+                           name="Pareto frontier",
+                           line=dict(color="black", dash="dash", shape="hv"), hoverinfo="skip"))
     title = f"{_label(metric)} vs {cost}" + (f" (symbol: {_label(symbol)})" if symbol else "")
-    fig.update_layout(title=title, xaxis_title=cost, yaxis_title=f"{metric} (seed mean, 95% CI)",
-                      legend_title_text="", template="plotly_white", height=520)
-    if log_x:
-        fig.update_xaxes(type="log")
-    return fig
+    return _figure(traces, dict(
+        _title(title), xaxis={**_title(cost), **({"type": "log"} if log_x else {})},
+        yaxis=_title(f"{metric} (seed mean, 95% CI)"), legend=_title(""), height=520))
 
 
 def _axis(levels: list[str]) -> tuple[list, dict]:
@@ -106,32 +130,34 @@ def effects_figure(effects: dict[str, pd.DataFrame], metric: str) -> go.Figure:
     from plotly.subplots import make_subplots
 
     names = list(effects)
-    fig = make_subplots(rows=1, cols=max(1, len(names)), shared_yaxes=True,
-                        subplot_titles=[_label(n) for n in names])
+    # the subplot grid (axis domains, shared y, titles) from Plotly, the rest as dicts
+    layout = make_subplots(rows=1, cols=max(1, len(names)), shared_yaxes=True,
+                           subplot_titles=[_label(n) for n in names]).layout.to_plotly_json()
+    traces = []
     for i, name in enumerate(names, start=1):
         t = effects[name]
         levels = [str(v) for v in t["level"]]
         xs, axis = _axis(levels)
         colors = level_colors(levels)
-        fig.add_trace(go.Scatter(
-            x=xs, y=t["mean"], mode="markers", name=_label(name), text=levels,
-            marker=dict(size=11, color=[colors[v] for v in levels]),
-            error_y=dict(type="data", symmetric=False,
-                         array=(t["ci_high"] - t["mean"]).fillna(0).tolist(),
-                         arrayminus=(t["mean"] - t["ci_low"]).fillna(0).tolist()),
-            hovertemplate="%{text}: %{y:.4f}<extra></extra>", showlegend=False), row=1, col=i)
-        fig.update_xaxes(row=1, col=i, title_text=_label(name) + (
-            " (log2)" if axis["type"] == "linear" else ""), **axis)
-    fig.update_layout(title=f"marginal means of {metric} (95% CI over seeds)",
-                      template="plotly_white", height=420)
-    fig.update_yaxes(title_text=metric, row=1, col=1)
-    return fig
+        n = "" if i == 1 else str(i)
+        traces.append(dict(
+            type="scatter", x=xs, y=t["mean"].to_numpy(float), mode="markers",
+            name=_label(name), text=levels, marker=dict(size=11,
+                                                        color=[colors[v] for v in levels]),
+            error_y=_bars(t["ci_high"] - t["mean"], t["mean"] - t["ci_low"]),
+            hovertemplate="%{text}: %{y:.4f}<extra></extra>", showlegend=False,
+            xaxis=f"x{n}", yaxis=f"y{n}"))
+        layout[f"xaxis{n}"] = {**layout.get(f"xaxis{n}", {}), **axis, **_title(
+            _label(name) + (" (log2)" if axis["type"] == "linear" else ""))}
+    layout["yaxis"] = {**layout.get("yaxis", {}), **_title(metric)}
+    return _figure(traces, {**layout, **_title(
+        f"marginal means of {metric} (95% CI over seeds)"), "height": 420})
 
 
 def interaction_figure(table: pd.DataFrame, f1: str, f2: str, metric: str) -> go.Figure:
     """Marginal means of each (f1, f2) pair (long table: f1, f2, mean, ci_low, ci_high): f1
     on x (log2 when numeric), one colour per f2 level; lines only along a numeric f1."""
-    fig = go.Figure()
+    traces = []
     l1 = list(dict.fromkeys(str(v) for v in table[f1]))
     l2 = list(dict.fromkeys(str(v) for v in table[f2]))
     xs, axis = _axis(l1)
@@ -139,40 +165,36 @@ def interaction_figure(table: pd.DataFrame, f1: str, f2: str, metric: str) -> go
     colors = level_colors(l2)
     for lv in l2:
         g = table[table[f2].astype(str) == lv]
-        fig.add_trace(go.Scatter(
-            x=[pos[str(v)] for v in g[f1]], y=g["mean"], name=f"{_label(f2)}={lv}",
+        traces.append(dict(
+            type="scatter", x=[pos[str(v)] for v in g[f1]], y=g["mean"].to_numpy(float),
+            name=f"{_label(f2)}={lv}",
             mode="lines+markers" if axis["type"] == "linear" else "markers",
             marker=dict(size=10, color=colors[lv]), line=dict(color=colors[lv]),
-            error_y=dict(type="data", symmetric=False,
-                         array=(g["ci_high"] - g["mean"]).fillna(0).tolist(),
-                         arrayminus=(g["mean"] - g["ci_low"]).fillna(0).tolist())))
-    fig.update_layout(title=f"{metric}: {_label(f1)} x {_label(f2)} (marginal means, 95% CI)",
-                      xaxis_title=_label(f1), yaxis_title=metric, template="plotly_white",
-                      height=420, legend_title_text="")
-    fig.update_xaxes(**axis)
-    return fig
+            error_y=_bars(g["ci_high"] - g["mean"], g["mean"] - g["ci_low"])))
+    return _figure(traces, dict(
+        _title(f"{metric}: {_label(f1)} x {_label(f2)} (marginal means, 95% CI)"),
+        xaxis={**_title(_label(f1)), **axis}, yaxis=_title(metric), height=420,
+        legend=_title("")))
 
 
 def scaling_figure(curves: pd.DataFrame, metric: str, fraction: str, group: str) -> go.Figure:
     """The metric against a numeric factor (log2 axis), one coloured curve per group level."""
-    fig = go.Figure()
+    traces = []
     levels = list(dict.fromkeys(str(v) for v in curves[group]))
     colors = level_colors(levels)
     for level in levels:
         g = curves[curves[group].astype(str) == level].sort_values(fraction)
-        fig.add_trace(go.Scatter(
-            x=g[fraction], y=g["mean"], mode="lines+markers", name=level,
-            line=dict(color=colors[level]), marker=dict(color=colors[level]),
-            error_y=dict(type="data", symmetric=False,
-                         array=(g["ci_high"] - g["mean"]).fillna(0).tolist(),
-                         arrayminus=(g["mean"] - g["ci_low"]).fillna(0).tolist())))
-    vals = sorted(curves[fraction].dropna().unique()) if len(curves) else []
-    fig.update_layout(title=f"{metric} vs {_label(fraction)} (marginal means, 95% CI)",
-                      xaxis_title=f"{fraction.removeprefix('factor.')} (log2 axis)",
-                      yaxis_title=metric, legend_title_text=_label(group),
-                      template="plotly_white", height=420)
-    fig.update_xaxes(type="log", tickvals=vals, ticktext=[f"{v:g}" for v in vals])
-    return fig
+        traces.append(dict(
+            type="scatter", x=g[fraction].to_numpy(float), y=g["mean"].to_numpy(float),
+            mode="lines+markers", name=level, line=dict(color=colors[level]),
+            marker=dict(color=colors[level]),
+            error_y=_bars(g["ci_high"] - g["mean"], g["mean"] - g["ci_low"])))
+    vals = [float(v) for v in sorted(curves[fraction].dropna().unique())] if len(curves) else []
+    return _figure(traces, dict(
+        _title(f"{metric} vs {_label(fraction)} (marginal means, 95% CI)"),
+        xaxis={**_title(f"{fraction.removeprefix('factor.')} (log2 axis)"), "type": "log",
+               "tickvals": vals, "ticktext": [f"{v:g}" for v in vals]},
+        yaxis=_title(metric), legend=_title(_label(group)), height=420))
 
 
 def shares_figure(shares: pd.DataFrame, metric: str) -> go.Figure:
@@ -180,16 +202,14 @@ def shares_figure(shares: pd.DataFrame, metric: str) -> go.Figure:
     with bootstrap 95% CIs."""
     names = [f"{t}" + (f" (grid {g})" if shares["grid"].nunique() > 1 else "")
              for t, g in zip(shares["term"], shares["grid"], strict=True)]
-    fig = go.Figure(go.Bar(
-        x=names, y=100 * shares["share"], marker_color="#4c78a8",
-        error_y=dict(type="data", symmetric=False,
-                     array=(100 * (shares["ci_high"] - shares["share"])).fillna(0).tolist(),
-                     arrayminus=(100 * (shares["share"] - shares["ci_low"])).fillna(0).tolist()),
-        hovertemplate="%{x}: %{y:.1f}%<extra></extra>"))
-    fig.update_layout(title=f"share of the variance of {metric} (bootstrap 95% CI over seeds)",
-                      yaxis_title="% of total sum of squares", template="plotly_white",
-                      height=420)
-    return fig
+    return _figure([dict(
+        type="bar", x=names, y=(100 * shares["share"]).to_numpy(float),
+        marker=dict(color="#4c78a8"),
+        error_y=_bars(100 * (shares["ci_high"] - shares["share"]),
+                      100 * (shares["share"] - shares["ci_low"])),
+        hovertemplate="%{x}: %{y:.1f}%<extra></extra>")], dict(
+        _title(f"share of the variance of {metric} (bootstrap 95% CI over seeds)"),
+        yaxis=_title("% of total sum of squares"), height=420))
 
 
 def curves_figure(curves: pd.DataFrame, runs: pd.DataFrame, metric: str, group: str | None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -192,3 +193,17 @@ def test_figures_carry_the_computed_points():
     assert {tr.name for tr in sc.data} == {"attention", "conv"}
     assert [tr.line.color for tr in sc.data] == [plots.MIXER_COLORS["attention"],
                                                  plots.MIXER_COLORS["conv"]]
+    shares = pd.DataFrame({"term": ["mixer", "fraction"], "share": [0.6, 0.3],
+                           "ci_low": [0.5, 0.2], "ci_high": [0.7, 0.4], "grid": [0, 0]})
+    sh = plots.shares_figure(shares, "val_acc")
+    assert list(sh.data[0].y) == pytest.approx([60.0, 30.0])
+    # the builders skip Plotly's validation (plots._figure): what they build must pass it
+    # unchanged (every property name valid, no value coerced), in the house template
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    white = json.loads(json.dumps(pio.templates["plotly_white"].to_plotly_json()))
+    for f in (fig, eff, ix, sc, sh):
+        as_built = json.loads(f.to_json())
+        assert json.loads(go.Figure(as_built).to_json()) == as_built
+        assert as_built["layout"]["template"] == white

@@ -161,7 +161,7 @@ def _build(index: int, sub: pd.DataFrame, lab: pd.DataFrame, keys: list[str], y:
     data["_cell"] = codes
     g = data.groupby("_cell")["_y"]
     cells = pd.DataFrame({"n": g.size(), "mean": g.mean()})
-    cells["ssw"] = g.apply(lambda v: float(((v - v.mean()) ** 2).sum()))
+    cells["ssw"] = ((data["_y"] - g.transform("mean")) ** 2).groupby(data["_cell"]).sum()
     first = data.groupby("_cell")[keys].first() if keys else pd.DataFrame(index=cells.index)
     cells = pd.concat([first, cells], axis=1).sort_index()
     inter, dropped = [], []
