@@ -90,11 +90,12 @@ class TrialSpec:
         base = resolved_config(ds, ms, ts, 0)
         cid = cell_id(base)
         levels = {k: _level(base, (ds, ms, ts), k) for k in keys}
+        parts = {k: _json(v) for k, v in base.items() if k != "seed"}  # dumped once per cell
         out = []
         for seed in seeds:
             config = {**base, "seed": seed}
-            out.append(cls(trial_id(config), cid, seed, grid, ds, ms, ts, dict(levels), config,
-                           matched))
+            out.append(cls(_hash({**parts, "seed": _json(seed)}), cid, seed, grid, ds, ms, ts,
+                           dict(levels), config, matched))
         return out
 
     @property
@@ -231,10 +232,20 @@ def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) ->
     return {"dataset": dataset, "model": model, "train": train, "seed": seed}
 
 
+def _json(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _hash(parts: dict[str, str]) -> str:
+    """The hash of the object whose top-level values are these dumps: the same text as
+    `_json` of the whole (sorted keys, compact), so each part can be dumped once and reused."""
+    blob = "{" + ",".join(f"{_json(k)}:{parts[k]}" for k in sorted(parts)) + "}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def trial_id(config: dict[str, Any]) -> str:
     """Short stable hash of a resolved config: key order and YAML formatting do not matter."""
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return _hash({k: _json(v) for k, v in config.items()})
 
 
 def cell_id(config: dict[str, Any]) -> str:

@@ -53,8 +53,12 @@ def label(v: Any) -> str:
 
 def labels(s: pd.Series) -> pd.Series:
     """`label` over a column, computed once per distinct value (5,000 runs have few)."""
-    uniq = {v: label(v) for v in pd.unique(s.astype(object))}
-    return s.astype(object).map(lambda v: uniq.get(v, label(v)))
+    obj = s.astype(object)
+    out = obj.map({v: label(v) for v in pd.unique(obj)})
+    miss = out.isna()  # NaN keys (each NaN its own object) miss the dict; labels are never NaN
+    if miss.any():
+        out[miss] = obj[miss].map(label)
+    return out
 
 
 def numeric(level: str) -> float | None:
