@@ -191,7 +191,7 @@ def _train_step(model: nn.Module, x: torch.Tensor, num_classes: int, device: tor
     def step() -> None:
         with _autocast(device, dtype):
             loss = nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad(set_to_none=True)  # as the trainer does
         loss.backward()
         opt.step()
 
@@ -279,27 +279,38 @@ def probe_settings(model: nn.Module, image_size: int, in_chans: int = 3,
                    ) -> tuple[tuple[str, bool], dict[str, float]]:
     """The fastest training setting (precision, channels_last) of `candidates` (default:
     all the device supports) by a short timed probe, and each one's training img/s (median
-    of `REPEATS` blocks; one block for a setting under half the best so far's speed) by
-    `precision/contiguous|channels_last`. Weights are unchanged."""
+    of `REPEATS` blocks; one block for a setting under half the best first block's speed) by
+    `precision/contiguous|channels_last`. After each setting's warm-up and first block, the
+    blocks are interleaved (A B A B ...), so drift on the machine hits every setting alike;
+    each setting keeps its own optimizer and gradients of its own layout. Weights are
+    unchanged."""
     device = torch.device(device)
     candidates = candidates or supported_candidates(device)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    speeds: dict[tuple[str, bool], float] = {}
     model = model.to(device)
-    for precision, cl in candidates:
-        fmt = torch.channels_last if cl else torch.contiguous_format
-        model = model.to(memory_format=fmt)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        x = _input(batch_size, in_chans, image_size, device, cl)
-        step, _ = _train_step(model, x, num_classes, device, dtype)
-        with _train_mode(model, True):
-            times = _time_calls(step, device, warmup, 1, min_seconds, repeats=1)
-            best = max(speeds.values(), default=0.0)
-            if batch_size / times[0] > best / 2:  # a clear loser is not timed further
-                times += _time_calls(step, device, 0, 1, min_seconds, repeats=REPEATS - 1)
-        speeds[precision, cl] = median_iqr([batch_size / t for t in times])[0]
-        model.load_state_dict(saved)
+    steps, times = {}, {c: [] for c in candidates}
+    block = min_seconds / REPEATS  # about min_seconds per setting in all, at least a step a block
+
+    def use(c: tuple[str, bool]) -> None:
+        model.to(memory_format=torch.channels_last if c[1] else torch.contiguous_format)
+        model.zero_grad(set_to_none=True)
+
+    with _train_mode(model, True):
+        for c in candidates:
+            use(c)
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[c[0]]
+            x = _input(batch_size, in_chans, image_size, device, c[1])
+            steps[c], _ = _train_step(model, x, num_classes, device, dtype)
+            times[c] += _time_calls(steps[c], device, warmup, 1, block, repeats=1)
+        first = max(batch_size / t[0] for t in times.values())
+        live = [c for c in candidates if batch_size / times[c][0] > first / 2]
+        for _ in range(REPEATS - 1):  # a clear loser is not timed further
+            for c in live:
+                use(c)
+                times[c] += _time_calls(steps[c], device, 0, 1, block, repeats=1)
+    speeds = {c: median_iqr([batch_size / t for t in ts])[0] for c, ts in times.items()}
     model.to(memory_format=torch.contiguous_format)
+    model.load_state_dict(saved)
     model.zero_grad(set_to_none=True)
     best = max(speeds, key=lambda c: speeds[c])
     return best, {f"{p}/{'channels_last' if c else 'contiguous'}": v

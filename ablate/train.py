@@ -113,7 +113,7 @@ def resolve_auto(cfg: TrainSpec, model: nn.Module, data: DataBundle, device: tor
 
         cands = candidates_for(cfg.precision, cfg.channels_last, device)
         choice, _ = probe_settings(model, data.image_size, data.channels, data.num_classes,
-                                   min(cfg.batch_size, cfg.profile_batch_size), device, cands,
+                                   cfg.batch_size, device, cands,  # the batch it trains at
                                    min_seconds=cfg.profile_seconds)
     precision = choice[0] if cfg.precision == "auto" else cfg.precision
     channels_last = choice[1] if cfg.channels_last == "auto" else cfg.channels_last

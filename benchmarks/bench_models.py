@@ -172,8 +172,8 @@ def settings_table(args) -> None:
         print(f"not timed: {', '.join(left)} (no native bf16 kernels on this CPU, so `auto` "
               "never picks them; --all-settings times them anyway)")
     print("auto = the fixed setting the profile's probe picked (its own short probe at batch "
-          f"{args.probe_batch_size}), timed here as that setting; auto/best = its speed over "
-          "the fastest fixed setting's, in this same run (goal >= 0.95)")
+          f"{args.probe_batch_size or args.batch_size}), timed here as that setting; auto/best "
+          "= its speed over the fastest fixed setting's, in this same run (goal >= 0.95)")
     print(f"{'mixer':9s} {'p':>2s} {'fp32 img/s':>10s} " + " ".join(f"{c:>8s}" for c in cols)
           + f" {'auto/best':>9s} {'auto pick':>9s} {'probe s':>7s} {'compile s':>9s}")
     misses = []
@@ -183,7 +183,8 @@ def settings_table(args) -> None:
                                  heads=max(1, args.dim // 64), window_size=4, image_size=32,
                                  num_classes=10)
             t0 = time.perf_counter()
-            pick, _ = probe_settings(model, 32, 3, 10, batch_size=args.probe_batch_size,
+            pick, _ = probe_settings(model, 32, 3, 10,
+                                     batch_size=args.probe_batch_size or args.batch_size,
                                      min_seconds=args.probe_seconds)
             probe_s = time.perf_counter() - t0
             runs = {_name(s): (_prepared(model, s), _input(x, s), s) for s in fixed}
@@ -229,8 +230,9 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--probe-batch-size", type=int, default=64,
-                    help="the auto probe's batch (train.profile_batch_size's default)")
+    ap.add_argument("--probe-batch-size", type=int, default=None,
+                    help="the auto probe's batch (default: --batch-size, as in a study: the "
+                    "probe times the batch the trials train at)")
     ap.add_argument("--probe-seconds", type=float, default=0.5,
                     help="the auto probe's budget per setting (train.profile_seconds)")
     ap.add_argument("--no-compile", action="store_true")

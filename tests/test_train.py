@@ -181,6 +181,24 @@ def test_auto_resolves_to_a_supported_candidate_and_keeps_explicit_values():
     assert fit(model(), data, cfg.model_copy(update={"epochs": 1}), seed=0)["test_acc"] >= 0
 
 
+def test_the_probe_hands_the_model_back_as_it_found_it():
+    """The auto probe trains (at lr 0) in every layout, interleaved: the weights, layout and
+    gradients it hands back are the model's own, and it picks the setting it timed fastest."""
+    from ablate.cost import probe_settings
+
+    m = create_model(mixer="conv", dim=16, depth=2, patch_size=4, image_size=16,
+                     num_classes=10)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    best, speeds = probe_settings(m, 16, 3, 10, batch_size=8, min_seconds=0.05,
+                                  candidates=[("fp32", False), ("fp32", True)])
+    assert set(speeds) == {"fp32/contiguous", "fp32/channels_last"}
+    assert speeds[f"fp32/{'channels_last' if best[1] else 'contiguous'}"] == max(speeds.values())
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(p.ndim == 4 for p in m.parameters())  # a layout to get wrong
+    assert all(p.grad is None and p.is_contiguous() for p in m.parameters())
+
+
 def test_compile_false_keeps_trial_ids_compile_true_changes_them(tmp_path):
     from ablate.study import validate_study
 

@@ -177,9 +177,10 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     choice, speeds = (cfg.precision, cfg.channels_last), {}
     if is_auto(cfg):
         cands = candidates_for(cfg.precision, cfg.channels_last, device)
-        choice, speeds = probe_settings(model, shape[0], shape[1], shape[2],
-                                        cfg.profile_batch_size, device, cands,
-                                        min_seconds=cfg.profile_seconds)
+        # at the training batch: the probe decides how the trials train, and the gap between
+        # layouts changes with the batch (64 vs 128 flipped close calls on a CPU)
+        choice, speeds = probe_settings(model, shape[0], shape[1], shape[2], cfg.batch_size,
+                                        device, cands, min_seconds=cfg.profile_seconds)
     precision, channels_last = choice
     dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
     p = profile(model, shape[0], in_chans=shape[1], num_classes=shape[2],
