@@ -214,3 +214,28 @@ def test_search_architectures_enumerates_only_finite_model_dimensions(tmp_path):
     assert search_architectures(load_study(write(tmp_path / "c.yaml", cont))) is None
     big = text.replace("model.mixer: [mlp, conv]", "model.dim: {low: 8, high: 1024, step: 8}")
     assert search_architectures(load_study(write(tmp_path / "d.yaml", big))) is None
+
+
+def test_an_auto_probe_is_keyed_by_the_batch_it_times(tmp_path):
+    """`auto` is decided by timing training steps at train.batch_size, so that batch is part
+    of the architecture key (and a search that samples it enumerates it); without `auto` the
+    batch changes no profile, and the key stays what it was."""
+    from ablate.tune.profiling import arch_config, arch_key, search_architectures
+
+    def key(text: str, batch: int) -> str:
+        t = load_study(write(tmp_path / f"k{batch}.yaml", text.replace(
+            "batch_size: 32,", f"batch_size: {batch},"))).trials[0]
+        return arch_key(arch_config(t, (16, 3, 10), "cpu"))
+
+    fixed = STUDY.format(name="k", mixers='["conv"]', seeds="[0]", train="")
+    auto = STUDY.format(name="k", mixers='["conv"]', seeds="[0]",
+                        train=", channels_last: auto")
+    assert key(fixed, 32) == key(fixed, 64)
+    assert key(auto, 32) != key(auto, 64)
+    text = SEARCH.replace("STORAGE", str(tmp_path / "o.db")).replace(
+        "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}", "train.batch_size: [16, 32]")
+    assert len(search_architectures(load_study(write(tmp_path / "s.yaml", text)))) == 2
+    text = text.replace("profile_seconds: 0.05,", "profile_seconds: 0.05, precision: auto,")
+    archs = search_architectures(load_study(write(tmp_path / "t.yaml", text)))
+    assert sorted((t.model.mixer, t.train.batch_size) for t in archs) == [
+        ("conv", 16), ("conv", 32), ("mlp", 16), ("mlp", 32)]

@@ -56,9 +56,14 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
     from ablate import search
 
     spec = study.spec
+    dists = search.distributions(spec)
+    dims = ARCH_DIMS
+    if "auto" in (spec.train.precision, spec.train.channels_last) or any(
+            k in dists for k in ("train.precision", "train.channels_last")):
+        dims += ("train.batch_size",)  # an auto probe times the training batch (arch_config)
     levels: dict[str, list[Any]] = {}
-    for key, dist in search.distributions(spec).items():
-        if not key.startswith(ARCH_DIMS):
+    for key, dist in dists.items():
+        if not key.startswith(dims):
             continue
         if isinstance(dist, od.CategoricalDistribution):
             levels[key] = list(dist.choices)
@@ -127,12 +132,17 @@ def data_shape(ds: Any, root: str | None) -> tuple[int, int, int]:
 def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str
                 ) -> dict[str, Any]:
     """What a profile depends on: the resolved model, the input and output shapes, the
-    precision and memory layout asked for, the device type and the profile's batch size."""
+    precision and memory layout asked for, the device type and the profile's batch size;
+    with `auto`, also the training batch size its probe times (keys without `auto` are as
+    they were, so their stored profiles are still found)."""
     t = trial.train
-    return {"model": {k: v for k, v in trial.config["model"].items() if k != "match"},
-            "image_size": shape[0], "channels": shape[1], "num_classes": shape[2],
-            "precision": t.precision, "channels_last": t.channels_last,
-            "device_type": device_type, "profile_batch_size": t.profile_batch_size}
+    out = {"model": {k: v for k, v in trial.config["model"].items() if k != "match"},
+           "image_size": shape[0], "channels": shape[1], "num_classes": shape[2],
+           "precision": t.precision, "channels_last": t.channels_last,
+           "device_type": device_type, "profile_batch_size": t.profile_batch_size}
+    if "auto" in (t.precision, t.channels_last):
+        out["probe_batch_size"] = t.batch_size
+    return out
 
 
 def arch_key(config: dict[str, Any]) -> str:
