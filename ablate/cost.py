@@ -183,10 +183,11 @@ class Profile:
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, num_classes: int, device: torch.device,
-                dtype: torch.dtype):
-    """(one AdamW training step at lr 0 as the trainer takes it, its optimizer)."""
+                dtype: torch.dtype, opt: torch.optim.Optimizer | None = None):
+    """(one AdamW training step at lr 0 as the trainer takes it, its optimizer: `opt`, or a
+    new one)."""
     y = torch.randint(0, num_classes, (x.shape[0],), device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=0.0)
 
     def step() -> None:
         with _autocast(device, dtype):
@@ -282,25 +283,31 @@ def probe_settings(model: nn.Module, image_size: int, in_chans: int = 3,
     of `REPEATS` blocks; one block for a setting under half the best first block's speed) by
     `precision/contiguous|channels_last`. After each setting's warm-up and first block, the
     blocks are interleaved (A B A B ...), so drift on the machine hits every setting alike;
-    each setting keeps its own optimizer and gradients of its own layout. Weights are
-    unchanged."""
+    one optimizer serves them all, its state moved to each setting's layout with the weights
+    (no extra copy of the optimizer per setting). Weights are unchanged."""
     device = torch.device(device)
     candidates = candidates or supported_candidates(device)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model = model.to(device)
     steps, times = {}, {c: [] for c in candidates}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)
     block = min_seconds / REPEATS  # about min_seconds per setting in all, at least a step a block
 
     def use(c: tuple[str, bool]) -> None:
-        model.to(memory_format=torch.channels_last if c[1] else torch.contiguous_format)
+        fmt = torch.channels_last if c[1] else torch.contiguous_format
+        model.to(memory_format=fmt)
         model.zero_grad(set_to_none=True)
+        for state in opt.state.values():  # AdamW's moments in the layout of their weights
+            for k, v in state.items():
+                if torch.is_tensor(v) and v.dim() == 4:
+                    state[k] = v.contiguous(memory_format=fmt)
 
     with _train_mode(model, True):
         for c in candidates:
             use(c)
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[c[0]]
             x = _input(batch_size, in_chans, image_size, device, c[1])
-            steps[c], _ = _train_step(model, x, num_classes, device, dtype)
+            steps[c], _ = _train_step(model, x, num_classes, device, dtype, opt)
             times[c] += _time_calls(steps[c], device, warmup, 1, block, repeats=1)
         first = max(batch_size / t[0] for t in times.values())
         live = [c for c in candidates if batch_size / times[c][0] > first / 2]

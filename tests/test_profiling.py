@@ -235,6 +235,9 @@ def test_an_auto_probe_is_keyed_by_the_batch_it_times(tmp_path):
     text = SEARCH.replace("STORAGE", str(tmp_path / "o.db")).replace(
         "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}", "train.batch_size: [16, 32]")
     assert len(search_architectures(load_study(write(tmp_path / "s.yaml", text)))) == 2
+    precisions = text.replace("model.mixer: [mlp, conv]",
+                              "model.mixer: [mlp, conv]\n    train.precision: [fp32, bf16]")
+    assert len(search_architectures(load_study(write(tmp_path / "p.yaml", precisions)))) == 4
     text = text.replace("profile_seconds: 0.05,", "profile_seconds: 0.05, precision: auto,")
     archs = search_architectures(load_study(write(tmp_path / "t.yaml", text)))
     assert sorted((t.model.mixer, t.train.batch_size) for t in archs) == [

@@ -168,7 +168,7 @@ def test_auto_resolves_to_a_supported_candidate_and_keeps_explicit_values():
 
     data = load_dataset(DATA)
     auto = TrainSpec(precision="auto", channels_last="auto", profile_batch_size=8,
-                     profile_seconds=0.05)
+                     batch_size=16, profile_seconds=0.05)  # the probe times the training batch
     with pytest.raises(ValueError, match="must be resolved"):
         fit(model(), data, auto, seed=0)
     cfg = resolve_auto(auto, model(), data, torch.device("cpu"))
@@ -183,7 +183,7 @@ def test_auto_resolves_to_a_supported_candidate_and_keeps_explicit_values():
 
 def test_the_probe_hands_the_model_back_as_it_found_it():
     """The auto probe trains (at lr 0) in every layout, interleaved: the weights, layout and
-    gradients it hands back are the model's own, and it picks the setting it timed fastest."""
+    gradients it hands back are the model's own."""
     from ablate.cost import probe_settings
 
     m = create_model(mixer="conv", dim=16, depth=2, patch_size=4, image_size=16,
@@ -191,8 +191,8 @@ def test_the_probe_hands_the_model_back_as_it_found_it():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     best, speeds = probe_settings(m, 16, 3, 10, batch_size=8, min_seconds=0.05,
                                   candidates=[("fp32", False), ("fp32", True)])
-    assert set(speeds) == {"fp32/contiguous", "fp32/channels_last"}
-    assert speeds[f"fp32/{'channels_last' if best[1] else 'contiguous'}"] == max(speeds.values())
+    assert set(speeds) == {"fp32/contiguous", "fp32/channels_last"} and best[0] == "fp32"
+    assert all(v > 0 for v in speeds.values())
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(p.ndim == 4 for p in m.parameters())  # a layout to get wrong

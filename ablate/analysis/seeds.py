@@ -54,7 +54,7 @@ def label(v: Any) -> str:
 def labels(s: pd.Series) -> pd.Series:
     """`label` over a column, computed once per distinct value (5,000 runs have few)."""
     obj = s.astype(object)
-    out = obj.map({v: label(v) for v in pd.unique(obj)})
+    out = obj.map({v: label(v) for v in pd.unique(obj)}).astype(object)
     miss = out.isna()  # NaN keys (each NaN its own object) miss the dict; labels are never NaN
     if miss.any():
         out[miss] = obj[miss].map(label)

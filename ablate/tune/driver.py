@@ -460,11 +460,11 @@ def _search_profiles(study: Study, tracker: Tracker, console: Console, root: str
         return {}
     archs = archs_of(study)
     if archs is None:
-        console.print(f"{study.spec.name}: the search's model dimensions are continuous or have "
-                      f"more than {SEARCH_ARCH_CAP} combinations, so each trial measures its "
-                      "own costs, beside other trials (timing metrics include contention; "
-                      "use categorical model dimensions for profiles taken alone)",
-                      highlight=False)
+        console.print(f"{study.spec.name}: the search's architecture dimensions (model.*, the "
+                      "input, and train.batch_size with auto) are continuous or have more than "
+                      f"{SEARCH_ARCH_CAP} combinations, so each trial measures its own costs, "
+                      "beside other trials (timing metrics include contention; use categorical "
+                      "dimensions for profiles taken alone)", highlight=False)
         return {}
     by_trial = profile_trials(study, archs, tracker, console, root)
     by_key = {i["arch_key"]: {k: v for k, v in i.items() if k != "arch_key"}

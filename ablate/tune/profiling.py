@@ -12,8 +12,9 @@ threads reuses it, unless `--reprofile`. Its metrics are then logged on every tr
 The same task runs the `train.precision: auto` / `train.channels_last: auto` probe.
 
 An Optuna search samples its architectures as it goes, so the driver enumerates the ones it
-can sample (`search_architectures`: every combination of the model and input dimensions, the
-rest of the space held at the study's values) and profiles them the same way before the
+can sample (`search_architectures`: every combination of the model and input dimensions, and
+of the training batch where `auto` is probed at it, the rest of the space held at the study's
+values) and profiles them the same way before the
 search; each trial then finds its profile by architecture key (`keyed`). Only a space whose
 architecture dimensions are continuous, or have more than `SEARCH_ARCH_CAP` combinations,
 leaves its trials to measure their own costs beside each other (the driver says so).
@@ -38,7 +39,11 @@ from ablate.tracking import Tracker, flatten
 PHASE = "profile"
 KEY_TAG = "ablate.arch_key"
 IDENTITY_TAGS = {"device_name": "ablate.device_name", "torch_version": "ablate.torch_version",
-                 "threads": "ablate.profile_threads"}
+                 "threads": "ablate.profile_threads", "method": "ablate.profile_method"}
+# how profiles are taken; a profile taken another way is not reused. 2: training steps free
+# their gradients (set_to_none) as the trainer does, and the auto probe times the training
+# batch in interleaved blocks (profiles of method 1 carry no tag)
+PROFILE_METHOD = "2"
 RESOLVED = ("precision", "channels_last")  # logged as train.<name>_resolved on trials
 SEARCH_ARCH_CAP = 64  # most architectures a search's profile phase measures up front
 # the search dimensions `arch_config` depends on (the rest do not change a profile)
@@ -59,7 +64,8 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
     dists = search.distributions(spec)
     dims = ARCH_DIMS
     if "auto" in (spec.train.precision, spec.train.channels_last) or any(
-            k in dists for k in ("train.precision", "train.channels_last")):
+            "auto" in getattr(dists.get(k), "choices", ())
+            for k in ("train.precision", "train.channels_last")):
         dims += ("train.batch_size",)  # an auto probe times the training batch (arch_config)
     levels: dict[str, list[Any]] = {}
     for key, dist in dists.items():
@@ -151,7 +157,8 @@ def arch_key(config: dict[str, Any]) -> str:
 
 
 def identity(device_type: str, threads: int) -> dict[str, str]:
-    """The device name, torch version and thread count a profile is only reused on."""
+    """The device name, torch version, thread count and profile method a profile is only
+    reused on."""
     import torch
 
     if device_type == "cuda" and torch.cuda.is_available():
@@ -165,7 +172,8 @@ def identity(device_type: str, threads: int) -> dict[str, str]:
                     break
         except OSError:
             pass
-    return {"device_name": name, "torch_version": torch.__version__, "threads": str(threads)}
+    return {"device_name": name, "torch_version": torch.__version__, "threads": str(threads),
+            "method": PROFILE_METHOD}
 
 
 def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str,
