@@ -242,3 +242,20 @@ def test_an_auto_probe_is_keyed_by_the_batch_it_times(tmp_path):
     archs = search_architectures(load_study(write(tmp_path / "t.yaml", text)))
     assert sorted((t.model.mixer, t.train.batch_size) for t in archs) == [
         ("conv", 16), ("conv", 32), ("mlp", 16), ("mlp", 32)]
+
+
+def test_a_profile_identity_unpickles_without_torch():
+    """The driver unpickles each profile's identity; a torch type in it (TorchVersion) would
+    make the driver import torch while the profile node waits."""
+    import pickle
+    import subprocess
+    import sys
+
+    from ablate.tune.profiling import identity
+
+    blob = pickle.dumps(identity("cpu", 1))
+    code = ("import pickle, sys; d = pickle.loads(sys.stdin.buffer.read()); "
+            "print(sorted(d), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True,
+                         check=True).stdout.decode()
+    assert out.strip().endswith("False"), out

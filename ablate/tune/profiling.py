@@ -172,8 +172,10 @@ def identity(device_type: str, threads: int) -> dict[str, str]:
                     break
         except OSError:
             pass
-    return {"device_name": name, "torch_version": torch.__version__, "threads": str(threads),
-            "method": PROFILE_METHOD}
+    # str(): torch.__version__ is a TorchVersion, and unpickling one makes the driver import
+    # torch (3 s of a 2-core node's start-up, while the profile node waits)
+    return {"device_name": name, "torch_version": str(torch.__version__),
+            "threads": str(threads), "method": PROFILE_METHOD}
 
 
 def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str,
