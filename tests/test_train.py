@@ -207,3 +207,81 @@ def test_compile_false_keeps_trial_ids_compile_true_changes_them(tmp_path):
     on = validate_study({**base, "train": {"compile": True}}, "ids.yaml").trials[0]
     assert "compile" not in off.config["train"] and on.config["train"]["compile"] is True
     assert off.trial_id != on.trial_id
+
+
+def _alive_epoch_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "ablate-epochs" and t.is_alive()]
+
+
+def test_epochs_run_one_ahead_of_a_blocked_report_and_no_further():
+    """A trial's next epoch trains while Tune's report of the last one blocks."""
+    import threading
+
+    from ablate.tune.trainable import ahead
+
+    started = {i: threading.Event() for i in (1, 2, 3)}
+
+    def items():
+        for i in (1, 2, 3):
+            started[i].set()
+            yield i
+
+    stop = threading.Event()
+    gen = ahead(items(), stop)
+    assert next(gen) == 1  # the consumer holds item 1 (its report is blocked) ...
+    assert started[2].wait(10)  # ... and item 2 is produced meanwhile ...
+    assert not started[3].wait(0.3)  # ... but not item 3 until item 1's report returns
+    assert list(gen) == [2, 3]
+    assert stop.is_set() and not _alive_epoch_threads()  # exhausted: the thread ended
+
+
+def test_a_stopped_trial_abandons_the_epoch_under_way_and_its_thread():
+    """Tune stopping a trial (a pruned one, or one whose report raised) stops the epoch that
+    trains ahead within one step and joins its thread before the worker's next trial."""
+    import threading
+
+    from ablate.train import fit_epochs
+    from ablate.tune.trainable import ahead, lockstep
+
+    data = load_dataset(DATA)
+    cfg = TrainSpec(epochs=3, batch_size=32)
+    spe = len(data.train) // 32  # drop_last
+    stop, inside = threading.Event(), threading.Event()
+    steps = [0]
+
+    def count(opt, args, kwargs):
+        steps[0] += 1
+        if steps[0] == spe + 2:  # inside epoch 2: wait until the trial is stopped
+            inside.set()
+            assert stop.wait(10)
+
+    hook = register_optimizer_step_pre_hook(count)
+    try:
+        runs = {"a": fit_epochs(model(), data, cfg, 0, stop=stop)}
+        gen = ahead(lockstep(runs, cfg.epochs), stop)
+        epoch, per_seed = next(gen)
+        assert epoch == 1 and per_seed["a"]["epoch"] == 1
+        assert inside.wait(10)  # epoch 2 trains while epoch 1 is being reported
+        gen.close()  # what contextlib.closing does when report raises
+    finally:
+        hook.remove()
+    assert stop.is_set() and not _alive_epoch_threads()
+    assert steps[0] == spe + 2  # the step under way finished; no further step was taken
+
+
+def test_an_error_in_the_epoch_thread_is_raised_in_the_trial():
+    import threading
+
+    from ablate.tune.trainable import ahead
+
+    def items():
+        yield 1
+        raise DivergedError("diverged at epoch 2: training loss is nan")
+
+    gen = ahead(items(), threading.Event())
+    assert next(gen) == 1
+    with pytest.raises(DivergedError, match="diverged at epoch 2"):
+        next(gen)
+    assert not _alive_epoch_threads()
