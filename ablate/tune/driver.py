@@ -298,7 +298,9 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
     if study.spec.search.method == "optuna":
         search.open_storage(study.spec.search.storage)  # unreachable: say so, create nothing
     with _sigterm_stops_like_ctrl_c() as got:
+        started = False
         try:
+            started = _start_beside_new_store(study, uri, address, verbose)
             with _held(study, uri, console, force_unlock) as tracker:
                 if study.spec.tune is not None:  # inside the lease: one driver tunes
                     from ablate.tune.tuning import run_tuned
@@ -310,8 +312,51 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
                     summary = run(study, tracker, address, verbose, console, keep_trial_dirs)
         except KeyboardInterrupt:  # before or after Tune's own Ctrl-C handling
             summary = RunSummary(len(study.trials), 0, 0, 0, 0, uri, interrupted=True)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
     summary.terminated = got["term"]
     return summary
+
+
+def _start_beside_new_store(study: Study, uri: str, address: str | None, verbose: bool
+                            ) -> bool:
+    """A new SQLite store: create it (MLflow's migrations, about 4 s of Python) in a thread
+    while Ray starts (mostly waiting on its processes), and warm the profile worker; returns
+    whether Ray was started here. A new store has no finished trial to skip, so the run needs
+    Ray whatever follows. An existing store opens in about a second: Ray starts after the
+    lease and the plan, as before, and not at all when nothing is left to run."""
+    if sqlite_store_exists(uri):
+        return False
+    import threading
+
+    from ablate.tracking.store import client
+
+    def create() -> None:
+        with contextlib.suppress(Exception):  # _held opens it again and says what is wrong
+            client(uri)
+
+    thread = threading.Thread(target=create, name="ablate-new-store", daemon=True)
+    thread.start()
+    started = False
+    try:
+        started = _init_ray(address, verbose)
+        _rearm_python_signal_handlers()
+        if started:
+            from ablate.tune.profiling import warm_profile_worker
+
+            warm_profile_worker(study)
+    except BaseException:  # Ctrl-C among them: the caller never learns that Ray started
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+    finally:
+        thread.join()
+    return started
 
 
 def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool,
