@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import math
 import random
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -207,19 +206,17 @@ def _endless(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
                device: torch.device | str = "cpu",
-               final_extra: dict[str, float] | None = None,
-               stop: threading.Event | None = None) -> Iterator[dict[str, float]]:
+               final_extra: dict[str, float] | None = None) -> Iterator[dict[str, float]]:
     """Train epoch by epoch, yielding each epoch's metrics (the last also carries the final
     metrics). A generator, so that several seeds can train in lock-step: every random number
     a seed draws comes from its own generators, so its result does not depend on what trains
-    beside it. `stop`, set from another thread, ends it within one step: the epoch under way
-    is abandoned and yields nothing."""
+    beside it."""
     device = torch.device(device)
     if is_auto(cfg):
         raise ValueError("train.precision / train.channels_last 'auto' must be resolved "
                          "(train.resolve_auto) before training")
     rng = SeedRNG(seed, device)
-    epochs = _fit_epochs(model, data, cfg, seed, device, final_extra, stop)
+    epochs = _fit_epochs(model, data, cfg, seed, device, final_extra)
     while True:
         with rng.active():
             try:
@@ -230,8 +227,8 @@ def fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
 
 
 def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
-                device: torch.device, final_extra: dict[str, float] | None,
-                stop: threading.Event | None) -> Iterator[dict[str, float]]:
+                device: torch.device, final_extra: dict[str, float] | None
+                ) -> Iterator[dict[str, float]]:
     drop_gen = torch.Generator(device=device).manual_seed(stream_seed(seed, "drop_path"))
     for m in model.modules():
         if isinstance(m, DropPath):
@@ -260,8 +257,6 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         lr = opt.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)
         for _ in range(steps_per_epoch):
-            if stop is not None and stop.is_set():
-                return
             x, y = next(batches)
             with autocast(device, cfg.precision):
                 if cfg.compile and steps == 0:  # torch.compile compiles at the first call

@@ -7,18 +7,12 @@ configuration, so each report is the seed mean (what ASHA prunes on and Optuna o
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
-import queue
-import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ablate.study import TrialSpec, trials_for
-
-T = TypeVar("T")
 
 
 def sampled(config: dict[str, Any]) -> dict[str, Any]:
@@ -70,59 +64,6 @@ def seed_mean(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def lockstep(runs: dict[str, Iterator[dict[str, Any]]], epochs: int
-             ) -> Iterator[tuple[int, dict[str, dict[str, Any]]]]:
-    """(epoch, metrics by trial id): one epoch of every seed, then the next. Ends early when
-    a seed's run does (stopped)."""
-    for epoch in range(1, epochs + 1):
-        per_seed = {}
-        for tid, run in runs.items():
-            metrics = next(run, None)
-            if metrics is None:
-                return
-            per_seed[tid] = metrics
-        yield epoch, per_seed
-
-
-def ahead(items: Iterator[T], stop: threading.Event) -> Iterator[T]:
-    """`items` computed in a thread, one ahead of the consumer. Tune's `report` blocks the
-    trial until the driver has handled the result and asks for the next (tens to hundreds of
-    milliseconds on a busy node, every epoch); the next epoch trains meanwhile. An error in
-    `items` is raised here. When the consumer stops early (Tune stopped or pruned the trial,
-    or it raised), `stop` is set, which `items` must heed within a step, and the thread is
-    joined: nothing trains on beside the worker's next trial."""
-    out: queue.Queue = queue.Queue()
-    permits = threading.Semaphore(2)  # the item being consumed and the one after it
-    end = object()
-
-    def produce() -> None:
-        try:
-            while permits.acquire() and not stop.is_set():
-                item = next(items, end)
-                out.put((item, None))
-                if item is end:
-                    return
-            out.put((end, None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            out.put((end, e))
-
-    thread = threading.Thread(target=produce, name="ablate-epochs", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = out.get()
-            if err is not None:
-                raise err
-            if item is end:
-                return
-            yield item
-            permits.release()
-    finally:
-        stop.set()
-        permits.release()
-        thread.join()
-
-
 def train_cell(config: dict[str, Any], report) -> None:
     """Data -> one model per seed -> the epochs of every seed in lock-step. Each report
     carries the seed means and, under `per_seed`, each seed's own metrics by trial id (JSON).
@@ -155,7 +96,6 @@ def train_cell(config: dict[str, Any], report) -> None:
     shape = (data.image_size, data.channels, data.num_classes)  # as loaded: no second read
     extra: dict[str, float] = {}
     runs = {}
-    stop = threading.Event()
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
         info = arch.get(trial.trial_id) or (keyed(by_key, trial, shape, ctx["device_type"])
@@ -174,19 +114,17 @@ def train_cell(config: dict[str, Any], report) -> None:
                            warmup=2)
             extra = {**cost.metrics(), "profile_batch_size": float(cost.batch_size)}
         runs[trial.trial_id] = fit_epochs(model, data, cfg, trial.seed, device,
-                                          final_extra=extra, stop=stop)
-    # closing: a report that raises (Tune stopping the trial) or a fault stops the epoch
-    # thread now, not when the traceback holding the generator is freed
-    with contextlib.closing(ahead(lockstep(runs, first.train.epochs), stop)) as epochs:
-        for epoch, per_seed in epochs:
-            for tid in per_seed:
-                if take_fault(ctx.get("fault_file"), tid, epoch):
-                    raise RuntimeError(f"injected fault at epoch {epoch} (ABLATE_FAULT_FILE)")
-            rows = list(per_seed.values())
-            if epoch == first.train.epochs:
-                rows += list(stored.values())
-            report({**extra, **seed_mean(rows), "epoch": float(epoch),
-                    "per_seed": json.dumps(per_seed)})
+                                          final_extra=extra)
+    for epoch in range(1, first.train.epochs + 1):
+        per_seed = {tid: next(run) for tid, run in runs.items()}
+        for tid in per_seed:
+            if take_fault(ctx.get("fault_file"), tid, epoch):
+                raise RuntimeError(f"injected fault at epoch {epoch} (ABLATE_FAULT_FILE)")
+        rows = list(per_seed.values())
+        if epoch == first.train.epochs:
+            rows += list(stored.values())
+        report({**extra, **seed_mean(rows), "epoch": float(epoch),
+                "per_seed": json.dumps(per_seed)})
 
 
 def trainable(config: dict[str, Any]) -> None:
