@@ -5,6 +5,7 @@ Real `ablate run` processes on a real SQLite MLflow store; signals go to the dri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -149,6 +150,65 @@ def test_random_sigkill_sigterm_sigint_then_the_study_finishes_each_trial_once(t
     for p in left:  # ours: started by a driver this test started
         os.kill(p, signal.SIGKILL)
     assert not left, f"processes of dead drivers still alive a minute later: {left}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_ctrl_c_while_ray_starts_beside_a_new_store_leaves_nothing_running(tmp_path):
+    """On a new store the driver starts Ray while a thread creates the store: Ctrl-C while
+    ray.init waits for its raylet exits 130 without a traceback, every process Ray started
+    goes (its agents outlived the driver when Ctrl-C landed inside ray.init), the store is
+    whole (MLflow's migrations were not cut off), no run is left RUNNING, and the next run of
+    the study finishes on it."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    path = write(tmp_path / "f.yaml", STUDY.replace("EPOCHS", "1"))
+    proc = start(path, uri)
+    ray_pids: set[int] = set()
+    try:
+        deadline = time.time() + 120
+        while not ray_pids:  # the raylet started: ray.init waits for it to register
+            assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+            ray_pids = {p for p in descendants(proc.pid) if "raylet" in _cmdline(p)}
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:  # the agents start later
+            ray_pids |= descendants(proc.pid)
+            time.sleep(0.05)
+        output, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "Traceback" not in output, output
+    deadline = time.time() + 60
+    while any(alive(p) for p in ray_pids) and time.time() < deadline:
+        time.sleep(0.5)
+    left = sorted(p for p in ray_pids if alive(p))
+    for p in left:  # ours: started by the driver this test started
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"Ray processes of the interrupted driver still alive: {left}"
+    if db.exists():  # the thread creating it was waited for: MLflow's schema is all there
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            assert con.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+        assert lease(uri) is None
+        c = client(uri)
+        exp = c.get_experiment_by_name("faults")
+        if exp is not None:
+            assert "RUNNING" not in {r.info.status for r in c.search_runs([exp.experiment_id])}
+    again = start(path, uri)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output
+    assert sorted(load_runs("faults", uri).query("status == 'finished'")["trial_id"]
+                  .value_counts().tolist()) == [1, 1, 1, 1]
 
 
 def test_lease_of_a_dead_or_silent_holder_does_not_hold():
