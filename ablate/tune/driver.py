@@ -90,7 +90,7 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
                                   logging_level=logging.INFO if verbose else logging.ERROR,
                                   configure_logging=True)
     try:
-        with _ctrl_c_held() as held:
+        with _signals_held() as held:
             if address:
                 ray.init(address=address, **kwargs)
             else:
@@ -99,28 +99,49 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
         raise AblateError(f"--address {address}: cannot reach the Ray cluster ({e}); check the "
                           "address (ray://host:10001 or host:6379) and that it is running"
                           ) from None
-    if held:  # Ctrl-C (or SIGTERM) came while Ray started: stop it, then take Ctrl-C's path
+    if held:  # Ctrl-C or SIGTERM came while Ray started: stop it, then take the signal's path
         ray.shutdown()
+        if signal.SIGTERM in held:
+            if _on_term is None:  # no run to stop gracefully: exit as Ray's handler would
+                raise SystemExit(int(signal.SIGTERM))
+            _on_term.got["term"] = True
         raise KeyboardInterrupt
     return True
 
 
 @contextlib.contextmanager
-def _ctrl_c_held() -> Iterator[list[int]]:
-    """Hold SIGINT until the block ends; the list yielded says whether one came. Ctrl-C inside
-    ray.init while it waits for its new raylet (before Ray keeps a handle on the node) leaves
-    Ray's dashboard and runtime-env agents running after the driver exits, orphaned for good
-    (ray 2.60, measured); held to the end of ray.init (about 5 s), ray.shutdown stops them."""
+def _signals_held() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM until the block ends; the list yielded gets those that came.
+
+    Either signal inside ray.init while it waits for its new raylet (before Ray keeps a handle
+    on the node) leaves Ray's dashboard and runtime-env agents running after the driver exits,
+    orphaned for good (ray 2.60, measured). Held to the end of ray.init (about 5 s), the run
+    shuts Ray down first. ray.init installs its own SIGTERM handler (sys.exit) as it begins:
+    it is kept from doing so inside the block and installed at the end, where ray.init would
+    have left it (a run in progress then re-arms its own)."""
+    import threading
+
     got: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
-    except ValueError:  # not the main thread: leave signals alone
-        yield got
+    if threading.current_thread() is not threading.main_thread():
+        yield got  # signals are the main thread's: leave them alone
         return
+    from ray._private import utils as ray_utils
+
+    def hold(signum, frame):
+        got.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    wanted: list[Any] = []  # the SIGTERM handler ray.init set
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if setter is not None:
+        ray_utils.set_sigterm_handler = wanted.append
     try:
         yield got
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if setter is not None:
+            ray_utils.set_sigterm_handler = setter
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+        signal.signal(signal.SIGTERM, wanted[-1] if wanted else previous[signal.SIGTERM])
 
 
 def _concurrency(res, total: dict[str, float] | None = None) -> int:
@@ -204,6 +225,7 @@ def _sigterm_stops_like_ctrl_c() -> Iterator[dict[str, bool]]:
     except ValueError:  # not the main thread: leave signals alone
         yield got
         return
+    on_term.got = got  # type: ignore[attr-defined]  # a signal held through ray.init sets it
     _on_term = on_term
     try:
         yield got
