@@ -69,6 +69,18 @@ def wait_for_a_trial_epoch(uri: str, db: Path, proc: subprocess.Popen, timeout=1
         time.sleep(0.5)
 
 
+def survivors(pids: set[int], timeout: float = 60.0) -> list[int]:
+    """Those of `pids` (processes a driver this test started had started) still alive after
+    `timeout`; each is then stopped by its PID, so a failing test leaves nothing behind."""
+    deadline = time.time() + timeout
+    while any(alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.5)
+    left = sorted(p for p in pids if alive(p))
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    return left
+
+
 def test_a_second_driver_of_the_study_exits_2_naming_the_first(tmp_path):
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
@@ -143,12 +155,7 @@ def test_random_sigkill_sigterm_sigint_then_the_study_finishes_each_trial_once(t
     assert set(df["status"]) <= {"finished", "killed"}
     statuses = {MlflowClient(uri).get_run(r).info.status for r in df["run_id"]}
     assert "RUNNING" not in statuses
-    deadline = time.time() + 60
-    while any(alive(p) for p in ray_of_dead_drivers) and time.time() < deadline:
-        time.sleep(1)
-    left = sorted(p for p in ray_of_dead_drivers if alive(p))
-    for p in left:  # ours: started by a driver this test started
-        os.kill(p, signal.SIGKILL)
+    left = survivors(ray_of_dead_drivers)
     assert not left, f"processes of dead drivers still alive a minute later: {left}"
 
 
@@ -187,12 +194,7 @@ def test_a_signal_while_ray_starts_beside_a_new_store_leaves_nothing_running(tmp
     finally:
         if proc.poll() is None:
             proc.kill()
-    deadline = time.time() + 60
-    while any(alive(p) for p in ray_pids) and time.time() < deadline:
-        time.sleep(0.5)
-    left = sorted(p for p in ray_pids if alive(p))
-    for p in left:  # ours: started by the driver this test started
-        os.kill(p, signal.SIGKILL)
+    left = survivors(ray_pids)
     assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], output
     assert "Traceback" not in output, output
     assert not left, f"Ray processes of the interrupted driver still alive: {left}"
