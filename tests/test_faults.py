@@ -172,8 +172,8 @@ def test_a_signal_while_ray_starts_beside_a_new_store_leaves_nothing_running(tmp
     SIGTERM while ray.init waits for its raylet exits 130 or 143 without a traceback, every
     process Ray started goes (its agents outlived the driver when a signal landed inside
     ray.init), the store is
-    whole (MLflow's migrations were not cut off), no run is left RUNNING, and the next run of
-    the study finishes on it."""
+    whole (MLflow's migrations were not cut off), and the next run of the study finishes on
+    it."""
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"
     path = write(tmp_path / "f.yaml", STUDY.replace("EPOCHS", "1"))
@@ -182,7 +182,8 @@ def test_a_signal_while_ray_starts_beside_a_new_store_leaves_nothing_running(tmp
     try:
         deadline = time.time() + 120
         while not ray_pids:  # the raylet started: ray.init waits for it to register
-            assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no raylet 120 s after the start"
             ray_pids = {p for p in descendants(proc.pid) if "raylet" in _cmdline(p)}
             time.sleep(0.02)
         proc.send_signal(sig)
@@ -198,16 +199,10 @@ def test_a_signal_while_ray_starts_beside_a_new_store_leaves_nothing_running(tmp
     assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], output
     assert "Traceback" not in output, output
     assert not left, f"Ray processes of the interrupted driver still alive: {left}"
-    if db.exists():  # the thread creating it was waited for: MLflow's schema is all there
-        import sqlite3
+    import sqlite3  # the thread creating the store was waited for: MLflow's schema is whole
 
-        with contextlib.closing(sqlite3.connect(db)) as con:
-            assert con.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
-        assert lease(uri) is None
-        c = client(uri)
-        exp = c.get_experiment_by_name("faults")
-        if exp is not None:
-            assert "RUNNING" not in {r.info.status for r in c.search_runs([exp.experiment_id])}
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        assert con.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
     again = start(path, uri)
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output

@@ -89,24 +89,33 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
                                   logging_level=logging.INFO if verbose else logging.ERROR,
                                   configure_logging=True)
-    try:
-        with _signals_held() as held:
+    local = not (address or os.environ.get("RAY_ADDRESS"))  # a head node started here
+    try:  # joining a cluster is not held: a wrong address retries for 20 s, Ctrl-C stops it
+        with (_signals_held() if local else contextlib.nullcontext([])) as held:
             if address:
                 ray.init(address=address, **kwargs)
             else:
                 ray.init(**kwargs)
+            if held:  # still held: a second Ctrl-C cannot cut the shutdown short
+                ray.shutdown()
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise AblateError(f"--address {address}: cannot reach the Ray cluster ({e}); check the "
                           "address (ray://host:10001 or host:6379) and that it is running"
                           ) from None
-    if held:  # Ctrl-C or SIGTERM came while Ray started: stop it, then take the signal's path
-        ray.shutdown()
-        if signal.SIGTERM in held:
-            if _on_term is None:  # no run to stop gracefully: exit as Ray's handler would
-                raise SystemExit(int(signal.SIGTERM))
-            _on_term.got["term"] = True
-        raise KeyboardInterrupt
+    if held:
+        _take_held(held)
     return True
+
+
+def _take_held(held: list[int]) -> None:
+    """Raise what a signal held while Ray started (and was then shut down) would have: Ctrl-C's
+    path, marked as SIGTERM's (exit 143) when one came."""
+    _rearm_python_signal_handlers()
+    if signal.SIGTERM in held:
+        if _on_term is None:  # no run to stop gracefully
+            raise SystemExit(128 + int(signal.SIGTERM))
+        _on_term.got["term"] = True
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -135,13 +144,17 @@ def _signals_held() -> Iterator[list[int]]:
     setter = getattr(ray_utils, "set_sigterm_handler", None)
     if setter is not None:
         ray_utils.set_sigterm_handler = wanted.append
+    ok = False
     try:
         yield got
+        ok = True
     finally:
         if setter is not None:
             ray_utils.set_sigterm_handler = setter
         signal.signal(signal.SIGINT, previous[signal.SIGINT])
-        signal.signal(signal.SIGTERM, wanted[-1] if wanted else previous[signal.SIGTERM])
+        # Ray's handler where ray.init left Ray running; else (Ray shut down, or never up) ours
+        signal.signal(signal.SIGTERM, wanted[-1] if wanted and ok and not got
+                      else previous[signal.SIGTERM])
 
 
 def _concurrency(res, total: dict[str, float] | None = None) -> int:
@@ -399,7 +412,14 @@ def _start_beside_new_store(study: Study, uri: str, address: str | None, verbose
             ray.shutdown()
         raise
     finally:
-        thread.join()
+        with _signals_held() as late:  # a signal now would leave the store half migrated
+            thread.join()
+            if late and started:
+                import ray
+
+                ray.shutdown()
+    if late:
+        _take_held(late)
     return started
 
 
