@@ -1,0 +1,127 @@
+"""Starting Ray for a run, and the run's signals: SIGTERM takes Ctrl-C's graceful path, and
+a signal while ray.init starts a local head node is held until Ray can be shut down."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+from ablate.errors import AblateError
+
+
+def _init_ray(address: str | None, verbose: bool) -> bool:
+    """Start or join Ray; returns True if this call started it (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
+                                  logging_level=logging.INFO if verbose else logging.ERROR,
+                                  configure_logging=True)
+    local = not (address or os.environ.get("RAY_ADDRESS"))  # a head node started here
+    try:  # joining a cluster is not held: a wrong address retries for 20 s, Ctrl-C stops it
+        with (_signals_held() if local else contextlib.nullcontext([])) as held:
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(**kwargs)
+            if held:  # still held: a second Ctrl-C cannot cut the shutdown short
+                ray.shutdown()
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise AblateError(f"--address {address}: cannot reach the Ray cluster ({e}); check the "
+                          "address (ray://host:10001 or host:6379) and that it is running"
+                          ) from None
+    if held:
+        _take_held(held)
+    return True
+
+
+def _take_held(held: list[int]) -> None:
+    """Raise what a signal held while Ray started (and was then shut down) would have: Ctrl-C's
+    path, marked as SIGTERM's (exit 143) when one came."""
+    _rearm_python_signal_handlers()
+    if signal.SIGTERM in held:
+        if _on_term is None:  # no run to stop gracefully
+            raise SystemExit(128 + int(signal.SIGTERM))
+        _on_term.got["term"] = True
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Hold SIGINT and SIGTERM until the block ends; the list yielded gets those that came.
+
+    Either signal inside ray.init while it waits for its new raylet (before Ray keeps a handle
+    on the node) leaves Ray's dashboard and runtime-env agents running after the driver exits,
+    orphaned for good (ray 2.60, measured). Held to the end of ray.init (about 5 s), the run
+    shuts Ray down first. ray.init installs its own SIGTERM handler (sys.exit) as it begins:
+    it is kept from doing so inside the block and installed at the end, where ray.init would
+    have left it (a run in progress then re-arms its own)."""
+    import threading
+
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got  # signals are the main thread's: leave them alone
+        return
+    from ray._private import utils as ray_utils
+
+    def hold(signum, frame):
+        got.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    wanted: list[Any] = []  # the SIGTERM handler ray.init set
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    if setter is not None:
+        ray_utils.set_sigterm_handler = wanted.append
+    ok = False
+    try:
+        yield got
+        ok = True
+    finally:
+        if setter is not None:
+            ray_utils.set_sigterm_handler = setter
+        signal.signal(signal.SIGINT, previous[signal.SIGINT])
+        # Ray's handler where ray.init left Ray running; else (Ray shut down, or never up) ours
+        signal.signal(signal.SIGTERM, wanted[-1] if wanted and ok and not got
+                      else previous[signal.SIGTERM])
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c() -> Iterator[dict[str, bool]]:
+    """SIGTERM (docker stop, systemd, Kubernetes, batch schedulers) takes Ctrl-C's path: Tune
+    stops gracefully, running trials are marked killed, Ray is shut down. Main thread only."""
+    got = {"term": False}
+
+    def on_term(signum, frame):
+        got["term"] = True
+        os.kill(os.getpid(), signal.SIGINT)
+
+    global _on_term
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave signals alone
+        yield got
+        return
+    on_term.got = got  # type: ignore[attr-defined]  # a signal held through ray.init sets it
+    _on_term = on_term
+    try:
+        yield got
+    finally:
+        _on_term = None
+        signal.signal(signal.SIGTERM, previous)
+
+
+_on_term = None  # the SIGTERM handler of the run in progress, re-armed after ray.init
+
+
+def _rearm_python_signal_handlers() -> None:
+    """ray.init replaces the SIGTERM handler (natively: abort, exit -6; in Python: exit 15);
+    put ours back so SIGTERM takes Ctrl-C's graceful path."""
+    if _on_term is not None:
+        with contextlib.suppress(ValueError):  # not the main thread
+            signal.signal(signal.SIGTERM, _on_term)
