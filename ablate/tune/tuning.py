@@ -15,7 +15,8 @@ from rich.console import Console
 from ablate.errors import AblateError
 from ablate.study import Study, tune_levels, with_tuned
 from ablate.tracking import Tracker
-from ablate.tune.driver import RunSummary, _init_ray, _run_grid, _run_search, open_search_study
+from ablate.tune.driver import RunSummary, _run_grid, _run_search, open_search_study
+from ablate.tune.raystart import _init_ray
 from ablate.tuning import LEVEL_TAG, PHASE_TAG, level_label, level_spec
 
 
