@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 METRICS = ("params", "gmacs", "throughput_img_s", "latency_ms", "train_img_s", "peak_mem_mb",
-           "throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr")
+           "throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr", "compile_s")
 REPEATS = 5  # timed repeats of every timing metric (its median is reported, and the IQR)
 # the settings `train.precision: auto` / `train.channels_last: auto` choose among
 CANDIDATES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
@@ -72,6 +72,15 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def _first_call(fn, device: torch.device) -> float:
+    """Seconds of one call, synchronized (a compiled model's first call is its compile)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
 def _time_calls(fn, device: torch.device, warmup: int, min_iters: int,
@@ -173,6 +182,7 @@ class Profile:
     latency_ms_iqr: float | None = None
     train_img_s_iqr: float | None = None
     repeats: int = REPEATS
+    compile_s: float | None = None  # compiled profiles: the first call of each timed shape
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics only (what is logged to MLflow)."""
@@ -209,10 +219,17 @@ def _input(batch_size: int, in_chans: int, image_size: int, device: torch.device
 def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: int = 1000,
             batch_size: int = 64, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.float32, timing: bool = True, channels_last: bool = False,
-            min_seconds: float = 1.0, warmup: int = 3, repeats: int = REPEATS) -> Profile:
+            min_seconds: float = 1.0, warmup: int = 3, repeats: int = REPEATS,
+            compile_: bool = False) -> Profile:
     """Measure a model's cost on `device`: params and MACs counted exactly; every timing
     metric the median of `repeats` timed blocks after warm-up, with its IQR. The model's
-    weights are left unchanged."""
+    weights are left unchanged.
+
+    `compile_`: time the model as a `train.compile: true` trial runs it, torch.compile'd
+    (dynamo's caches reset first: a reused worker past its recompile limit would time eager
+    code); `compile_s` is the first call of each timed shape (eval batch, batch 1, training
+    step), compile included. On CPU the peak memory is still an eager step's: the heap is
+    sampled after every aten op, and compiled kernels are not aten ops."""
     device = torch.device(device)
     repeats = max(REPEATS, repeats)
     model = model.to(device)
@@ -220,30 +237,43 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
         model = model.to(memory_format=torch.channels_last)
     params = count_params(model)
     gmacs = count_gmacs(model, image_size, in_chans)
-    thr = lat = train = peak = None
+    thr = lat = train = peak = compile_s = None
     iqr: dict[str, float] = {}
     if timing:
+        run = model
+        if compile_:
+            torch._dynamo.reset()
+            run, compile_s = torch.compile(model), 0.0
         x = _input(batch_size, in_chans, image_size, device, channels_last)
         x1 = x[:1].clone()
         with _train_mode(model, False), torch.no_grad(), _autocast(device, dtype):
+            if compile_:
+                compile_s += _first_call(lambda: run(x), device) + _first_call(
+                    lambda: run(x1), device)
             thr, iqr["throughput_img_s_iqr"] = median_iqr(
-                [batch_size / t for t in _time_calls(lambda: model(x), device, warmup, 1,
+                [batch_size / t for t in _time_calls(lambda: run(x), device, warmup, 1,
                                                      min_seconds, repeats)])
             lat, iqr["latency_ms_iqr"] = median_iqr(
-                [1000 * t for t in _time_calls(lambda: model(x1), device, warmup, 2,
+                [1000 * t for t in _time_calls(lambda: run(x1), device, warmup, 2,
                                                min_seconds / 2, repeats)])
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        step, opt = _train_step(model, x, num_classes, device, dtype)
+        step, opt = _train_step(run, x, num_classes, device, dtype)
         with _train_mode(model, True):
+            if compile_:
+                compile_s += _first_call(step, device)
             train, iqr["train_img_s_iqr"] = median_iqr(
                 [batch_size / t for t in _time_calls(step, device, warmup, 1, min_seconds,
                                                      repeats)])
+            if compile_ and device.type != "cuda":  # the heap sampler sees aten ops only
+                step = _train_step(model, x, num_classes, device, dtype, opt)[0]
             peak = _peak_train_memory(model, opt, step, device)
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
+        if compile_:
+            torch._dynamo.reset()  # the compiled graphs hold the model's weights: free them
     return Profile(params, gmacs, thr, lat, train, peak, str(device),
                    str(dtype).replace("torch.", ""), batch_size, image_size, repeats=repeats,
-                   **iqr)
+                   compile_s=compile_s, **iqr)
 
 
 def supported_candidates(device: str | torch.device) -> list[tuple[str, bool]]:

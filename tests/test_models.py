@@ -151,7 +151,7 @@ def test_profile_reports_every_metric():
     model = create_model(**SMALL)
     p = profile(model, 16, num_classes=7, batch_size=4, min_seconds=0.05, warmup=1)
     d = p.metrics()
-    assert set(d) == set(METRICS)
+    assert set(d) == set(METRICS) - {"compile_s"}  # only a compiled profile compiles
     assert d["params"] == count_params(model)
     assert all(v > 0 for k, v in d.items() if not k.endswith("_iqr"))
     assert all(v >= 0 for k, v in d.items() if k.endswith("_iqr"))

@@ -259,3 +259,34 @@ def test_a_profile_identity_unpickles_without_torch():
     out = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True,
                          check=True).stdout.decode()
     assert out.strip().endswith("False"), out
+
+
+def test_a_compiled_trial_is_profiled_compiled_even_in_a_reused_worker(tmp_path):
+    """`train.compile: true` trials train the compiled model, so their profile times the
+    compiled model, under a key of its own (one eager profile would give compiled and eager
+    trials the same speed); keys without compile stay what they were. One worker takes every
+    profile of a study: past dynamo's recompile limit a later architecture would time eager
+    code, so each compiled profile compiles afresh (a low limit stands in for a worker that
+    compiled many models before)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from ablate.tune.profiling import arch_config, arch_key, measure
+
+    def trials(train: str) -> list:
+        text = STUDY.format(name="c", mixers='["conv", "mlp"]', seeds="[0]", train=train)
+        return load_study(write(tmp_path / f"c{len(train)}.yaml", text)).trials
+
+    shape = (16, 3, 10)
+    eager, compiled = trials(""), trials(", compile: true")
+    assert "compile" not in arch_config(eager[0], shape, "cpu")
+    assert arch_key(arch_config(eager[0], shape, "cpu")) != arch_key(
+        arch_config(compiled[0], shape, "cpu"))
+    with torch._dynamo.config.patch(recompile_limit=3):
+        for t in compiled:  # conv, then mlp in the same process
+            before = counters["stats"]["unique_graphs"]
+            res = measure(t.to_dict(), shape, "cpu", 1)
+            assert counters["stats"]["unique_graphs"] > before, t.model.mixer  # not eager
+            assert res["metrics"]["compile_s"] > 0 and res["metrics"]["train_img_s"] > 0
+            assert res["metrics"]["peak_mem_mb"] > 0
+    assert "compile_s" not in measure(eager[0].to_dict(), shape, "cpu", 1)["metrics"]

@@ -22,7 +22,7 @@ FINAL_METRICS = ("val_acc", "best_val_acc", "test_acc", "test_loss", "params", "
                  "peak_mem_mb", "train_images", "train_steps", "train_images_seen")
 # what a cost profile adds besides the FINAL_METRICS it fills (timing spreads, its batch)
 PROFILE_METRICS = ("throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr",
-                   "profile_batch_size")
+                   "profile_batch_size", "compile_s")
 EPOCH_METRICS = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "epoch_time_s")
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 

@@ -50,7 +50,7 @@ SEARCH_ARCH_CAP = 64  # most architectures a search's profile phase measures up 
 # the search dimensions `arch_config` depends on (the rest do not change a profile)
 ARCH_DIMS = ("model.", "dataset.name", "dataset.root", "dataset.image_size", "dataset.channels",
              "dataset.num_classes", "train.precision", "train.channels_last",
-             "train.profile_batch_size")
+             "train.profile_batch_size", "train.compile")
 
 
 def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[TrialSpec] | None:
@@ -140,8 +140,9 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str
                 ) -> dict[str, Any]:
     """What a profile depends on: the resolved model, the input and output shapes, the
     precision and memory layout asked for, the device type and the profile's batch size;
-    with `auto`, also the training batch size its probe times (keys without `auto` are as
-    they were, so their stored profiles are still found)."""
+    with `auto`, also the training batch size its probe times, and with `train.compile`,
+    that the model is timed compiled (keys without either are as they were, so their stored
+    profiles are still found)."""
     t = trial.train
     out = {"model": {k: v for k, v in trial.config["model"].items() if k != "match"},
            "image_size": shape[0], "channels": shape[1], "num_classes": shape[2],
@@ -149,6 +150,8 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str
            "device_type": device_type, "profile_batch_size": t.profile_batch_size}
     if "auto" in (t.precision, t.channels_last):
         out["probe_batch_size"] = t.batch_size
+    if t.compile:  # a compiled model's speed is not the eager model's (either way)
+        out["compile"] = True
     return out
 
 
@@ -206,7 +209,8 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
     p = profile(model, shape[0], in_chans=shape[1], num_classes=shape[2],
                 batch_size=cfg.profile_batch_size, device=device, dtype=dtype,
-                channels_last=bool(channels_last), min_seconds=cfg.profile_seconds, warmup=3)
+                channels_last=bool(channels_last), min_seconds=cfg.profile_seconds, warmup=3,
+                compile_=cfg.compile)
     return {"metrics": {**p.metrics(), "profile_batch_size": float(p.batch_size)},
             "precision": precision, "channels_last": bool(channels_last),
             "probe": {f"probe_img_s.{k.replace('/', '_')}": v for k, v in speeds.items()},
