@@ -203,8 +203,8 @@ def profile(
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in p.as_dict().items():
-        if k in ("device", "dtype", "batch_size", "image_size"):
-            continue
+        if k in ("device", "dtype", "batch_size", "image_size") or (k == "compile_s" and v is None):
+            continue  # compile_s: only a compiled profile has one
         table.add_row(k, "-" if v is None else (f"{v:,}" if isinstance(v, int) else f"{v:,.3f}"))
     out.print(table)
 

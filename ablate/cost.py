@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from ablate.errors import CompileError
+
 METRICS = ("params", "gmacs", "throughput_img_s", "latency_ms", "train_img_s", "peak_mem_mb",
            "throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr", "compile_s")
 REPEATS = 5  # timed repeats of every timing metric (its median is reported, and the IQR)
@@ -75,10 +77,14 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
 
 
 def _first_call(fn, device: torch.device) -> float:
-    """Seconds of one call, synchronized (a compiled model's first call is its compile)."""
+    """Seconds of a compiled model's first call, synchronized: its compile; a backend that
+    fails says so in one line (CompileError)."""
     _sync(device)
     start = time.perf_counter()
-    fn()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - any backend failure: one clear line
+        raise CompileError(e) from None
     _sync(device)
     return time.perf_counter() - start
 
@@ -227,7 +233,8 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
 
     `compile_`: time the model as a `train.compile: true` trial runs it, torch.compile'd
     (dynamo's caches reset first: a reused worker past its recompile limit would time eager
-    code); `compile_s` is the first call of each timed shape (eval batch, batch 1, training
+    code), every shape static, as a trial's training graph is (its first call trains at its
+    batch); `compile_s` is the first call of each timed shape (eval batch, batch 1, training
     step), compile included. On CPU the peak memory is still an eager step's: the heap is
     sampled after every aten op, and compiled kernels are not aten ops."""
     device = torch.device(device)
@@ -243,7 +250,9 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
         run = model
         if compile_:
             torch._dynamo.reset()
-            run, compile_s = torch.compile(model), 0.0
+            # static: after the eval batch and batch 1, dynamo's default would compile the
+            # training step for any batch size, slower kernels than a trial's training graph
+            run, compile_s = torch.compile(model, dynamic=False), 0.0
         x = _input(batch_size, in_chans, image_size, device, channels_last)
         x1 = x[:1].clone()
         with _train_mode(model, False), torch.no_grad(), _autocast(device, dtype):

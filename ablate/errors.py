@@ -50,3 +50,15 @@ def mask_url(url: str) -> str:
     import re
 
     return re.sub(r"(://[^:/@\s]+:)[^@/\s]+@", r"\1***@", url)
+
+
+class CompileError(RuntimeError):
+    """torch.compile failed on this machine: say so and how to go on without it."""
+
+    def __init__(self, e: BaseException | str) -> None:
+        if isinstance(e, str):  # unpickled (a Ray task's error): already the message
+            super().__init__(e)
+            return
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        super().__init__(f"train.compile: torch.compile failed on this machine ({type(e).__name__}"
+                         f": {first}); set train.compile: false")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ablate.data import Batches, DataBundle, Split
-from ablate.errors import DivergedError
+from ablate.errors import CompileError, DivergedError
 from ablate.models import create_model
 from ablate.models.backbone import DropPath
 from ablate.study import TrainSpec, TrialSpec
@@ -128,15 +128,6 @@ def compiled(model: nn.Module, cfg: TrainSpec) -> nn.Module:
         return torch.compile(model)
     except Exception as e:  # noqa: BLE001 - any backend failure: one clear line
         raise CompileError(e) from None
-
-
-class CompileError(RuntimeError):
-    """torch.compile failed on this machine: say so and how to go on without it."""
-
-    def __init__(self, e: BaseException) -> None:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        super().__init__(f"train.compile: torch.compile failed on this machine ({type(e).__name__}"
-                         f": {first}); set train.compile: false")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

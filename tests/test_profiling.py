@@ -277,16 +277,66 @@ def test_a_compiled_trial_is_profiled_compiled_even_in_a_reused_worker(tmp_path)
         text = STUDY.format(name="c", mixers='["conv", "mlp"]', seeds="[0]", train=train)
         return load_study(write(tmp_path / f"c{len(train)}.yaml", text)).trials
 
+    from ablate.models import create_model
+
     shape = (16, 3, 10)
     eager, compiled = trials(""), trials(", compile: true")
     assert "compile" not in arch_config(eager[0], shape, "cpu")
     assert arch_key(arch_config(eager[0], shape, "cpu")) != arch_key(
         arch_config(compiled[0], shape, "cpu"))
-    with torch._dynamo.config.patch(recompile_limit=3):
-        for t in compiled:  # conv, then mlp in the same process
-            before = counters["stats"]["unique_graphs"]
-            res = measure(t.to_dict(), shape, "cpu", 1)
-            assert counters["stats"]["unique_graphs"] > before, t.model.mixer  # not eager
-            assert res["metrics"]["compile_s"] > 0 and res["metrics"]["train_img_s"] > 0
-            assert res["metrics"]["peak_mem_mb"] > 0
-    assert "compile_s" not in measure(eager[0].to_dict(), shape, "cpu", 1)["metrics"]
+    threads = torch.get_num_threads()  # measure() sets the profile's thread count
+    try:
+        with torch._dynamo.config.patch(recompile_limit=3):
+            # another model, compiled for 3 shapes: the worker is at its limit
+            other = torch.compile(create_model(mixer="pool", dim=8, depth=1, patch_size=4,
+                                               image_size=16, num_classes=10), dynamic=False)
+            with torch.no_grad():
+                for b in (1, 2, 3):
+                    other(torch.zeros(b, 3, 16, 16))
+            for t in compiled:  # conv, then mlp in the same process
+                before = counters["stats"]["unique_graphs"]
+                res = measure(t.to_dict(), shape, "cpu", 1)
+                assert counters["stats"]["unique_graphs"] > before, t.model.mixer  # not eager
+                assert res["metrics"]["compile_s"] > 0 and res["metrics"]["train_img_s"] > 0
+                assert res["metrics"]["peak_mem_mb"] > 0
+        assert "compile_s" not in measure(eager[0].to_dict(), shape, "cpu", 1)["metrics"]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_compile_that_fails_fails_its_trials_not_the_study(tmp_path):
+    """No working C++ compiler on the node: the compiled architecture's profile fails, the
+    run says so in one line (no traceback) and goes on; the compiled trial fails with the
+    one-line fix, the eager one finishes with its profile's costs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = study_file(tmp_path, "nocxx", ["conv"], train=", compile: false")
+    path.write_text(path.read_text().replace(
+        "factors:\n", "factors:\n  train.compile: [false, true]\n"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"),
+           "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # a cached kernel would need no compiler
+    exe = Path(sys.executable).with_name("ablate")
+    res = subprocess.run([str(exe), "run", str(path), "--tracking-uri", uri, "-q"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    # the failed trial's traceback is Ray Tune's, as for any failed trial; the profile's none
+    assert "profiling.py" not in out, out[-3000:]
+    failed = [line for line in out.splitlines() if "profile of" in line and "failed" in line]
+    assert len(failed) == 1 and "compile=True" in failed[0], out[-3000:]
+    assert failed[0].count("set train.compile: false") == 1, failed[0]  # not wrapped twice
+    assert "its trials run without" in failed[0]
+    df = load_runs("nocxx", uri)
+    assert len(df) == 2, df
+    by = {str(v).lower(): r for v, r in zip(df["factor.train.compile"], df.itertuples(),
+                                             strict=True)}
+    eager, comp = by["false"]._asdict(), by["true"]._asdict()
+    assert eager["status"] == "finished" and eager["train_img_s"] > 0
+    assert comp["status"] == "failed" and "set train.compile: false" in comp["error"]
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("nocxx")
+    profiles = c.search_runs([exp.experiment_id], "tags.`ablate.phase` = 'profile'")
+    assert len(profiles) == 1 and "compile" not in profiles[0].data.params

@@ -351,12 +351,27 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
     task = ray.remote(**opts)(measure)
     for key in missing:  # one at a time: each task holds the whole node
         config, t = keys[key]
-        res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
-                                              config["num_classes"]), device_type, cpus))
+        try:
+            res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
+                                                  config["num_classes"]), device_type, cpus))
+        except ray.exceptions.RayError as e:  # the trials go on, and fail themselves if they must
+            console.print(f"{study.spec.name}: profile of {t.cell_name} failed "
+                          f"({_cause(e)}); its trials run without cost metrics",
+                          highlight=False, markup=False)
+            continue
         rid = _log_profile(tracker, study, key, config, res, t.cell_name)
         found[key] = {"metrics": res["metrics"], "precision": res["precision"],
                       "channels_last": res["channels_last"], "run_id": rid}
-    return {tid: {**found[key], "arch_key": key} for tid, key in by_trial.items()}
+    return {tid: {**found[key], "arch_key": key} for tid, key in by_trial.items()
+            if key in found}
+
+
+def _cause(e: BaseException) -> str:
+    """The first line of what failed inside a Ray task (its own exception, not Ray's
+    wrapper and traceback)."""
+    inner = getattr(e, "cause", None) or e
+    first = (str(inner).strip().splitlines() or [type(inner).__name__])[0][:300]
+    return f"{type(inner).__name__}: {first}"
 
 
 def _wait(ref) -> Any:
