@@ -355,9 +355,11 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
             res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
                                                   config["num_classes"]), device_type, cpus))
         except ray.exceptions.RayError as e:  # the trials go on, and fail themselves if they must
+            then = ("its trials measure their own costs, beside other trials"
+                    if study.spec.search.method == "optuna" else
+                    "its trials run without cost metrics")
             console.print(f"{study.spec.name}: profile of {t.cell_name} failed "
-                          f"({_cause(e)}); its trials run without cost metrics",
-                          highlight=False, markup=False)
+                          f"({_cause(e)}); {then}", highlight=False, markup=False)
             continue
         rid = _log_profile(tracker, study, key, config, res, t.cell_name)
         found[key] = {"metrics": res["metrics"], "precision": res["precision"],
