@@ -83,6 +83,8 @@ def _first_call(fn, device: torch.device) -> float:
     start = time.perf_counter()
     try:
         fn()
+    except torch.OutOfMemoryError:  # the model does not fit: not the compiler's failure
+        raise
     except Exception as e:  # noqa: BLE001 - any backend failure: one clear line
         raise CompileError(e) from None
     _sync(device)

@@ -253,6 +253,8 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
                 if cfg.compile and steps == 0:  # torch.compile compiles at the first call
                     try:
                         out = model(x)
+                    except torch.OutOfMemoryError:  # does not fit: not the compiler's failure
+                        raise
                     except Exception as e:  # noqa: BLE001 - a backend failure: one clear line
                         raise CompileError(e) from None
                 else:

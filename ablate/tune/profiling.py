@@ -17,7 +17,9 @@ of the training batch where `auto` is probed at it, the rest of the space held a
 values) and profiles them the same way before the
 search; each trial then finds its profile by architecture key (`keyed`). Only a space whose
 architecture dimensions are continuous, or have more than `SEARCH_ARCH_CAP` combinations,
-leaves its trials to measure their own costs beside each other (the driver says so).
+leaves its trials to measure their own costs beside each other (the driver says so); so do
+the trials of a key whose compiled profile failed (`train.compile: true` on a node where
+torch.compile cannot build). Any other failure of a profile stops the run.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 
 from rich.console import Console
 
+from ablate.errors import CompileError
 from ablate.study import Study, TrialSpec, trials_for
 from ablate.tracking import Tracker, flatten
 
@@ -320,7 +323,9 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                    root: str | None) -> dict[str, dict[str, Any]]:
     """Each trial's profile by trial id ({"metrics", "precision", "channels_last", "arch_key",
     "run_id"}): reused from the store or measured now, one whole-node Ray task per missing
-    architecture key. Ray must be running. Nothing when the study is run without profiles."""
+    architecture key. Ray must be running. Nothing when the study is run without profiles;
+    no entry for the trials of a key whose compiled profile failed (CompileError: those
+    trials fail the same way, or, in a search, measure their own costs)."""
     if not study.profile or not trials:
         return {}
     import ray
@@ -354,7 +359,13 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
         try:
             res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
                                                   config["num_classes"]), device_type, cpus))
-        except ray.exceptions.RayError as e:  # the trials go on, and fail themselves if they must
+        except ray.exceptions.RayTaskError as e:
+            # Only a compile that fails on this node is the trials' own failure (they fail
+            # with the same CompileError, one line each, and the study goes on); anything
+            # else (a bug, out of memory, a dead node) stops the run, so that no grid trial
+            # finishes without the cost metrics its profile was to give it.
+            if not isinstance(e.cause, CompileError):
+                raise
             then = ("its trials measure their own costs, beside other trials"
                     if study.spec.search.method == "optuna" else
                     "its trials run without cost metrics")
