@@ -304,6 +304,37 @@ def test_a_compiled_trial_is_profiled_compiled_even_in_a_reused_worker(tmp_path)
         torch.set_num_threads(threads)
 
 
+def test_a_compiled_trial_trains_compiled_in_a_reused_worker(tmp_path):
+    """Ray Tune reuses a trial's worker for the next trial: past dynamo's recompile limit the
+    next compiled trial would train eager, silently, so `train_cell` resets dynamo first (a
+    low limit stands in for a worker that compiled many trials' models before)."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from ablate.models import create_model
+    from ablate.tune.trainable import train_cell
+
+    text = STUDY.format(name="w", mixers='["conv"]', seeds="[0]", train=", compile: true")
+    (trial,) = load_study(write(tmp_path / "w.yaml", text)).trials
+    ctx = {"root": None, "cpus": 1, "gpus": 0, "profile": False}
+    threads = torch.get_num_threads()  # train_cell sets the trial's thread count
+    try:
+        with torch._dynamo.config.patch(recompile_limit=3):
+            other = torch.compile(create_model(mixer="pool", dim=8, depth=1, patch_size=4,
+                                               image_size=16, num_classes=10), dynamic=False)
+            with torch.no_grad():
+                for b in (1, 2, 3):  # the worker is at its limit
+                    other(torch.zeros(b, 3, 16, 16))
+            before = counters["stats"]["unique_graphs"]
+            reports: list = []
+            train_cell({"context": ctx, "cell": [trial.to_dict()]}, reports.append)
+            assert counters["stats"]["unique_graphs"] > before  # compiled, not eager
+            assert len(reports) == 1 and reports[0]["train_loss"] == reports[0]["train_loss"]
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+
+
 def test_a_compile_that_fails_fails_its_trials_not_the_study(tmp_path):
     """No working C++ compiler on the node: the compiled architecture's profile fails, the
     run says so in one line (no traceback) and goes on; the compiled trial fails with the
