@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ablate.errors import CompileError
+from ablate.errors import compile_failures
 
 METRICS = ("params", "gmacs", "throughput_img_s", "latency_ms", "train_img_s", "peak_mem_mb",
            "throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr", "compile_s")
@@ -81,12 +81,8 @@ def _first_call(fn, device: torch.device) -> float:
     fails says so in one line (CompileError)."""
     _sync(device)
     start = time.perf_counter()
-    try:
+    with compile_failures():
         fn()
-    except torch.OutOfMemoryError:  # the model does not fit: not the compiler's failure
-        raise
-    except Exception as e:  # noqa: BLE001 - any backend failure: one clear line
-        raise CompileError(e) from None
     _sync(device)
     return time.perf_counter() - start
 

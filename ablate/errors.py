@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class AblateError(Exception):
     """Base class: the CLI prints the message (no traceback) and exits with code 2."""
@@ -59,6 +62,53 @@ class CompileError(RuntimeError):
         if isinstance(e, str):  # unpickled (a Ray task's error): already the message
             super().__init__(e)
             return
+        e = getattr(e, "inner_exception", None) or e  # the backend's own, not dynamo's wrapper
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         super().__init__(f"train.compile: torch.compile failed on this machine ({type(e).__name__}"
                          f": {first}); set train.compile: false")
+
+
+# what torch's out-of-memory errors say: wrapped by dynamo (the text only), CUDA's, and the
+# CPU allocator's (a plain RuntimeError)
+OOM_TEXTS = ("OutOfMemoryError:", "CUDA out of memory", "DefaultCPUAllocator: can't allocate")
+
+
+def out_of_memory(e: BaseException) -> BaseException | None:
+    """torch's out-of-memory error in `e` or what it wraps (dynamo re-raises a failure inside
+    a compile as BackendCompilerFailed, keeping it as `inner_exception`, or as
+    InternalTorchDynamoError, keeping only its text); None when there is none."""
+    chain, stack = [], [e]
+    while stack:
+        x = stack.pop()
+        if x is None or any(x is c for c in chain):
+            continue
+        chain.append(x)
+        stack += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
+    for x in chain:
+        if type(x).__name__ == "OutOfMemoryError" and type(x).__module__.startswith("torch"):
+            return x
+    for x in chain:  # only the text is left
+        line = next((ln for ln in str(x).splitlines()
+                     if any(m in ln for m in OOM_TEXTS)), None)
+        if line is not None:
+            import torch
+
+            return torch.OutOfMemoryError(line.strip()[:300])
+    return None
+
+
+@contextlib.contextmanager
+def compile_failures(active: bool = True) -> Iterator[None]:
+    """Inside, torch.compile's first call (and its backward): a failure is one CompileError
+    line with the fix, except out of memory, which stays torch.OutOfMemoryError (the model
+    does not fit; compiling it is not what failed)."""
+    if not active:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - any backend failure: one clear line
+        oom = out_of_memory(e)
+        if oom is not None:
+            raise oom from None
+        raise CompileError(e) from None

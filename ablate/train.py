@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ablate.data import Batches, DataBundle, Split
-from ablate.errors import CompileError, DivergedError
+from ablate.errors import DivergedError, compile_failures
 from ablate.models import create_model
 from ablate.models.backbone import DropPath
 from ablate.study import TrainSpec, TrialSpec
@@ -124,10 +124,8 @@ def compiled(model: nn.Module, cfg: TrainSpec) -> nn.Module:
     """The model torch.compile'd when `train.compile` is true."""
     if not cfg.compile:
         return model
-    try:
+    with compile_failures():
         return torch.compile(model)
-    except Exception as e:  # noqa: BLE001 - any backend failure: one clear line
-        raise CompileError(e) from None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -249,19 +247,13 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         loss_sum = torch.zeros((), device=device)
         for _ in range(steps_per_epoch):
             x, y = next(batches)
-            with autocast(device, cfg.precision):
-                if cfg.compile and steps == 0:  # torch.compile compiles at the first call
-                    try:
-                        out = model(x)
-                    except torch.OutOfMemoryError:  # does not fit: not the compiler's failure
-                        raise
-                    except Exception as e:  # noqa: BLE001 - a backend failure: one clear line
-                        raise CompileError(e) from None
-                else:
+            # torch.compile compiles at the first call, and the backward at its first backward
+            with compile_failures(cfg.compile and seen == 0):
+                with autocast(device, cfg.precision):
                     out = model(x)
-                loss = loss_fn(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+                    loss = loss_fn(out.float(), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -335,6 +335,23 @@ def test_a_compiled_trial_trains_compiled_in_a_reused_worker(tmp_path):
         torch._dynamo.reset()
 
 
+def test_a_profile_out_of_memory_stops_the_run_in_one_line(ray_session, tmp_path):
+    """A profile batch that does not fit: the run stops before any trial (grid trials must
+    not finish without their costs) with one line naming the field and the fix."""
+    from ablate.errors import AblateError
+
+    path = study_file(tmp_path, "oom", ["conv"])
+    path.write_text(path.read_text().replace("profile_batch_size: 8",
+                                             "profile_batch_size: 1000000000"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(AblateError) as stopped:
+        run_study(load_study(path), uri)
+    msg = str(stopped.value)
+    assert "\n" not in msg and str(path) in msg and "ran out of memory" in msg
+    assert msg.endswith("lower train.profile_batch_size")
+    assert load_runs("oom", uri).empty  # no trial ran
+
+
 def test_a_compile_that_fails_fails_its_trials_not_the_study(tmp_path):
     """No working C++ compiler on the node: the compiled architecture's profile fails, the
     run says so in one line (no traceback) and goes on; the compiled trial fails with the

@@ -162,6 +162,44 @@ def test_compile_trains_a_tiny_model_for_one_epoch():
     assert math.isfinite(final["train_time_s"]) and 0.0 <= final["test_acc"] <= 1.0
 
 
+def test_a_compile_failure_is_one_line_and_out_of_memory_stays_itself():
+    """A backend that fails while compiling (dynamo wraps its error in BackendCompilerFailed)
+    is one CompileError naming the backend's own error and the fix; out of memory, wrapped
+    the same way, stays torch.OutOfMemoryError (the model does not fit: `compile: false`
+    would not help)."""
+    from ablate.errors import CompileError, compile_failures
+
+    def compiled_with(error):
+        def backend(gm, example_inputs):
+            raise error
+        return torch.compile(lambda x: torch.sin(x) + 1, backend=backend)
+
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(CompileError) as failed, compile_failures():
+            compiled_with(RuntimeError("cc1plus: not found\nmore"))(torch.ones(3))
+        msg = str(failed.value)
+        assert "RuntimeError: cc1plus: not found" in msg and "more" not in msg
+        assert msg.endswith("set train.compile: false")
+        torch._dynamo.reset()
+        with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"), \
+                compile_failures():
+            compiled_with(torch.OutOfMemoryError("CUDA out of memory. Tried 2 GiB"))(
+                torch.ones(3))
+        # dynamo's InternalTorchDynamoError keeps only the text; the CPU allocator's is plain
+        from ablate.errors import out_of_memory
+
+        for text in ("InternalTorchDynamoError: OutOfMemoryError: CUDA out of memory. x",
+                     "[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 bytes"):
+            found = out_of_memory(RuntimeError(f"while compiling:\n{text}"))
+            assert isinstance(found, torch.OutOfMemoryError) and str(found) == text
+        assert out_of_memory(RuntimeError("cc1plus: not found")) is None
+        with pytest.raises(ValueError), compile_failures(active=False):
+            raise ValueError("not a compile: as it is")
+    finally:
+        torch._dynamo.reset()
+
+
 def test_auto_resolves_to_a_supported_candidate_and_keeps_explicit_values():
     from ablate.cost import supported_candidates
     from ablate.train import resolve_auto

@@ -36,7 +36,7 @@ from typing import Any
 
 from rich.console import Console
 
-from ablate.errors import CompileError
+from ablate.errors import AblateError, CompileError, out_of_memory
 from ablate.study import Study, TrialSpec, trials_for
 from ablate.tracking import Tracker, flatten
 
@@ -359,12 +359,18 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
         try:
             res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
                                                   config["num_classes"]), device_type, cpus))
-        except ray.exceptions.RayTaskError as e:
+        except (ray.exceptions.RayTaskError, ray.exceptions.OutOfMemoryError) as e:
             # Only a compile that fails on this node is the trials' own failure (they fail
             # with the same CompileError, one line each, and the study goes on); anything
-            # else (a bug, out of memory, a dead node) stops the run, so that no grid trial
-            # finishes without the cost metrics its profile was to give it.
-            if not isinstance(e.cause, CompileError):
+            # else (a bug, a dead node) stops the run rather than leave grid trials finished
+            # without the cost metrics their profile was to give them.
+            cause = getattr(e, "cause", None)
+            if isinstance(e, ray.exceptions.OutOfMemoryError) or out_of_memory(cause or e):
+                raise AblateError(
+                    f"{study.path}: train.profile_batch_size: the cost profile of "
+                    f"{t.cell_name} ran out of memory on {ident['device_name']} at batch "
+                    f"{t.train.profile_batch_size}; lower train.profile_batch_size") from None
+            if not isinstance(cause, CompileError):
                 raise
             then = ("its trials measure their own costs, beside other trials"
                     if study.spec.search.method == "optuna" else
