@@ -61,21 +61,32 @@ def main() -> None:
 def print_timeline(runs, profiles, epoch0: float, wall: float, slots: int) -> None:
     """Where the wall time went, in seconds from the call: start-up before the first profile,
     the profiles, the wait for the first trial, the tail (fewer trials running than slots,
-    after the last moment all slots were busy) and the exit after the last trial."""
-    starts = sorted(ts.timestamp() - epoch0 for ts in runs["start_time"])
-    ends = sorted(ts.timestamp() - epoch0 for ts in runs["end_time"])
-    p_start = min((p.info.start_time / 1000 - epoch0 for p in profiles), default=float("nan"))
-    p_end = max((p.info.end_time / 1000 - epoch0 for p in profiles), default=float("nan"))
+    after the last moment all slots were busy) and the exit after the last trial. Counts
+    MLflow runs, one per seed: right for a grid (one seed per slot), not for a search, whose
+    seeds train together in one slot."""
+    done = runs.dropna(subset=["start_time", "end_time"])
+    if done.empty:
+        print("  timeline: no trial ran")
+        return
+    starts = sorted(ts.timestamp() - epoch0 for ts in done["start_time"])
+    ends = sorted(ts.timestamp() - epoch0 for ts in done["end_time"])
+    spans = [(p.info.start_time / 1000 - epoch0, p.info.end_time / 1000 - epoch0)
+             for p in profiles if p.info.end_time]
+    prof = (f"profiles {min(a for a, _ in spans):.1f}-{max(b for _, b in spans):.1f} s"
+            if spans else "no profile measured")
     events = sorted([(t, 1) for t in starts] + [(t, -1) for t in ends])
-    running, full = 0, starts[0]
-    for t, d in events:
+    running, full = 0, None  # index of the last event after which every slot was busy
+    for i, (_, d) in enumerate(events):
         running += d
         if running >= slots:
-            full = t
-    last_full = min(t for t, d in events if d == -1 and t >= full)
-    print(f"  timeline: profiles {p_start:.1f}-{p_end:.1f} s, first trial starts "
-          f"{starts[0]:.1f} s, all {slots} slots busy until {last_full:.1f} s, last trial "
-          f"ends {ends[-1]:.1f} s (tail {ends[-1] - last_full:.1f} s), exit {wall:.1f} s")
+            full = i
+    if full is None:
+        busy, tail_from = f"never all {slots} slots busy", starts[0]
+    else:  # the next event is an end: from then on a slot stays idle
+        tail_from = events[full + 1][0]
+        busy = f"all {slots} slots busy until {tail_from:.1f} s"
+    print(f"  timeline: {prof}, first trial starts {starts[0]:.1f} s, {busy}, last trial "
+          f"ends {ends[-1]:.1f} s (tail {ends[-1] - tail_from:.1f} s), exit {wall:.1f} s")
 
 
 if __name__ == "__main__":
