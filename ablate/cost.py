@@ -78,7 +78,7 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
 
 def _first_call(fn, device: torch.device) -> float:
     """Seconds of a compiled model's first call, synchronized: its compile; a backend that
-    fails says so in one line (CompileError)."""
+    fails says so in one line (CompileError); out of memory stays torch.OutOfMemoryError."""
     _sync(device)
     start = time.perf_counter()
     with compile_failures():

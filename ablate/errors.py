@@ -68,22 +68,33 @@ class CompileError(RuntimeError):
                          f": {first}); set train.compile: false")
 
 
-# what torch's out-of-memory errors say: wrapped by dynamo (the text only), CUDA's, and the
-# CPU allocator's (a plain RuntimeError)
-OOM_TEXTS = ("OutOfMemoryError:", "CUDA out of memory", "DefaultCPUAllocator: can't allocate")
+# what torch's out-of-memory errors say: wrapped by dynamo (the text only), CUDA's (the caching
+# allocator's, a kernel launch's, cuBLAS's, Triton's), and the CPU allocator's (a RuntimeError)
+OOM_TEXTS = ("OutOfMemoryError:", "CUDA out of memory", "CUDA error: out of memory",
+             "CUBLAS_STATUS_ALLOC_FAILED", "Triton Error [CUDA]: out of memory",
+             "DefaultCPUAllocator: can't allocate")
 
 
-def out_of_memory(e: BaseException) -> BaseException | None:
-    """torch's out-of-memory error in `e` or what it wraps (dynamo re-raises a failure inside
-    a compile as BackendCompilerFailed, keeping it as `inner_exception`, or as
-    InternalTorchDynamoError, keeping only its text); None when there is none."""
+def _chain(e: BaseException) -> list[BaseException]:
+    """`e` and what it wraps: dynamo's `inner_exception`, `__cause__`, and `__context__`
+    unless a `raise ... from` suppressed it (an error raised while handling another is not
+    that other one)."""
     chain, stack = [], [e]
     while stack:
         x = stack.pop()
         if x is None or any(x is c for c in chain):
             continue
         chain.append(x)
-        stack += [getattr(x, "inner_exception", None), x.__cause__, x.__context__]
+        stack += [getattr(x, "inner_exception", None), x.__cause__,
+                  None if x.__suppress_context__ else x.__context__]
+    return chain
+
+
+def out_of_memory(e: BaseException) -> BaseException | None:
+    """torch's out-of-memory error in `e` or what it wraps (dynamo re-raises a failure inside
+    a compile as BackendCompilerFailed, keeping it as `inner_exception`, or as
+    InternalTorchDynamoError, keeping only its text); None when there is none."""
+    chain = _chain(e)
     for x in chain:
         if type(x).__name__ == "OutOfMemoryError" and type(x).__module__.startswith("torch"):
             return x
@@ -97,11 +108,23 @@ def out_of_memory(e: BaseException) -> BaseException | None:
     return None
 
 
+# where torch.compile's own errors come from: dynamo, inductor (its C++ and Triton builds),
+# AOTAutograd (the backward's graph)
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch._functorch")
+
+
+def compiler_failure(e: BaseException) -> bool:
+    """Whether torch.compile's machinery raised `e` or something it wraps: not the model's
+    own error (a label out of range, a device-side assert) inside a compiled first step."""
+    return any(type(x).__module__.startswith(COMPILER_MODULES) for x in _chain(e))
+
+
 @contextlib.contextmanager
 def compile_failures(active: bool = True) -> Iterator[None]:
-    """Inside, torch.compile's first call (and its backward): a failure is one CompileError
-    line with the fix, except out of memory, which stays torch.OutOfMemoryError (the model
-    does not fit; compiling it is not what failed)."""
+    """Inside, torch.compile's first call (and its backward): a failure of the compiler is one
+    CompileError line with the fix, except out of memory, which stays torch.OutOfMemoryError
+    (the model does not fit; compiling it is not what failed). Any other error (the loss's,
+    the model's own at run time) passes unchanged."""
     if not active:
         yield
         return
@@ -111,4 +134,18 @@ def compile_failures(active: bool = True) -> Iterator[None]:
         oom = out_of_memory(e)
         if oom is not None:
             raise oom from None
+        if not compiler_failure(e):
+            raise
         raise CompileError(e) from None
+
+
+class ProfileOutOfMemory(RuntimeError):
+    """A cost profile ran out of memory at the batch of `field` (train.batch_size for the
+    auto probe, train.profile_batch_size for the timed metrics); crosses Ray's pickling."""
+
+    def __init__(self, field: str, batch: int) -> None:
+        super().__init__(field, batch)
+        self.field, self.batch = field, batch
+
+    def __str__(self) -> str:
+        return f"out of memory at {self.field} = {self.batch}"

@@ -29,9 +29,11 @@ def main() -> None:
 
     from ablate.study import load_study
     from ablate.tracking import load_runs
+    from ablate.tune.driver import _concurrency
 
     study = load_study(args.study, args.sets)
-    slots = study.spec.resources.max_concurrent or 1
+    # as the run sizes it: resources.max_concurrent, else what this machine's CPUs hold
+    slots = _concurrency(study.spec.resources)
     with tempfile.TemporaryDirectory(prefix="ablate-eff-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         cmd = [sys.executable, "-m", "ablate.cli", "run", args.study, "--tracking-uri", uri,
@@ -40,6 +42,9 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         wall = time.perf_counter() - t0
         runs = load_runs(study.experiment, uri)
+        if runs.empty:
+            print(f"\n{study.spec.name}: no trial ran (wall {wall:.1f} s)")
+            return
         train = float(runs["train_time_s"].sum())
         spans = float((runs["end_time"] - runs["start_time"]).dt.total_seconds().sum())
         print(f"\n{study.spec.name}: {len(runs)} trials, {slots} slots, wall {wall:.1f} s")

@@ -335,20 +335,29 @@ def test_a_compiled_trial_trains_compiled_in_a_reused_worker(tmp_path):
         torch._dynamo.reset()
 
 
-def test_a_profile_out_of_memory_stops_the_run_in_one_line(ray_session, tmp_path):
-    """A profile batch that does not fit: the run stops before any trial (grid trials must
-    not finish without their costs) with one line naming the field and the fix."""
+@pytest.mark.parametrize("setting,auto", [("profile_batch_size", False),
+                                          ("batch_size", True)])
+def test_a_profile_out_of_memory_stops_the_run_in_one_line(ray_session, tmp_path, setting,
+                                                          auto):
+    """A batch that does not fit (10^11 images: past any address space, refused whatever the
+    kernel's overcommit): the run stops before any trial (grid trials must not finish without
+    their costs) with one line naming the setting whose batch it was and the fix: the timed
+    metrics' train.profile_batch_size, or train.batch_size where the auto probe times the
+    training batch."""
     from ablate.errors import AblateError
 
-    path = study_file(tmp_path, "oom", ["conv"])
-    path.write_text(path.read_text().replace("profile_batch_size: 8",
-                                             "profile_batch_size: 1000000000"))
+    path = study_file(tmp_path, "oom", ["conv"], train=", precision: auto" if auto else "")
+    text = path.read_text()
+    old = f"{setting}: {8 if setting == 'profile_batch_size' else 32},"
+    assert old in text
+    path.write_text(text.replace(old, f"{setting}: 100000000000,"))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(AblateError) as stopped:
         run_study(load_study(path), uri)
     msg = str(stopped.value)
     assert "\n" not in msg and str(path) in msg and "ran out of memory" in msg
-    assert msg.endswith("lower train.profile_batch_size")
+    assert f": train.{setting}: " in msg and "at batch 100000000000" in msg
+    assert msg.endswith(f"lower train.{setting}")
     assert load_runs("oom", uri).empty  # no trial ran
 
 

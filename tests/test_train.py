@@ -190,12 +190,25 @@ def test_a_compile_failure_is_one_line_and_out_of_memory_stays_itself():
         from ablate.errors import out_of_memory
 
         for text in ("InternalTorchDynamoError: OutOfMemoryError: CUDA out of memory. x",
-                     "[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 bytes"):
+                     "[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 bytes",
+                     "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling x"):
             found = out_of_memory(RuntimeError(f"while compiling:\n{text}"))
             assert isinstance(found, torch.OutOfMemoryError) and str(found) == text
         assert out_of_memory(RuntimeError("cc1plus: not found")) is None
         with pytest.raises(ValueError), compile_failures(active=False):
             raise ValueError("not a compile: as it is")
+        # the step's own error (the loss's, here) in a guarded first step is not the
+        # compiler's: it passes as it is, not as "torch.compile failed; set compile: false"
+        with pytest.raises(IndexError, match="Target 12 is out of bounds"), compile_failures():
+            raise IndexError("Target 12 is out of bounds.")
+        # an error raised `from None` while handling an out of memory is not one
+        try:
+            try:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried 2 GiB")
+            except torch.OutOfMemoryError:
+                raise RuntimeError("cc1plus: not found") from None
+        except RuntimeError as e:
+            assert out_of_memory(e) is None
     finally:
         torch._dynamo.reset()
 

@@ -30,13 +30,13 @@ import itertools
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from ablate.errors import AblateError, CompileError, out_of_memory
+from ablate.errors import AblateError, CompileError, ProfileOutOfMemory, out_of_memory
 from ablate.study import Study, TrialSpec, trials_for
 from ablate.tracking import Tracker, flatten
 
@@ -206,19 +206,33 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
         cands = candidates_for(cfg.precision, cfg.channels_last, device)
         # at the training batch: the probe decides how the trials train, and the gap between
         # layouts changes with the batch (64 vs 128 flipped close calls on a CPU)
-        choice, speeds = probe_settings(model, shape[0], shape[1], shape[2], cfg.batch_size,
-                                        device, cands, min_seconds=cfg.profile_seconds)
+        with _out_of_memory_at("train.batch_size", cfg.batch_size):
+            choice, speeds = probe_settings(model, shape[0], shape[1], shape[2], cfg.batch_size,
+                                            device, cands, min_seconds=cfg.profile_seconds)
     precision, channels_last = choice
     dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
-    p = profile(model, shape[0], in_chans=shape[1], num_classes=shape[2],
-                batch_size=cfg.profile_batch_size, device=device, dtype=dtype,
-                channels_last=bool(channels_last), min_seconds=cfg.profile_seconds, warmup=3,
-                compile_=cfg.compile)
+    with _out_of_memory_at("train.profile_batch_size", cfg.profile_batch_size):
+        p = profile(model, shape[0], in_chans=shape[1], num_classes=shape[2],
+                    batch_size=cfg.profile_batch_size, device=device, dtype=dtype,
+                    channels_last=bool(channels_last), min_seconds=cfg.profile_seconds,
+                    warmup=3, compile_=cfg.compile)
     return {"metrics": {**p.metrics(), "profile_batch_size": float(p.batch_size)},
             "precision": precision, "channels_last": bool(channels_last),
             "probe": {f"probe_img_s.{k.replace('/', '_')}": v for k, v in speeds.items()},
             "start_ms": start, "end_ms": int(time.time() * 1000),
             **identity(device_type, threads)}
+
+
+@contextlib.contextmanager
+def _out_of_memory_at(field: str, batch: int) -> Iterator[None]:
+    """Out of memory inside is ProfileOutOfMemory naming the setting whose batch did not fit
+    (the driver's one line names it as the fix)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - only out of memory is replaced
+        if out_of_memory(e) is None:
+            raise
+        raise ProfileOutOfMemory(field, batch) from None
 
 
 def _import_profile_code() -> None:
@@ -365,11 +379,9 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
             # else (a bug, a dead node) stops the run rather than leave grid trials finished
             # without the cost metrics their profile was to give them.
             cause = getattr(e, "cause", None)
-            if isinstance(e, ray.exceptions.OutOfMemoryError) or out_of_memory(cause or e):
-                raise AblateError(
-                    f"{study.path}: train.profile_batch_size: the cost profile of "
-                    f"{t.cell_name} ran out of memory on {ident['device_name']} at batch "
-                    f"{t.train.profile_batch_size}; lower train.profile_batch_size") from None
+            if isinstance(e, ray.exceptions.OutOfMemoryError) \
+                    or isinstance(cause, ProfileOutOfMemory) or out_of_memory(cause or e):
+                raise AblateError(_oom_message(study.path, t, e, ident)) from None
             if not isinstance(cause, CompileError):
                 raise
             then = ("its trials measure their own costs, beside other trials"
@@ -383,6 +395,26 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                       "channels_last": res["channels_last"], "run_id": rid}
     return {tid: {**found[key], "arch_key": key} for tid, key in by_trial.items()
             if key in found}
+
+
+def _oom_message(path: Path, t: TrialSpec, e: BaseException, ident: dict[str, Any]) -> str:
+    """One line for a profile out of memory: the setting whose batch did not fit and the fix;
+    where Ray's memory monitor killed the task (host memory, phase unknown), every batch it
+    ran at; before any batch, the model itself."""
+    import ray
+
+    cause = getattr(e, "cause", None)
+    what = f"the cost profile of {t.cell_name} ran out of"
+    if isinstance(cause, ProfileOutOfMemory):
+        return (f"{path}: {cause.field}: {what} memory on {ident['device_name']} at batch "
+                f"{cause.batch}; lower {cause.field}")
+    if isinstance(e, ray.exceptions.OutOfMemoryError):
+        auto = "auto" in (t.train.precision, t.train.channels_last)  # its probe's batch too
+        fields = (["train.batch_size"] if auto else []) + ["train.profile_batch_size"]
+        return (f"{path}: {' / '.join(fields)}: {what} the node's host memory (Ray's memory "
+                f"monitor stopped it); lower {' or '.join(fields)}")
+    return (f"{path}: model: {what} memory on {ident['device_name']} building the model; "
+            f"make the model smaller")
 
 
 def _cause(e: BaseException) -> str:
