@@ -24,6 +24,14 @@ class OptunaAskTell(Searcher):
         self.objectives = list(objectives)
         self.live: dict[str, Any] = {}  # Tune trial id -> Optuna trial
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickles of the searcher: Tune's Tuner pickles its config, this searcher with
+        it, into the experiment directory for a `Tuner.restore` that ablate never calls (a
+        study resumes from its MLflow store and its Optuna storage). The Optuna study and its
+        live trials are left out: a sampler need not pickle (Optuna 5.1's NSGAIISampler holds
+        a threading lock, and the Tuner failed on it)."""
+        return {**self.__dict__, "study": None, "live": {}}
+
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the space is the Optuna distributions; Tune's config only adds constants
 
