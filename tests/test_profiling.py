@@ -136,6 +136,9 @@ def test_auto_precision_and_layout_are_probed_once_and_logged(ray_session, tmp_p
               else "contiguous")
     chosen = f"{prof.data.params['train.precision_resolved']}_{layout}"
     assert chosen == fastest
+    # the probe timed the steps with the trials' threads (cpus_per_trial 1), not the node's
+    assert prof.data.params["probe_threads"] == "1"
+    assert prof.data.tags["ablate.profile_threads"] == "2"
     c = MlflowClient(uri)
     for _, t in load_runs("auto", uri).iterrows():
         params = c.get_run(t["run_id"]).data.params
@@ -225,13 +228,22 @@ def test_an_auto_probe_is_keyed_by_the_batch_it_times(tmp_path):
     def key(text: str, batch: int) -> str:
         t = load_study(write(tmp_path / f"k{batch}.yaml", text.replace(
             "batch_size: 32,", f"batch_size: {batch},"))).trials[0]
-        return arch_key(arch_config(t, (16, 3, 10), "cpu"))
+        return arch_key(arch_config(t, (16, 3, 10), "cpu", 1))
 
     fixed = STUDY.format(name="k", mixers='["conv"]', seeds="[0]", train="")
     auto = STUDY.format(name="k", mixers='["conv"]', seeds="[0]",
                         train=", channels_last: auto")
     assert key(fixed, 32) == key(fixed, 64)
     assert key(auto, 32) != key(auto, 64)
+    # ... and on CPU the threads it times them with (the trials'); not on CUDA, not fixed
+    t_auto, t_fixed = (load_study(write(tmp_path / f"{n}.yaml", x)).trials[0]
+                       for n, x in (("a", auto), ("f", fixed)))
+    assert arch_key(arch_config(t_auto, (16, 3, 10), "cpu", 1)) != arch_key(
+        arch_config(t_auto, (16, 3, 10), "cpu", 2))
+    assert arch_config(t_auto, (16, 3, 10), "cuda", 1) == arch_config(
+        t_auto, (16, 3, 10), "cuda", 2)
+    assert arch_config(t_fixed, (16, 3, 10), "cpu", 1) == arch_config(
+        t_fixed, (16, 3, 10), "cpu", 2)
     text = SEARCH.replace("STORAGE", str(tmp_path / "o.db")).replace(
         "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}", "train.batch_size: [16, 32]")
     assert len(search_architectures(load_study(write(tmp_path / "s.yaml", text)))) == 2
@@ -242,6 +254,27 @@ def test_an_auto_probe_is_keyed_by_the_batch_it_times(tmp_path):
     archs = search_architectures(load_study(write(tmp_path / "t.yaml", text)))
     assert sorted((t.model.mixer, t.train.batch_size) for t in archs) == [
         ("conv", 16), ("conv", 32), ("mlp", 16), ("mlp", 32)]
+
+
+def test_the_auto_probe_times_with_the_trials_threads_and_the_profile_with_the_nodes(
+        tmp_path):
+    """The probe decides how the trials train, so on CPU it times their thread count
+    (resources.cpus_per_trial); the cost metrics are then timed with the whole node's."""
+    import torch
+
+    from ablate.tune.profiling import measure
+
+    text = STUDY.format(name="t", mixers='["conv"]', seeds="[0]",
+                        train=", channels_last: auto")
+    (t,) = load_study(write(tmp_path / "t.yaml", text)).trials
+    threads = torch.get_num_threads()
+    try:
+        res = measure(t.to_dict(), (16, 3, 10), "cpu", 2, probe_threads=1)
+        assert res["probe_threads"] == 1 and len(res["probe"]) >= 2
+        assert res["threads"] == "2" and torch.get_num_threads() == 2  # the profile's
+        assert res["metrics"]["train_img_s"] > 0
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_profile_identity_unpickles_without_torch():
@@ -281,9 +314,9 @@ def test_a_compiled_trial_is_profiled_compiled_even_in_a_reused_worker(tmp_path)
 
     shape = (16, 3, 10)
     eager, compiled = trials(""), trials(", compile: true")
-    assert "compile" not in arch_config(eager[0], shape, "cpu")
-    assert arch_key(arch_config(eager[0], shape, "cpu")) != arch_key(
-        arch_config(compiled[0], shape, "cpu"))
+    assert "compile" not in arch_config(eager[0], shape, "cpu", 1)
+    assert arch_key(arch_config(eager[0], shape, "cpu", 1)) != arch_key(
+        arch_config(compiled[0], shape, "cpu", 1))
     threads = torch.get_num_threads()  # measure() sets the profile's thread count
     try:
         with torch._dynamo.config.patch(recompile_limit=3):

@@ -96,10 +96,10 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
 
 
 def keyed(by_key: dict[str, dict[str, Any]], trial: TrialSpec, shape: tuple[int, int, int],
-          device_type: str) -> dict[str, Any] | None:
+          device_type: str, cpus: float) -> dict[str, Any] | None:
     """The profile of `trial`'s architecture key among `by_key`, as `profile_trials` gives it
-    by trial id; None when it was not profiled."""
-    key = arch_key(arch_config(trial, shape, device_type))
+    by trial id (`cpus`: resources.cpus_per_trial); None when it was not profiled."""
+    key = arch_key(arch_config(trial, shape, device_type, cpus))
     return {**by_key[key], "arch_key": key} if key in by_key else None
 
 
@@ -115,7 +115,7 @@ def lookup_for(context: dict[str, Any]) -> Callable[[TrialSpec], dict[str, Any] 
         ds = trial.dataset.model_dump_json()
         if ds not in shapes:
             shapes[ds] = data_shape(trial.dataset, context.get("root"))
-        return keyed(by_key, trial, shapes[ds], context["device_type"])
+        return keyed(by_key, trial, shapes[ds], context["device_type"], context["cpus"])
 
     return lookup
 
@@ -139,11 +139,17 @@ def data_shape(ds: Any, root: str | None) -> tuple[int, int, int]:
             len(src.classes))
 
 
-def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str
-                ) -> dict[str, Any]:
+def trial_threads(cpus: float) -> int:
+    """The torch threads a CPU trial trains with: its resources.cpus_per_trial, at least 1."""
+    return max(1, int(cpus))
+
+
+def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str,
+                cpus: float) -> dict[str, Any]:
     """What a profile depends on: the resolved model, the input and output shapes, the
     precision and memory layout asked for, the device type and the profile's batch size;
-    with `auto`, also the training batch size its probe times, and with `train.compile`,
+    with `auto`, also the training batch size its probe times and, on CPU, the threads it
+    times them with (the trials': `cpus` is resources.cpus_per_trial); with `train.compile`,
     that the model is timed compiled (keys without either are as they were, so their stored
     profiles are still found)."""
     t = trial.train
@@ -153,6 +159,8 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str
            "device_type": device_type, "profile_batch_size": t.profile_batch_size}
     if "auto" in (t.precision, t.channels_last):
         out["probe_batch_size"] = t.batch_size
+        if device_type == "cpu":  # which layout is faster can change with the thread count
+            out["probe_threads"] = trial_threads(cpus)
     if t.compile:  # a compiled model's speed is not the eager model's (either way)
         out["compile"] = True
     return out
@@ -186,9 +194,12 @@ def identity(device_type: str, threads: int) -> dict[str, str]:
 
 
 def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str,
-            threads: int) -> dict[str, Any]:
+            threads: int, probe_threads: int | None = None) -> dict[str, Any]:
     """One architecture's profile (run inside a Ray task that holds the whole node): the
-    auto probe where asked, then params, GMACs and the timed metrics at the chosen setting."""
+    auto probe where asked, then params, GMACs and the timed metrics at the chosen setting.
+    The metrics are timed with the node's `threads`; on CPU the probe times the training
+    steps with the threads the trials train with (`probe_threads`), since it decides how they
+    train (still alone on the node)."""
     import torch
 
     from ablate.cost import candidates_for, probe_settings, profile
@@ -201,14 +212,21 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     spec = TrialSpec.from_dict(trial)
     cfg = spec.train
     model = build_model(spec, *shape)
-    choice, speeds = (cfg.precision, cfg.channels_last), {}
+    choice, speeds, used = (cfg.precision, cfg.channels_last), {}, None
     if is_auto(cfg):
         cands = candidates_for(cfg.precision, cfg.channels_last, device)
         # at the training batch: the probe decides how the trials train, and the gap between
         # layouts changes with the batch (64 vs 128 flipped close calls on a CPU)
-        with _out_of_memory_at("train.batch_size", cfg.batch_size):
-            choice, speeds = probe_settings(model, shape[0], shape[1], shape[2], cfg.batch_size,
-                                            device, cands, min_seconds=cfg.profile_seconds)
+        if device.type == "cpu" and probe_threads:
+            torch.set_num_threads(probe_threads)
+        used = torch.get_num_threads()
+        try:
+            with _out_of_memory_at("train.batch_size", cfg.batch_size):
+                choice, speeds = probe_settings(model, shape[0], shape[1], shape[2],
+                                                cfg.batch_size, device, cands,
+                                                min_seconds=cfg.profile_seconds)
+        finally:
+            torch.set_num_threads(threads)
     precision, channels_last = choice
     dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
     with _out_of_memory_at("train.profile_batch_size", cfg.profile_batch_size):
@@ -219,6 +237,7 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     return {"metrics": {**p.metrics(), "profile_batch_size": float(p.batch_size)},
             "precision": precision, "channels_last": bool(channels_last),
             "probe": {f"probe_img_s.{k.replace('/', '_')}": v for k, v in speeds.items()},
+            "probe_threads": used,  # what the probe timed with (None: no probe)
             "start_ms": start, "end_ms": int(time.time() * 1000),
             **identity(device_type, threads)}
 
@@ -353,7 +372,7 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
         ds = t.dataset.model_dump_json()
         if ds not in shapes:
             shapes[ds] = data_shape(t.dataset, root)
-        config = arch_config(t, shapes[ds], device_type)
+        config = arch_config(t, shapes[ds], device_type, study.spec.resources.cpus_per_trial)
         key = arch_key(config)
         keys.setdefault(key, (config, t))
         by_trial[t.trial_id] = key
@@ -372,7 +391,8 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
         config, t = keys[key]
         try:
             res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
-                                                  config["num_classes"]), device_type, cpus))
+                                                  config["num_classes"]), device_type, cpus,
+                                    config.get("probe_threads")))
         except (ray.exceptions.RayTaskError, ray.exceptions.OutOfMemoryError) as e:
             # Only a compile that fails on this node is the trials' own failure (they fail
             # with the same CompileError, one line each, and the study goes on); anything

@@ -77,7 +77,7 @@ def train_cell(config: dict[str, Any], report) -> None:
     from ablate.cost import profile
     from ablate.data import load_dataset
     from ablate.train import DTYPES, build_model, fit_epochs, pick_device, resolve_auto
-    from ablate.tune.profiling import keyed
+    from ablate.tune.profiling import keyed, trial_threads
 
     todo, stored = cell_trials(config)
     ctx = config["context"]
@@ -85,7 +85,7 @@ def train_cell(config: dict[str, Any], report) -> None:
         epochs = int(config["search"]["sections"]["train"].get("epochs") or 1)
         report({**seed_mean(list(stored.values())), "epoch": float(epochs), "per_seed": "{}"})
         return
-    torch.set_num_threads(max(1, int(ctx.get("cpus", 1))))
+    torch.set_num_threads(trial_threads(ctx.get("cpus", 1)))
     if any(t.train.compile for t in todo):  # a reused worker compiled other trials' models:
         torch._dynamo.reset()  # past dynamo's recompile limit (8) this one would run eager
     device = pick_device(ctx.get("gpus", 0.0))
@@ -98,8 +98,8 @@ def train_cell(config: dict[str, Any], report) -> None:
     runs = {}
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
-        info = arch.get(trial.trial_id) or (keyed(by_key, trial, shape, ctx["device_type"])
-                                            if by_key else None)
+        info = arch.get(trial.trial_id) or (keyed(by_key, trial, shape, ctx["device_type"],
+                                                  ctx["cpus"]) if by_key else None)
         choice = (info["precision"], info["channels_last"]) if info else None
         cfg = resolve_auto(trial.train, model, data, device, choice)
         if info:
