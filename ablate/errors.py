@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 
@@ -109,14 +110,40 @@ def out_of_memory(e: BaseException) -> BaseException | None:
 
 
 # where torch.compile's own errors come from: dynamo, inductor (its C++ and Triton builds),
-# AOTAutograd (the backward's graph)
-COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch._functorch")
+# AOTAutograd (the backward's graph), symbolic shapes (torch.fx.experimental), Triton itself
+COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch._functorch",
+                    "torch.fx.experimental", "triton")
+# the same as directories: a builtin error (an AssertionError, an IndexError) that the
+# compiler's own code raised is told by where it was raised
+COMPILER_DIRS = tuple(os.sep + m.replace(".", os.sep) + os.sep for m in COMPILER_MODULES)
+
+
+def _of_compiler(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in COMPILER_MODULES)
+
+
+def _raised_in_compiler(x: BaseException) -> bool:
+    """Whether the innermost frame of `x`'s traceback is the compiler's own code."""
+    tb = x.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return any(d in path for d in COMPILER_DIRS)
 
 
 def compiler_failure(e: BaseException) -> bool:
-    """Whether torch.compile's machinery raised `e` or something it wraps: not the model's
-    own error (a label out of range, a device-side assert) inside a compiled first step."""
-    return any(type(x).__module__.startswith(COMPILER_MODULES) for x in _chain(e))
+    """Whether torch.compile's machinery raised `e` or something it wraps: an error whose class
+    (or a base of it) comes from the compiler's modules, or a builtin one (an assert, a lookup)
+    raised in their code; not the model's own error (a label out of range, a device-side
+    assert) inside a compiled first step. A builtin RuntimeError counts only by its class's
+    modules: it is how kernels report the model's errors, also when the innermost Python frame
+    is inductor's or Triton's launcher."""
+    return any(any(_of_compiler(c.__module__) for c in type(x).__mro__)
+               or (type(x).__module__ == "builtins" and not isinstance(x, RuntimeError)
+                   and _raised_in_compiler(x))
+               for x in _chain(e))
 
 
 @contextlib.contextmanager

@@ -213,6 +213,45 @@ def test_a_compile_failure_is_one_line_and_out_of_memory_stays_itself():
         torch._dynamo.reset()
 
 
+def test_compiler_failures_are_told_by_class_and_by_where_a_builtin_error_was_raised():
+    """The compiler's errors are its classes, their subclasses (a base from dynamo counts),
+    symbolic shapes' guards, and builtin errors (an assert, a lookup) raised in the
+    compiler's own files; the same builtin errors raised elsewhere (the model's, torch.nn's)
+    and a RuntimeError (how kernels report the model's errors) are not."""
+    import os
+
+    import torch._dynamo.exc as dynamo_exc
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    from ablate.errors import compiler_failure
+
+    class Wrapped(dynamo_exc.TorchDynamoException):  # defined here: only its base is dynamo's
+        pass
+
+    def raised_in(path, error):
+        try:
+            exec(compile("raise error", path, "exec"), {"error": error})
+        except BaseException as e:  # noqa: BLE001 - the raised error, with its traceback
+            return e
+        raise AssertionError("nothing raised")
+
+    torch_dir = os.path.dirname(torch.__file__)
+    inductor_file = os.path.join(torch_dir, "_inductor", "scheduler.py")
+    functional_file = os.path.join(torch_dir, "nn", "functional.py")
+    assert compiler_failure(Wrapped("x"))
+    assert compiler_failure(GuardOnDataDependentSymNode(None, "data-dependent guard"))
+    assert compiler_failure(raised_in(inductor_file, AssertionError("bad fusion")))
+    assert compiler_failure(raised_in(inductor_file, KeyError("buf3")))
+    try:  # the compiler's assert, wrapped as the cause of another builtin error
+        raise ValueError("step failed") from raised_in(inductor_file, IndexError("x"))
+    except ValueError as e:
+        assert compiler_failure(e)
+    assert not compiler_failure(raised_in(functional_file, IndexError("Target 12")))
+    assert not compiler_failure(raised_in(__file__, AssertionError("model's own")))
+    assert not compiler_failure(raised_in(inductor_file, RuntimeError("device-side assert")))
+    assert not compiler_failure(AssertionError("no traceback"))
+
+
 def test_auto_resolves_to_a_supported_candidate_and_keeps_explicit_values():
     from ablate.cost import supported_candidates
     from ablate.train import resolve_auto
