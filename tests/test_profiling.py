@@ -138,6 +138,7 @@ def test_auto_precision_and_layout_are_probed_once_and_logged(ray_session, tmp_p
     assert chosen == fastest
     # the probe timed the steps with the trials' threads (cpus_per_trial 1), not the node's
     assert prof.data.params["probe_threads"] == "1"
+    assert prof.data.tags["ablate.probe_threads"] == "1"  # what it used, not only asked for
     assert prof.data.tags["ablate.profile_threads"] == "2"
     c = MlflowClient(uri)
     for _, t in load_runs("auto", uri).iterrows():

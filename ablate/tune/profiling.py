@@ -338,6 +338,8 @@ def _log_profile(tracker: Tracker, study: Study, key: str, config: dict[str, Any
             "ablate.phase": PHASE, KEY_TAG: key, "ablate.study": study.spec.name,
             "ablate.status": "running",
             **{tag: str(res[k]) for k, tag in IDENTITY_TAGS.items()}}
+    if res.get("probe_threads") is not None:  # the threads the auto probe timed with
+        tags["ablate.probe_threads"] = str(res["probe_threads"])
     run = c.create_run(tracker.experiment_id, start_time=res["start_ms"],
                        run_name=f"profile {name}", tags=tags)
     rid = run.info.run_id
@@ -433,7 +435,7 @@ def _oom_message(path: Path, t: TrialSpec, e: BaseException, ident: dict[str, An
         fields = (["train.batch_size"] if auto else []) + ["train.profile_batch_size"]
         return (f"{path}: {' / '.join(fields)}: {what} the node's host memory (Ray's memory "
                 f"monitor stopped it); lower {' or '.join(fields)}")
-    return (f"{path}: model: {what} memory on {ident['device_name']} building the model; "
+    return (f"{path}: model: {what} host memory building the model (before any batch); "
             f"make the model smaller")
 
 
