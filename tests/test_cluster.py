@@ -231,6 +231,28 @@ def test_worker_node_lost_mid_study_trials_retry_elsewhere(two_nodes, tmp_path):
     assert "127.0.0.2" in nodes  # ... and finished on the node that was left
 
 
+@pytest.mark.parametrize("via", ["--address", "RAY_ADDRESS"])
+def test_a_ray_client_address_is_refused_in_one_line_before_the_store_is_touched(via, tmp_path):
+    """Through Ray Client (ray://) Tune would run the experiment on the cluster with copies of
+    the MLflow callback and the searcher that do not carry the study's store: refused, exit 2,
+    naming where the address came from and the fix, with no tracking store created."""
+    path = write(tmp_path / "c.yaml", STUDY.format(epochs=1, n=80))
+    db = tmp_path / "m.db"
+    addr = "ray://127.0.0.1:10001"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [str(ABLATE), "run", str(path), "--tracking-uri", f"sqlite:///{db}"]
+    if via == "--address":
+        args += ["--address", addr]
+    else:
+        env["RAY_ADDRESS"] = addr
+    res = subprocess.run(args, env=env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{via} {addr}" in lines[0] and "--address auto" in lines[0]
+    assert "Traceback" not in res.stderr and not db.exists()
+
+
 def test_entrypoint_refuses_placeholder_secrets_and_runs_the_command():
     entry = DOCKER / "entrypoint.sh"
     env = {"PATH": os.environ["PATH"], "POSTGRES_PASSWORD": "change-me"}

@@ -41,6 +41,7 @@ from ablate.tune.raystart import (  # noqa: E402
     _signals_held,
     _sigterm_stops_like_ctrl_c,
     _take_held,
+    check_address,
 )
 from ablate.tune.trainable import trainable  # noqa: E402
 
@@ -242,6 +243,7 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
     until `search.n_trials` trials are complete. One driver per study at a time."""
     console = console or Console(soft_wrap=True)
     uri = resolve_tracking_uri(tracking_uri, study.spec.tracking.uri)
+    check_address(address)  # before the store is touched
     data_root(study)  # a missing or unreadable dataset: one error now, not every trial failing
     if study.spec.search.method == "optuna":
         search.open_storage(study.spec.search.storage)  # unreachable: say so, create nothing

@@ -13,10 +13,22 @@ from typing import Any
 from ablate.errors import AblateError
 
 
+def check_address(address: str | None) -> None:
+    """A Ray Client address (ray://) is refused in one line: through it, Tune runs the whole
+    experiment on the cluster and ships it the MLflow callback and the Optuna searcher, which
+    do not travel (they hold the study's store, its lease and its Optuna study)."""
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    if target.strip().lower().startswith("ray://"):
+        field = "--address" if address else "RAY_ADDRESS"
+        raise AblateError(f"{field} {target}: Ray Client (ray://) is not supported; run ablate "
+                          "on a node of the cluster with --address auto (or HEAD_IP:6379)")
+
+
 def _init_ray(address: str | None, verbose: bool) -> bool:
     """Start or join Ray; returns True if this call started it (and should shut it down)."""
     import ray
 
+    check_address(address)
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -34,7 +46,7 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
                 ray.shutdown()
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise AblateError(f"--address {address}: cannot reach the Ray cluster ({e}); check the "
-                          "address (ray://host:10001 or host:6379) and that it is running"
+                          "address (auto on a cluster node, or HEAD_IP:6379) and that it is running"
                           ) from None
     if held:
         _take_held(held)

@@ -29,7 +29,8 @@ class OptunaAskTell(Searcher):
         it, into the experiment directory for a `Tuner.restore` that ablate never calls (a
         study resumes from its MLflow store and its Optuna storage). The Optuna study and its
         live trials are left out: a sampler need not pickle (Optuna 5.1's NSGAIISampler holds
-        a threading lock, and the Tuner failed on it)."""
+        a threading lock, and the Tuner failed on it). No copy of the searcher ever runs:
+        Ray Client, where Tune would ship it to the cluster, is refused (raystart)."""
         return {**self.__dict__, "study": None, "live": {}}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
