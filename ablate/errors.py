@@ -45,6 +45,14 @@ class AnalysisError(AblateError):
     """Runs cannot be analysed: no such metric, no finished runs, nothing that varies."""
 
 
+class ProfileFailed(AblateError):
+    """A cost profile failed other than by compiling or out of memory (a bug, a dead node):
+    the run stops before its trials, which would otherwise finish without their cost
+    metrics for good. Not the study file's fault: exit code 1."""
+
+    exit_code = 1
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss. Not a user error: the trial fails, the study goes on."""
 

@@ -395,6 +395,36 @@ def test_a_profile_out_of_memory_stops_the_run_in_one_line(ray_session, tmp_path
     assert load_runs("oom", uri).empty  # no trial ran
 
 
+def test_a_profile_that_fails_otherwise_stops_the_run_and_a_rerun_resumes(ray_session, tmp_path,
+                                                                         monkeypatch):
+    """Any other failure of a profile (here one raised by the test hook inside the real Ray
+    task, as a bug would be) stops the run before any trial, in one line that names the study
+    file, the architecture and the cause, with exit code 1 (not the study file's fault),
+    leaving no run behind; the next run profiles and runs its trial."""
+    from typer.testing import CliRunner
+
+    from ablate.cli import app
+
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"profile": {"times": 1}}))
+    monkeypatch.setenv("ABLATE_FAULT_FILE", str(faults))
+    path = study_file(tmp_path, "pfail", ["pool"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    res = CliRunner().invoke(app, ["run", str(path), "--tracking-uri", uri, "-q"])
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert lines[0].startswith(f"{path}: the cost profile of mixer=pool failed")
+    assert "RuntimeError: injected fault in a cost profile" in lines[0]
+    assert load_runs("pfail", uri).empty and profile_runs(uri) == []  # no trial, no profile
+    assert json.loads(faults.read_text())["profile"]["times"] == 0  # it did run the task
+    res = CliRunner().invoke(app, ["run", str(path), "--tracking-uri", uri, "-q"])
+    assert res.exit_code == 0, res.output
+    trials = load_runs("pfail", uri)
+    assert len(trials) == 1 and set(trials["status"]) == {"finished"}
+    assert len(profile_runs(uri)) == 1
+
+
 def test_a_compile_that_fails_fails_its_trials_not_the_study(tmp_path):
     """No working C++ compiler on the node: the compiled architecture's profile fails, the
     run says so in one line (no traceback) and goes on; the compiled trial fails with the
@@ -431,3 +461,61 @@ def test_a_compile_that_fails_fails_its_trials_not_the_study(tmp_path):
     exp = c.get_experiment_by_name("nocxx")
     profiles = c.search_runs([exp.experiment_id], "tags.`ablate.phase` = 'profile'")
     assert len(profiles) == 1 and "compile" not in profiles[0].data.params
+
+
+def test_trials_start_longest_expected_first(tmp_path):
+    """The order trials are started in: expected training time (epochs x the trial's
+    training images over its profile's train_img_s), longest first; `budget: steps` trains
+    every fraction for the full set's steps; a trial without a profile first; ties keep the
+    study file's order."""
+    from ablate.tune.profiling import expected_train_s, longest_first
+
+    path = write(tmp_path / "order.yaml", """\
+name: order
+dataset: {name: synthetic, image_size: 16, train_size: 1000, test_size: 40, val_fraction: 0.2}
+model: {dim: 16, depth: 1, heads: 2, patch_size: 4, mixer: mlp}
+train: {epochs: 1, batch_size: 32}
+factors:
+  dataset.fraction: [0.25, 1.0]
+  train.epochs: [1, 3]
+seeds: [0]
+""")
+    trials = load_study(path).trials
+    prof = {t.trial_id: {"metrics": {"train_img_s": 100.0}} for t in trials}
+    # 0.8 of 1000 images train (val_fraction 0.2), at 100 img/s
+    got = {(t.dataset.fraction, t.train.epochs): expected_train_s(t, prof[t.trial_id])
+           for t in trials}
+    assert got == pytest.approx({(0.25, 1): 2.0, (0.25, 3): 6.0, (1.0, 1): 8.0, (1.0, 3): 24.0})
+    order = [(t.dataset.fraction, t.train.epochs) for t in longest_first(trials, prof)]
+    assert order == [(1.0, 3), (1.0, 1), (0.25, 3), (0.25, 1)]
+    # a profile four times as fast makes the longest the shortest
+    fast = next(t for t in trials if (t.dataset.fraction, t.train.epochs) == (1.0, 3))
+    prof[fast.trial_id] = {"metrics": {"train_img_s": 400.0}}
+    order = [(t.dataset.fraction, t.train.epochs) for t in longest_first(trials, prof)]
+    file_order = [(t.dataset.fraction, t.train.epochs) for t in trials]
+    assert file_order.index((0.25, 3)) < file_order.index((1.0, 3))
+    assert order == [(1.0, 1), (0.25, 3), (1.0, 3), (0.25, 1)]  # 8, 6 and 6 as in the file, 2
+    # no profile: first, so a trial whose compiled profile failed fails at once
+    del prof[fast.trial_id]
+    assert longest_first(trials, prof)[0] is fast
+    assert expected_train_s(fast, None) is None
+    # budget: steps trains every fraction for the full set's steps
+    steps = load_study(path, ["train.budget=steps"]).trials
+    sprof = {t.trial_id: {"metrics": {"train_img_s": 100.0}} for t in steps}
+    assert {(t.dataset.fraction, t.train.epochs): expected_train_s(t, sprof[t.trial_id])
+            for t in steps} == pytest.approx({(0.25, 1): 8.0, (0.25, 3): 24.0, (1.0, 1): 8.0,
+                                              (1.0, 3): 24.0})
+
+
+def test_the_slower_architecture_starts_first(ray_session, tmp_path):
+    """identity comes first in the study file; attention trains more slowly per its profile
+    (same data and epochs), so its two seeds fill both slots first."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(study_file(tmp_path, "lpt", ["identity", "attention"], seeds=[0, 1]))
+    assert [t.model.mixer for t in study.trials][0] == "identity"
+    assert run_study(study, uri).finished == 4
+    rate = {p.data.params["model.mixer"]: p.data.metrics["train_img_s"]
+            for p in profile_runs(uri)}
+    slower = min(rate, key=rate.get)
+    trials = load_runs("lpt", uri).sort_values("start_time")
+    assert list(trials["factor.model.mixer"].iloc[:2]) == [slower, slower], rate

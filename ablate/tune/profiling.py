@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +37,13 @@ from typing import Any
 
 from rich.console import Console
 
-from ablate.errors import AblateError, CompileError, ProfileOutOfMemory, out_of_memory
+from ablate.errors import (
+    AblateError,
+    CompileError,
+    ProfileFailed,
+    ProfileOutOfMemory,
+    out_of_memory,
+)
 from ablate.study import Study, TrialSpec, trials_for
 from ablate.tracking import Tracker, flatten
 
@@ -194,17 +201,22 @@ def identity(device_type: str, threads: int) -> dict[str, str]:
 
 
 def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str,
-            threads: int, probe_threads: int | None = None) -> dict[str, Any]:
+            threads: int, probe_threads: int | None = None,
+            fault_file: str | None = None) -> dict[str, Any]:
     """One architecture's profile (run inside a Ray task that holds the whole node): the
     auto probe where asked, then params, GMACs and the timed metrics at the chosen setting.
     The metrics are timed with the node's `threads`; on CPU the probe times the training
     steps with the threads the trials train with (`probe_threads`), since it decides how they
-    train (still alone on the node)."""
+    train (still alone on the node). `fault_file`: the test hook of
+    ablate.tune.trainable.take_fault, under the key "profile"."""
     import torch
 
     from ablate.cost import candidates_for, probe_settings, profile
     from ablate.train import DTYPES, build_model, is_auto
+    from ablate.tune.trainable import take_fault
 
+    if take_fault(fault_file, "profile", 1):
+        raise RuntimeError("injected fault in a cost profile (ABLATE_FAULT_FILE)")
     start = int(time.time() * 1000)
     torch.set_num_threads(threads)
     device = torch.device("cuda" if device_type == "cuda" and torch.cuda.is_available()
@@ -389,13 +401,14 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                   f"{ident['torch_version']}), {len(keys) - len(missing)} from the store",
                   highlight=False)
     task = ray.remote(**opts)(measure)
+    fault_file = os.environ.get("ABLATE_FAULT_FILE")  # the tests' hook, as the trials'
     for key in missing:  # one at a time: each task holds the whole node
         config, t = keys[key]
         try:
             res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
                                                   config["num_classes"]), device_type, cpus,
-                                    config.get("probe_threads")))
-        except (ray.exceptions.RayTaskError, ray.exceptions.OutOfMemoryError) as e:
+                                    config.get("probe_threads"), fault_file))
+        except ray.exceptions.RayError as e:  # the task's own error, or Ray's (a dead node)
             # Only a compile that fails on this node is the trials' own failure (they fail
             # with the same CompileError, one line each, and the study goes on); anything
             # else (a bug, a dead node) stops the run rather than leave grid trials finished
@@ -405,7 +418,11 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                     or isinstance(cause, ProfileOutOfMemory) or out_of_memory(cause or e):
                 raise AblateError(_oom_message(study.path, t, e, ident)) from None
             if not isinstance(cause, CompileError):
-                raise
+                raise ProfileFailed(
+                    f"{study.path}: the cost profile of {t.cell_name} failed on "
+                    f"{ident['device_name']} ({_cause(e)}); no trial was started (they would "
+                    "finish without their cost metrics): fix the cause and run again, the "
+                    "profiles already taken are kept") from e
             then = ("its trials measure their own costs, beside other trials"
                     if study.spec.search.method == "optuna" else
                     "its trials run without cost metrics")
@@ -417,6 +434,40 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                       "channels_last": res["channels_last"], "run_id": rid}
     return {tid: {**found[key], "arch_key": key} for tid, key in by_trial.items()
             if key in found}
+
+
+# training images in a full source whose size the study file does not give (synthetic's is
+# dataset.train_size); an image folder's is unknown before it is read: 1 (only relative)
+SOURCE_TRAIN = {"cifar10": 50_000, "cifar100": 50_000}
+
+
+def expected_train_s(t: TrialSpec, prof: dict[str, Any] | None) -> float | None:
+    """A trial's training time as its profile predicts it: the images its optimizer steps
+    see (epochs x its training subset; `budget: steps` trains the full set's steps whatever
+    the fraction) over the profile's train_img_s. Only for ordering the trials: the profile
+    times the node's threads at profile_batch_size, not the trial's own."""
+    rate = (prof or {}).get("metrics", {}).get("train_img_s")
+    if not rate:
+        return None
+    ds = t.dataset
+    full = float(ds.train_size if ds.name == "synthetic" else SOURCE_TRAIN.get(ds.name, 1))
+    if ds.max_train is not None and ds.name != "imagefolder":
+        full = min(full, ds.max_train)
+    subset = full * (1.0 - ds.val_fraction) * (ds.fraction if t.train.budget == "epochs" else 1.0)
+    return t.train.epochs * subset / rate
+
+
+def longest_first(trials: list[TrialSpec], arch: dict[str, dict[str, Any]]) -> list[TrialSpec]:
+    """The trials in the order they are started, longest expected training first (LPT: with
+    a fixed number of slots the last to start are the shortest, so the end of the study,
+    where slots go idle one by one, is short). Trials with no profile (their compiled
+    profile failed: they fail the same way at once) come first, so their errors show early;
+    equal expectations keep the study file's order. The order changes when a trial runs,
+    never what it computes: each trial's seed and data are its own."""
+    expected = [expected_train_s(t, arch.get(t.trial_id)) for t in trials]
+    order = sorted(range(len(trials)),
+                   key=lambda i: (expected[i] is not None, -(expected[i] or 0.0), i))
+    return [trials[i] for i in order]
 
 
 def _oom_message(path: Path, t: TrialSpec, e: BaseException, ident: dict[str, Any]) -> str:
