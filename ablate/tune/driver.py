@@ -326,7 +326,7 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
         return RunSummary(len(study.trials), len(skipped), 0, 0, 0, uri)
     from ray import tune
 
-    from ablate.tune.profiling import longest_first, profile_trials
+    from ablate.tune.profiling import profile_trials
 
     context = _context(study)
     progress = Progress(total=len(todo), skipped=len(skipped))
@@ -336,7 +336,6 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
     try:  # profiles first, each alone on its node; then the trials
         _rearm_python_signal_handlers()
         context["arch"] = profile_trials(study, todo, tracker, console, context["root"])
-        todo = longest_first(todo, context["arch"])  # the shortest last: a short idle tail
         interrupted = _fit(
             study, tracker, address, verbose, console, progress,
             {"context": context, "cell": tune.grid_search([[t.to_dict()] for t in todo])},

@@ -436,40 +436,6 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
             if key in found}
 
 
-# training images in a full source whose size the study file does not give (synthetic's is
-# dataset.train_size); an image folder's is unknown before it is read: 1 (only relative)
-SOURCE_TRAIN = {"cifar10": 50_000, "cifar100": 50_000}
-
-
-def expected_train_s(t: TrialSpec, prof: dict[str, Any] | None) -> float | None:
-    """A trial's training time as its profile predicts it: the images its optimizer steps
-    see (epochs x its training subset; `budget: steps` trains the full set's steps whatever
-    the fraction) over the profile's train_img_s. Only for ordering the trials: the profile
-    times the node's threads at profile_batch_size, not the trial's own."""
-    rate = (prof or {}).get("metrics", {}).get("train_img_s")
-    if not rate:
-        return None
-    ds = t.dataset
-    full = float(ds.train_size if ds.name == "synthetic" else SOURCE_TRAIN.get(ds.name, 1))
-    if ds.max_train is not None and ds.name != "imagefolder":
-        full = min(full, ds.max_train)
-    subset = full * (1.0 - ds.val_fraction) * (ds.fraction if t.train.budget == "epochs" else 1.0)
-    return t.train.epochs * subset / rate
-
-
-def longest_first(trials: list[TrialSpec], arch: dict[str, dict[str, Any]]) -> list[TrialSpec]:
-    """The trials in the order they are started, longest expected training first (LPT: with
-    a fixed number of slots the last to start are the shortest, so the end of the study,
-    where slots go idle one by one, is short). Trials with no profile (their compiled
-    profile failed: they fail the same way at once) come first, so their errors show early;
-    equal expectations keep the study file's order. The order changes when a trial runs,
-    never what it computes: each trial's seed and data are its own."""
-    expected = [expected_train_s(t, arch.get(t.trial_id)) for t in trials]
-    order = sorted(range(len(trials)),
-                   key=lambda i: (expected[i] is not None, -(expected[i] or 0.0), i))
-    return [trials[i] for i in order]
-
-
 def _oom_message(path: Path, t: TrialSpec, e: BaseException, ident: dict[str, Any]) -> str:
     """One line for a profile out of memory: the setting whose batch did not fit and the fix;
     where Ray's memory monitor killed the task (host memory, phase unknown), every batch it
