@@ -84,10 +84,10 @@ OOM_TEXTS = ("OutOfMemoryError:", "CUDA out of memory", "CUDA error: out of memo
              "DefaultCPUAllocator: can't allocate")
 
 
-def _chain(e: BaseException) -> list[BaseException]:
-    """`e` and what it wraps: dynamo's `inner_exception`, `__cause__`, and `__context__`
-    unless a `raise ... from` suppressed it (an error raised while handling another is not
-    that other one)."""
+def _chain(e: BaseException, context: bool = True) -> list[BaseException]:
+    """`e` and what it wraps: dynamo's `inner_exception`, `__cause__`, and (with `context`)
+    `__context__` unless a `raise ... from` suppressed it (an error raised while handling
+    another is not that other one)."""
     chain, stack = [], [e]
     while stack:
         x = stack.pop()
@@ -95,7 +95,7 @@ def _chain(e: BaseException) -> list[BaseException]:
             continue
         chain.append(x)
         stack += [getattr(x, "inner_exception", None), x.__cause__,
-                  None if x.__suppress_context__ else x.__context__]
+                  None if x.__suppress_context__ or not context else x.__context__]
     return chain
 
 
@@ -121,37 +121,67 @@ def out_of_memory(e: BaseException) -> BaseException | None:
 # AOTAutograd (the backward's graph), symbolic shapes (torch.fx.experimental), Triton itself
 COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch._functorch",
                     "torch.fx.experimental", "triton")
-# the same as directories: a builtin error (an AssertionError, an IndexError) that the
-# compiler's own code raised is told by where it was raised
-COMPILER_DIRS = tuple(os.sep + m.replace(".", os.sep) + os.sep for m in COMPILER_MODULES)
+# the same code as installed files, for a builtin error raised there (functorch's eager vmap
+# and functional_call left out: only AOTAutograd of it is the compiler)
+COMPILER_CODE = ("torch._dynamo", "torch._inductor", "torch._functorch._aot_autograd",
+                 "torch._functorch.aot_autograd", "torch.fx.experimental", "triton")
+_compiler_paths: tuple[str, ...] | None = None
 
 
 def _of_compiler(module: str) -> bool:
     return any(module == m or module.startswith(m + ".") for m in COMPILER_MODULES)
 
 
+def _compiler_code_paths() -> tuple[str, ...]:
+    """The installed folders (a trailing separator) and files of COMPILER_CODE; a package
+    that is not installed (Triton on a CPU-only torch) has none."""
+    global _compiler_paths
+    if _compiler_paths is None:
+        import importlib.util
+
+        paths = []
+        for m in COMPILER_CODE:
+            try:
+                spec = importlib.util.find_spec(m)
+            except (ImportError, ValueError):
+                spec = None
+            if spec is None or not spec.origin:
+                continue
+            origin = os.path.realpath(spec.origin)
+            paths.append(os.path.dirname(origin) + os.sep if spec.submodule_search_locations
+                         else origin)
+        _compiler_paths = tuple(paths)
+    return _compiler_paths
+
+
 def _raised_in_compiler(x: BaseException) -> bool:
-    """Whether the innermost frame of `x`'s traceback is the compiler's own code."""
+    """Whether the innermost frame of `x`'s traceback is the compiler's own installed code
+    (not a generated kernel file, nor code compiled from a string)."""
     tb = x.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
-    return any(d in path for d in COMPILER_DIRS)
+    name = tb.tb_frame.f_code.co_filename
+    if not name or name.startswith("<"):
+        return False
+    path = os.path.realpath(name)
+    return any(path == p or (p.endswith(os.sep) and path.startswith(p))
+               for p in _compiler_code_paths())
 
 
 def compiler_failure(e: BaseException) -> bool:
     """Whether torch.compile's machinery raised `e` or something it wraps: an error whose class
-    (or a base of it) comes from the compiler's modules, or a builtin one (an assert, a lookup)
-    raised in their code; not the model's own error (a label out of range, a device-side
-    assert) inside a compiled first step. A builtin RuntimeError counts only by its class's
-    modules: it is how kernels report the model's errors, also when the innermost Python frame
-    is inductor's or Triton's launcher."""
-    return any(any(_of_compiler(c.__module__) for c in type(x).__mro__)
-               or (type(x).__module__ == "builtins" and not isinstance(x, RuntimeError)
-                   and _raised_in_compiler(x))
-               for x in _chain(e))
+    (or a base of it) comes from the compiler's modules, or a builtin one other than
+    RuntimeError (an assert, a lookup) raised in the compiler's own code and reached from `e`
+    by what wraps it or what it was raised from (not by an error it was merely raised while
+    handling); not the model's own error (a label out of range, a device-side assert) inside
+    a compiled first step. A builtin RuntimeError counts only by its class's modules: it is
+    how kernels report the model's errors, also when the innermost Python frame is
+    inductor's or Triton's launcher."""
+    return (any(any(_of_compiler(c.__module__) for c in type(x).__mro__) for x in _chain(e))
+            or any(type(x).__module__ == "builtins" and not isinstance(x, RuntimeError)
+                   and _raised_in_compiler(x) for x in _chain(e, context=False)))
 
 
 @contextlib.contextmanager

@@ -231,11 +231,12 @@ def test_worker_node_lost_mid_study_trials_retry_elsewhere(two_nodes, tmp_path):
     assert "127.0.0.2" in nodes  # ... and finished on the node that was left
 
 
-@pytest.mark.parametrize("via", ["--address", "RAY_ADDRESS"])
+@pytest.mark.parametrize("via", ["--address", "RAY_ADDRESS", "auto"])
 def test_a_ray_client_address_is_refused_in_one_line_before_the_store_is_touched(via, tmp_path):
     """Through Ray Client (ray://) Tune would run the experiment on the cluster with copies of
     the MLflow callback and the searcher that do not carry the study's store: refused, exit 2,
-    naming where the address came from and the fix, with no tracking store created."""
+    naming where the address came from and the fix, with no tracking store created; also
+    when `--address auto` would read it from RAY_ADDRESS (as ray.init does)."""
     path = write(tmp_path / "c.yaml", STUDY.format(epochs=1, n=80))
     db = tmp_path / "m.db"
     addr = "ray://127.0.0.1:10001"
@@ -245,11 +246,13 @@ def test_a_ray_client_address_is_refused_in_one_line_before_the_store_is_touched
         args += ["--address", addr]
     else:
         env["RAY_ADDRESS"] = addr
+        args += ["--address", "auto"] if via == "auto" else []
     res = subprocess.run(args, env=env, capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, timeout=120)
     assert res.returncode == 2, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"{via} {addr}" in lines[0] and "--address auto" in lines[0]
+    named = "--address" if via == "--address" else "RAY_ADDRESS"
+    assert len(lines) == 1 and f"{named} {addr}" in lines[0] and "--address auto" in lines[0]
     assert "Traceback" not in res.stderr and not db.exists()
 
 

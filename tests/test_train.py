@@ -213,7 +213,7 @@ def test_a_compile_failure_is_one_line_and_out_of_memory_stays_itself():
         torch._dynamo.reset()
 
 
-def test_compiler_failures_are_told_by_class_and_by_where_a_builtin_error_was_raised():
+def test_compiler_failures_are_told_by_class_and_by_where_a_builtin_error_was_raised(tmp_path):
     """The compiler's errors are its classes, their subclasses (a base from dynamo counts),
     symbolic shapes' guards, and builtin errors (an assert, a lookup) raised in the
     compiler's own files; the same builtin errors raised elsewhere (the model's, torch.nn's)
@@ -250,6 +250,20 @@ def test_compiler_failures_are_told_by_class_and_by_where_a_builtin_error_was_ra
     assert not compiler_failure(raised_in(__file__, AssertionError("model's own")))
     assert not compiler_failure(raised_in(inductor_file, RuntimeError("device-side assert")))
     assert not compiler_failure(AssertionError("no traceback"))
+    # only the installed compiler's files: not a user's folder that happens to be named
+    # like it, nor code compiled from a string
+    lookalike = str(tmp_path / "triton" / "torch" / "_inductor" / "model.py")
+    assert not compiler_failure(raised_in(lookalike, AssertionError("user code")))
+    assert not compiler_failure(raised_in("<string>", AssertionError("eval'd")))
+    # an error merely raised while the compiler's code handled its own lookup miss is not it
+    try:
+        try:
+            raise raised_in(inductor_file, KeyError("cache miss"))
+        except KeyError:
+            raise ValueError("the model's own")  # noqa: B904 - implicit context, as intended
+    except ValueError as e:
+        assert isinstance(e.__context__, KeyError) and not e.__suppress_context__
+        assert not compiler_failure(e)
 
 
 def test_auto_resolves_to_a_supported_candidate_and_keeps_explicit_values():

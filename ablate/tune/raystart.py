@@ -14,14 +14,22 @@ from ablate.errors import AblateError
 
 
 def check_address(address: str | None) -> None:
-    """A Ray Client address (ray://) is refused in one line: through it, Tune runs the whole
-    experiment on the cluster and ships it the MLflow callback and the Optuna searcher, which
-    do not travel (they hold the study's store, its lease and its Optuna study)."""
-    target = address or os.environ.get("RAY_ADDRESS") or ""
-    if target.strip().lower().startswith("ray://"):
-        field = "--address" if address else "RAY_ADDRESS"
-        raise AblateError(f"{field} {target}: Ray Client (ray://) is not supported; run ablate "
-                          "on a node of the cluster with --address auto (or HEAD_IP:6379)")
+    """A client address (ray://, or any other scheme://) is refused in one line: through Ray
+    Client, Tune runs the whole experiment on the cluster and ships it the MLflow callback and
+    the Optuna searcher, which do not travel (they hold the study's store, its lease and its
+    Optuna study). The address is resolved as ray.init does: RAY_ADDRESS stands in for none
+    and for "auto"."""
+    env = (os.environ.get("RAY_ADDRESS") or "").strip()
+    given = (address or "").strip()
+    from_env = bool(env) and given in ("", "auto")
+    target = env if from_env else given
+    if "://" in target:
+        where = (f"RAY_ADDRESS {target}" + (" (what --address auto reads)" if given else "")
+                 if from_env else f"--address {target}")
+        fix = "unset RAY_ADDRESS and run" if from_env else "run"
+        raise AblateError(f"{where}: Ray Client ({target.split('://')[0]}://) is not "
+                          f"supported; {fix} ablate on a node of the cluster with --address "
+                          "auto (or HEAD_IP:6379)")
 
 
 def _init_ray(address: str | None, verbose: bool) -> bool:
@@ -30,6 +38,10 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
 
     check_address(address)
     if ray.is_initialized():
+        if ray.util.client.ray.is_connected():  # a session this process opened before
+            raise AblateError("Ray Client: this process is connected to a cluster through "
+                              "ray://, which ablate does not support; ray.shutdown() first and "
+                              "run ablate on a node of the cluster with --address auto")
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
