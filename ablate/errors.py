@@ -121,10 +121,13 @@ def out_of_memory(e: BaseException) -> BaseException | None:
 # AOTAutograd (the backward's graph), symbolic shapes (torch.fx.experimental), Triton itself
 COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch._functorch",
                     "torch.fx.experimental", "triton")
-# the same code as installed files, for a builtin error raised there (functorch's eager vmap
-# and functional_call left out: only AOTAutograd of it is the compiler)
+# the same code as installed files, for a builtin error raised there (functorch's eager vmap,
+# grad and functional_call left out: only its AOTAutograd and partitioning are the compiler)
 COMPILER_CODE = ("torch._dynamo", "torch._inductor", "torch._functorch._aot_autograd",
-                 "torch._functorch.aot_autograd", "torch.fx.experimental", "triton")
+                 "torch._functorch.aot_autograd", "torch._functorch.partitioners",
+                 "torch._functorch.compile_utils", "torch._functorch.compilers",
+                 "torch._functorch._activation_checkpointing",
+                 "torch._functorch._activation_offloading", "torch.fx.experimental", "triton")
 _compiler_paths: tuple[str, ...] | None = None
 
 
@@ -143,7 +146,7 @@ def _compiler_code_paths() -> tuple[str, ...]:
         for m in COMPILER_CODE:
             try:
                 spec = importlib.util.find_spec(m)
-            except (ImportError, ValueError):
+            except Exception:  # noqa: BLE001 - called while handling a failure: never raise
                 spec = None
             if spec is None or not spec.origin:
                 continue

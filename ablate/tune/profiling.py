@@ -418,14 +418,14 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                     or isinstance(cause, ProfileOutOfMemory) or out_of_memory(cause or e):
                 raise AblateError(_oom_message(study.path, t, e, ident)) from None
             if not isinstance(cause, CompileError):
-                why = ("its trials would measure their costs beside each other"
+                why = ("a search's trials would measure their own costs, beside other trials"
                        if study.spec.search.method == "optuna" else
-                       "they would finish without their cost metrics")
+                       "grid trials would finish without their cost metrics")
                 raise ProfileFailed(
                     f"{study.path}: the cost profile of {t.cell_name} failed on "
                     f"{ident['device_name']} ({_cause(e)}); the run stops before the trials "
-                    f"it was for ({why}): fix the cause and run again, the profiles already "
-                    "taken are kept") from e
+                    f"this profile is for ({why}): fix the cause and run again, the profiles "
+                    "already taken are kept") from e
             then = ("its trials measure their own costs, beside other trials"
                     if study.spec.search.method == "optuna" else
                     "its trials run without cost metrics")

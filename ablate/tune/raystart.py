@@ -7,10 +7,15 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 from ablate.errors import AblateError
+
+CLIENT_SESSION = ("Ray Client: this process is connected to a cluster through Ray Client, "
+                  "which ablate does not support; ray.shutdown() first and run ablate on a "
+                  "node of the cluster with --address auto")
 
 
 def check_address(address: str | None) -> None:
@@ -23,6 +28,8 @@ def check_address(address: str | None) -> None:
     given = (address or "").strip()
     from_env = bool(env) and given in ("", "auto")
     target = env if from_env else given
+    if "ray" in sys.modules and sys.modules["ray"].util.client.ray.is_connected():
+        raise AblateError(CLIENT_SESSION)
     if "://" in target:
         where = (f"RAY_ADDRESS {target}" + (" (what --address auto reads)" if given else "")
                  if from_env else f"--address {target}")
@@ -36,12 +43,8 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
     """Start or join Ray; returns True if this call started it (and should shut it down)."""
     import ray
 
-    check_address(address)
+    check_address(address)  # also a Ray Client session this process opened before
     if ray.is_initialized():
-        if ray.util.client.ray.is_connected():  # a session this process opened before
-            raise AblateError("Ray Client: this process is connected to a cluster through "
-                              "ray://, which ablate does not support; ray.shutdown() first and "
-                              "run ablate on a node of the cluster with --address auto")
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
@@ -62,6 +65,9 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
                           ) from None
     if held:
         _take_held(held)
+    if ray.util.client.ray.is_connected():  # Ray Client by another route (RAY_CLIENT_MODE)
+        ray.shutdown()
+        raise AblateError(CLIENT_SESSION)
     return True
 
 
