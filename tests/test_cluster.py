@@ -253,6 +253,7 @@ def test_a_ray_client_address_is_refused_in_one_line_before_the_store_is_touched
     lines = res.stderr.strip().splitlines()
     named = "--address" if via == "--address" else "RAY_ADDRESS"
     assert len(lines) == 1 and f"{named} {addr}" in lines[0] and "--address auto" in lines[0]
+    assert ("(what --address auto reads)" in lines[0]) == (via == "auto")
     assert "Traceback" not in res.stderr and not db.exists()
 
 
