@@ -76,12 +76,14 @@ def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCo
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _first_call(fn, device: torch.device) -> float:
+def _first_call(fn, device: torch.device, eager) -> float:
     """Seconds of a compiled model's first call, synchronized: its compile; a backend that
-    fails says so in one line (CompileError); out of memory stays torch.OutOfMemoryError."""
+    fails says so in one line (CompileError), unless `eager` (the same call on the model
+    itself) fails too: then the model's own error; out of memory stays
+    torch.OutOfMemoryError."""
     _sync(device)
     start = time.perf_counter()
-    with compile_failures():
+    with compile_failures(eager=eager):
         fn()
     _sync(device)
     return time.perf_counter() - start
@@ -255,8 +257,8 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
         x1 = x[:1].clone()
         with _train_mode(model, False), torch.no_grad(), _autocast(device, dtype):
             if compile_:
-                compile_s += _first_call(lambda: run(x), device) + _first_call(
-                    lambda: run(x1), device)
+                compile_s += _first_call(lambda: run(x), device, lambda: model(x)) + \
+                    _first_call(lambda: run(x1), device, lambda: model(x1))
             thr, iqr["throughput_img_s_iqr"] = median_iqr(
                 [batch_size / t for t in _time_calls(lambda: run(x), device, warmup, 1,
                                                      min_seconds, repeats)])
@@ -267,7 +269,8 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
         step, opt = _train_step(run, x, num_classes, device, dtype)
         with _train_mode(model, True):
             if compile_:
-                compile_s += _first_call(step, device)
+                compile_s += _first_call(step, device, lambda: _train_step(
+                    model, x, num_classes, device, dtype, opt)[0]())
             train, iqr["train_img_s_iqr"] = median_iqr(
                 [batch_size / t for t in _time_calls(step, device, warmup, 1, min_seconds,
                                                      repeats)])

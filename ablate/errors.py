@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class AblateError(Exception):
@@ -188,11 +188,18 @@ def compiler_failure(e: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def compile_failures(active: bool = True) -> Iterator[None]:
+def compile_failures(active: bool = True, eager: Callable[[], object] | None = None
+                     ) -> Iterator[None]:
     """Inside, torch.compile's first call (and its backward): a failure of the compiler is one
     CompileError line with the fix, except out of memory, which stays torch.OutOfMemoryError
     (the model does not fit; compiling it is not what failed). Any other error (the loss's,
-    the model's own at run time) passes unchanged."""
+    the model's own at run time) passes unchanged.
+
+    `eager`: the same call without torch.compile. A compiler failure runs it once: the
+    model's own bug that dynamo met while tracing (a shape mismatch, raised as dynamo's
+    TorchRuntimeError) fails there too, and its own error is raised instead, since
+    `train.compile: false` would not fix it. Out of memory there says nothing of the model
+    (the failed compile may still hold memory): the CompileError stands."""
     if not active:
         yield
         return
@@ -204,6 +211,15 @@ def compile_failures(active: bool = True) -> Iterator[None]:
             raise oom from None
         if not compiler_failure(e):
             raise
+        if eager is not None:
+            try:
+                eager()
+            except Exception as own:  # noqa: BLE001 - the model's own error, whatever it is
+                if out_of_memory(own) is None:
+                    # no colon: a trial's failure reason is the last line with one
+                    own.add_note("(the model's own error, raised without torch.compile, "
+                                 "which met it while tracing the model)")
+                    raise own from None
         raise CompileError(e) from None
 
 

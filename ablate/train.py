@@ -186,6 +186,19 @@ def round_steps(cfg: TrainSpec, batches_per_pass: int, n_train_full: int) -> int
     return max(1, batches_per_pass)
 
 
+def _eager_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: nn.Module,
+                cfg: TrainSpec, device: torch.device) -> Callable[[], None]:
+    """The first training step's forward and backward without torch.compile: what tells the
+    model's own error from the compiler's when the compiled step fails."""
+    def step() -> None:
+        with autocast(device, cfg.precision):
+            loss = loss_fn(model(x).float(), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _endless(batches: Batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Pass after pass over a split, each pass reshuffled (a small subset under a `steps`
     budget makes several passes per evaluation)."""
@@ -225,7 +238,7 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    model = compiled(model, cfg)
+    eager_model, model = model, compiled(model, cfg)
     train_batches = Batches(data.train, data.mean, data.std, cfg.batch_size, device,
                             shuffle=True, augment=cfg.augment, padding=cfg.crop_padding,
                             seed=seed, channels_last=cfg.channels_last,
@@ -248,7 +261,9 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         for _ in range(steps_per_epoch):
             x, y = next(batches)
             # torch.compile compiles at the first call, and the backward at its first backward
-            with compile_failures(cfg.compile and seen == 0):
+            first = cfg.compile and seen == 0
+            with compile_failures(first, _eager_step(eager_model, x, y, loss_fn, cfg, device)
+                                  if first else None):
                 with autocast(device, cfg.precision):
                     out = model(x)
                     loss = loss_fn(out.float(), y)

@@ -213,6 +213,55 @@ def test_a_compile_failure_is_one_line_and_out_of_memory_stays_itself():
         torch._dynamo.reset()
 
 
+class _ShapeBug(torch.nn.Module):
+    """A model whose head does not fit its features (64 in, 65 expected)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 4, stride=4)
+        self.head = torch.nn.Linear(65, 10)
+
+    def forward(self, x):
+        return self.head(self.stem(x).flatten(1))
+
+
+def test_the_models_own_bug_met_while_compiling_is_the_models_error_not_a_compile_failure():
+    """Dynamo meets a model's shape bug while it traces and raises its own TorchRuntimeError
+    (a compiler failure by its class): the eager step decides, so the trial fails with the
+    model's error, not with "set train.compile: false", which would not fix it. A compiler
+    failure whose eager call runs stays a CompileError."""
+    from ablate.errors import CompileError, compile_failures
+
+    data = load_dataset(DATA)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            fit(_ShapeBug(), data, TrainSpec(epochs=1, batch_size=32, compile=True), seed=0)
+        assert not isinstance(failed.value, CompileError)
+        assert "64" in str(failed.value) and "65" in str(failed.value)  # the shapes
+        assert any("model's own error" in n for n in failed.value.__notes__)
+        # the failure reason a study records is still the error's own line, not the note
+        import traceback
+
+        from ablate.tune.callback import failure_reason
+
+        reason = failure_reason("".join(traceback.format_exception(failed.value)))
+        assert reason.startswith("RuntimeError: ") and "64" in reason and "65" in reason
+
+        def backend(gm, example_inputs):
+            raise RuntimeError("cc1plus: not found")
+
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: torch.sin(x) + 1, backend=backend)
+        ran = []
+        with pytest.raises(CompileError, match="cc1plus: not found"), \
+                compile_failures(eager=lambda: ran.append(torch.sin(torch.ones(3)) + 1)):
+            fn(torch.ones(3))
+        assert len(ran) == 1  # the eager call ran, passed, and the compiler is to blame
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compiler_failures_are_told_by_class_and_by_where_a_builtin_error_was_raised(tmp_path):
     """The compiler's errors are its classes, their subclasses (a base from dynamo counts),
     symbolic shapes' guards, and builtin errors (an assert, a lookup) raised in the
