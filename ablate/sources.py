@@ -25,6 +25,7 @@ from typing import IO
 import numpy as np
 import torch
 
+from ablate.cache import cache_dir
 from ablate.errors import DataError
 from ablate.study import DatasetSpec, expand_vars
 
@@ -375,10 +376,6 @@ def imagefolder_source(root: Path, size: int | None) -> Source:
 
 
 # ---------------------------------------------------------------- cache
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ABLATE_CACHE") or Path.home() / ".cache" / "ablate").expanduser()
-
 
 def _cache_path(root: Path, size: int | None) -> Path:
     st = root.stat()

@@ -101,6 +101,7 @@ def client(uri: str):
     for attempt in range(5):
         try:
             with store_lock(uri):
+                _from_template(uri)
                 c = MlflowClient(tracking_uri=uri)
                 c.search_experiments(max_results=1)
                 use_wal(uri)
@@ -147,6 +148,68 @@ def _reachable(uri: str) -> None:
         raise _cannot_open(uri, e.orig if e.orig is not None else e) from None
     finally:
         eng.dispose()
+
+
+def _template_path() -> Path:
+    """Where the empty store of this MLflow and SQLAlchemy version is kept."""
+    import mlflow
+    import sqlalchemy
+
+    from ablate.cache import cache_dir
+
+    return cache_dir() / f"mlflow-{mlflow.__version__}-sqlalchemy-{sqlalchemy.__version__}-empty.db"
+
+
+def _schema_template() -> Path:
+    """An empty SQLite store at MLflow's current schema, made once per machine and version:
+    MLflow's migrations take 3 to 4 s of Python for every new store (each test, each study
+    into a new file). It has no experiment: MLflow adds its default experiment (with the
+    new store's own artifact location and time) when it opens a copy, as for a new file."""
+    import sqlite3
+
+    from mlflow import MlflowClient
+
+    path = _template_path()
+    if path.exists():
+        try:  # a cache damaged by hand is made again
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+                if con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1:
+                    return path
+        except sqlite3.Error:
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+        with contextlib.closing(sqlite3.connect(tmp)) as con:
+            con.execute("DELETE FROM experiment_tags")
+            con.execute("DELETE FROM experiments")
+            con.commit()
+        os.replace(tmp, path)  # another process making it at once is as good
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _from_template(uri: str) -> None:
+    """A SQLite store that does not exist yet starts as a copy of the schema template (under
+    the store's lock); where the template cannot be made or copied, MLflow migrates the new
+    file itself, as before."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import shutil
+
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists() or not db.parent.is_dir():
+        return
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copyfile(_schema_template(), tmp)
+        os.link(tmp, db)  # never over a store that appeared meanwhile (another program's)
+    except Exception:  # noqa: BLE001 - a cache or copy that fails: MLflow creates the store
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def use_wal(uri: str) -> None:
