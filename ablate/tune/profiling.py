@@ -280,8 +280,8 @@ def _import_profile_code() -> None:
 def warm_profile_worker(study: Study) -> None:
     """Submit, without waiting, a task that holds the profile node (as a profile does) and
     imports what profiles need into the worker they will reuse: started as soon as Ray is up,
-    the imports overlap what the driver does before its first profile (a new store's
-    migrations) instead of delaying that profile. Nothing runs beside it, and no profile can
+    the imports overlap what the driver does before its first profile (importing MLflow,
+    opening the store) instead of delaying that profile. Nothing runs beside it, and no profile can
     start before it ends."""
     if not study.profile:
         return
