@@ -173,7 +173,7 @@ def _raised_in_compiler(x: BaseException) -> bool:
                for p in _compiler_code_paths())
 
 
-def compiler_failure(e: BaseException) -> bool:
+def compiler_failure(e: BaseException, context: bool = True) -> bool:
     """Whether torch.compile's machinery raised `e` or something it wraps: an error whose class
     (or a base of it) comes from the compiler's modules, or a builtin one other than
     RuntimeError (an assert, a lookup) raised in the compiler's own code and reached from `e`
@@ -181,8 +181,10 @@ def compiler_failure(e: BaseException) -> bool:
     handling); not the model's own error (a label out of range, a device-side assert) inside
     a compiled first step. A builtin RuntimeError counts only by its class's modules: it is
     how kernels report the model's errors, also when the innermost Python frame is
-    inductor's or Triton's launcher."""
-    return (any(any(_of_compiler(c.__module__) for c in type(x).__mro__) for x in _chain(e))
+    inductor's or Triton's launcher. `context=False`: not what `e` was raised while handling
+    (an eager re-run raised inside the compile failure's handling)."""
+    return (any(any(_of_compiler(c.__module__) for c in type(x).__mro__)
+                for x in _chain(e, context))
             or any(type(x).__module__ == "builtins" and not isinstance(x, RuntimeError)
                    and _raised_in_compiler(x) for x in _chain(e, context=False)))
 
@@ -199,7 +201,8 @@ def compile_failures(active: bool = True, eager: Callable[[], object] | None = N
     model's own bug that dynamo met while tracing (a shape mismatch, raised as dynamo's
     TorchRuntimeError) fails there too, and its own error is raised instead, since
     `train.compile: false` would not fix it. Out of memory there says nothing of the model
-    (the failed compile may still hold memory): the CompileError stands."""
+    (the failed compile may still hold memory), nor does a compiler failure of the eager
+    step itself (a part the model compiles on its own): the CompileError stands."""
     if not active:
         yield
         return
@@ -215,10 +218,12 @@ def compile_failures(active: bool = True, eager: Callable[[], object] | None = N
             try:
                 eager()
             except Exception as own:  # noqa: BLE001 - the model's own error, whatever it is
-                if out_of_memory(own) is None:
+                # the eager step's own compiler failure (a submodule compiled by the model
+                # itself), or out of memory, say nothing of the model: the CompileError stands
+                if out_of_memory(own) is None and not compiler_failure(own, context=False):
                     # no colon: a trial's failure reason is the last line with one
                     own.add_note("(the model's own error, raised without torch.compile, "
-                                 "which met it while tracing the model)")
+                                 "which met it while compiling the model)")
                     raise own from None
         raise CompileError(e) from None
 

@@ -34,6 +34,8 @@ def test_a_new_store_is_a_copy_of_mlflows_schema_with_its_own_default_experiment
     client(f"sqlite:///{tmp_path / 'a.db'}")
     template = _template_path()
     assert template.parent == tmp_path / "cache" and template.exists()
+    with closing(sqlite3.connect(template)) as con:  # MLflow gives each copy its default
+        assert con.execute("SELECT count(*) FROM experiments").fetchone()[0] == 0
     assert _schema(tmp_path / "a.db") == _schema(plain)
     ours = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'a.db'}")
     [default] = ours.search_experiments()
@@ -53,7 +55,29 @@ def test_a_new_store_is_a_copy_of_mlflows_schema_with_its_own_default_experiment
     assert ours.get_experiment_by_name("study") is not None
     assert "ablate_mark" not in {r[1] for r in _schema(tmp_path / "a.db") if len(r) == 3}
 
-    template.write_bytes(b"not a database")
+    template.write_bytes(b"not a database")  # damaged: made again, and used
     client(f"sqlite:///{tmp_path / 'c.db'}")
-    assert _schema(tmp_path / "c.db") == _schema(plain)
+    assert _schema(tmp_path / "c.db") == _schema(plain) == _schema(template)
+    with closing(sqlite3.connect(template)) as con:
+        con.execute("UPDATE alembic_version SET version_num = 'an-older-one'")
+        con.commit()
+    client(f"sqlite:///{tmp_path / 'new' / 'd.db'}")  # a folder that does not exist yet
+    assert _schema(tmp_path / "new" / "d.db") == _schema(plain) == _schema(template)
     assert not list(tmp_path.glob(".*.tmp")) and not list(template.parent.glob(".*.tmp"))
+
+
+def test_a_cache_that_cannot_be_written_leaves_new_stores_to_mlflow(tmp_path, monkeypatch):
+    """No template can be made (the cache's folder would be inside a file): the new store is
+    MLflow's own migrated file, and the process does not try the template again."""
+    from ablate.tracking import store
+
+    monkeypatch.setattr(store, "_template_failed", False)
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "a-file" / "cache"))
+    plain = tmp_path / "plain.db"
+    MlflowClient(tracking_uri=f"sqlite:///{plain}").search_experiments()
+    c = client(f"sqlite:///{tmp_path / 'a.db'}")
+    assert [e.name for e in c.search_experiments()] == ["Default"]
+    assert _schema(tmp_path / "a.db") == _schema(plain)
+    assert store._template_failed and not _template_path().exists()
+    assert not list(tmp_path.glob(".*.tmp"))

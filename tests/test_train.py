@@ -258,6 +258,15 @@ def test_the_models_own_bug_met_while_compiling_is_the_models_error_not_a_compil
                 compile_failures(eager=lambda: ran.append(torch.sin(torch.ones(3)) + 1)):
             fn(torch.ones(3))
         assert len(ran) == 1  # the eager call ran, passed, and the compiler is to blame
+
+        def compiles_itself():  # an eager step whose own failure is the compiler's
+            raise torch._dynamo.exc.TorchRuntimeError("a submodule's own compile")
+
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x: torch.sin(x) + 1, backend=backend)
+        with pytest.raises(CompileError, match="cc1plus: not found"), \
+                compile_failures(eager=compiles_itself):
+            fn(torch.ones(3))
     finally:
         torch._dynamo.reset()
 

@@ -100,6 +100,8 @@ def client(uri: str):
     _reachable(uri)
     for attempt in range(5):
         try:
+            if uri.startswith("sqlite:///"):  # as MLflow would: so that the lock can be taken
+                Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             with store_lock(uri):
                 _from_template(uri)
                 c = MlflowClient(tracking_uri=uri)
@@ -160,31 +162,50 @@ def _template_path() -> Path:
     return cache_dir() / f"mlflow-{mlflow.__version__}-sqlalchemy-{sqlalchemy.__version__}-empty.db"
 
 
-def _schema_template() -> Path:
-    """An empty SQLite store at MLflow's current schema, made once per machine and version:
-    MLflow's migrations take 3 to 4 s of Python for every new store (each test, each study
-    into a new file). It has no experiment: MLflow adds its default experiment (with the
-    new store's own artifact location and time) when it opens a copy, as for a new file."""
+def _template_revision(path: Path) -> str | None:
+    """The schema revision of a sound SQLite file, else None (missing, damaged, not MLflow's)."""
     import sqlite3
 
-    from mlflow import MlflowClient
-
-    path = _template_path()
-    if path.exists():
-        try:  # a cache damaged by hand is made again
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
-                if con.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1:
-                    return path
-        except sqlite3.Error:
-            pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
-        with contextlib.closing(sqlite3.connect(tmp)) as con:
-            con.execute("DELETE FROM experiment_tags")
-            con.execute("DELETE FROM experiments")
-            con.commit()
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            if con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                return None
+            rows = con.execute("SELECT version_num FROM alembic_version").fetchall()
+    except sqlite3.Error:
+        return None
+    return rows[0][0] if len(rows) == 1 else None
+
+
+_template_failed = False  # making the template failed in this process: not tried again
+
+
+def _schema_template() -> Path:
+    """An empty SQLite store at MLflow's newest schema revision, made once per machine and
+    version: MLflow's migrations take 3 to 4 s of Python for every new store (each test, each
+    study into a new file). Made by MLflow's own table set-up (what it runs on a new file),
+    so it has no experiment: MLflow adds its default experiment (with the new store's own
+    artifact location and time) when it opens a copy, as for a new file. A template that is
+    damaged or not at MLflow's newest revision is made again."""
+    import uuid
+
+    import sqlalchemy as sa
+    from mlflow.store.db import utils as db_utils
+
+    head = db_utils._get_latest_schema_revision()
+    path = _template_path()
+    if _template_revision(path) == head:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:  # an unwritable cache fails here, at once, not in MLflow's connection retries
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        engine = sa.create_engine(f"sqlite:///{tmp}", poolclass=sa.pool.NullPool)
+        try:
+            db_utils._initialize_tables(engine)
+        finally:
+            engine.dispose()
+        if _template_revision(tmp) != head:
+            raise RuntimeError(f"{tmp}: not at MLflow's schema revision {head}")
         os.replace(tmp, path)  # another process making it at once is as good
     finally:
         tmp.unlink(missing_ok=True)
@@ -193,21 +214,24 @@ def _schema_template() -> Path:
 
 def _from_template(uri: str) -> None:
     """A SQLite store that does not exist yet starts as a copy of the schema template (under
-    the store's lock); where the template cannot be made or copied, MLflow migrates the new
-    file itself, as before."""
-    if not uri.startswith("sqlite:///"):
+    the store's lock); where the template cannot be made or copied (an unwritable cache, a
+    file system without hard links, another MLflow), MLflow migrates the new file itself, as
+    before, and this process does not try the template again."""
+    global _template_failed
+    if _template_failed or not uri.startswith("sqlite:///"):
         return
     import shutil
+    import uuid
 
     db = Path(uri[len("sqlite:///"):])
     if db.exists() or not db.parent.is_dir():
         return
-    tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
+    tmp = db.with_name(f".{db.name}.{uuid.uuid4().hex}.tmp")
     try:
         shutil.copyfile(_schema_template(), tmp)
         os.link(tmp, db)  # never over a store that appeared meanwhile (another program's)
     except Exception:  # noqa: BLE001 - a cache or copy that fails: MLflow creates the store
-        pass
+        _template_failed = True
     finally:
         tmp.unlink(missing_ok=True)
 

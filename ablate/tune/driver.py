@@ -274,10 +274,11 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
 def _start_beside_new_store(study: Study, uri: str, address: str | None, verbose: bool
                             ) -> bool:
     """A new SQLite store: create it (importing MLflow, 1 to 4 s of Python, and copying the
-    empty store) in a thread while Ray starts (mostly waiting on its processes), and warm the profile worker; returns
-    whether Ray was started here. A new store has no finished trial to skip, so the run needs
-    Ray whatever follows. An existing store opens in about a second: Ray starts after the
-    lease and the plan, as before, and not at all when nothing is left to run."""
+    empty store) in a thread while Ray starts (mostly waiting on its processes), and warm the
+    profile worker; returns whether Ray was started here. A new store has no finished trial
+    to skip, so the run needs Ray whatever follows. An existing store opens in about a
+    second: Ray starts after the lease and the plan, as before, and not at all when nothing
+    is left to run."""
     if sqlite_store_exists(uri):
         return False
     import threading
