@@ -16,6 +16,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "ablate-cache"
     monkeypatch.setenv("ABLATE_CACHE", str(cache))
     monkeypatch.delenv("ABLATE_TRACKING_URI", raising=False)
+    from ablate.tracking import store  # a test that made the store template fail: not the next
+
+    monkeypatch.setattr(store, "_template_failed", False)
     yield
 
 

@@ -27,13 +27,13 @@ def test_a_new_store_is_a_copy_of_mlflows_schema_with_its_own_default_experiment
     is made by MLflow when the copy is opened (this store's time); the copy is used (a mark
     put in the template shows up in the next store); a store that exists is never replaced;
     a damaged template is made again."""
-    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "ca#che?%"))  # SQLite URI characters
     plain = tmp_path / "plain.db"
     MlflowClient(tracking_uri=f"sqlite:///{plain}").search_experiments()  # MLflow's own
     start_ms = time.time() * 1000
     client(f"sqlite:///{tmp_path / 'a.db'}")
     template = _template_path()
-    assert template.parent == tmp_path / "cache" and template.exists()
+    assert template.parent == tmp_path / "ca#che?%" and template.exists()
     with closing(sqlite3.connect(template)) as con:  # MLflow gives each copy its default
         assert con.execute("SELECT count(*) FROM experiments").fetchone()[0] == 0
     assert _schema(tmp_path / "a.db") == _schema(plain)
@@ -61,9 +61,18 @@ def test_a_new_store_is_a_copy_of_mlflows_schema_with_its_own_default_experiment
     with closing(sqlite3.connect(template)) as con:
         con.execute("UPDATE alembic_version SET version_num = 'an-older-one'")
         con.commit()
-    client(f"sqlite:///{tmp_path / 'new' / 'd.db'}")  # a folder that does not exist yet
-    assert _schema(tmp_path / "new" / "d.db") == _schema(plain) == _schema(template)
+    client(f"sqlite:///{tmp_path / 'd.db'}")  # stale: made again at MLflow's revision
+    assert _schema(tmp_path / "d.db") == _schema(plain) == _schema(template)
+    with closing(sqlite3.connect(template)) as con:
+        con.execute("CREATE TABLE ablate_mark (x INTEGER)")
+        con.commit()
+    client(f"sqlite:///{tmp_path / 'new' / 'e.db'}")  # a folder that does not exist yet
+    assert "ablate_mark" in {r[1] for r in _schema(tmp_path / "new" / "e.db") if len(r) == 3}
     assert not list(tmp_path.glob(".*.tmp")) and not list(template.parent.glob(".*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()  # nothing left beside (WAL aside)
+                  if not p.name.endswith(("-wal", "-shm"))) == sorted(
+        [".a.db.lock", ".b.db.lock", ".c.db.lock", ".d.db.lock", "a.db", "b.db", "c.db", "d.db",
+         "ca#che?%", "new", "plain.db"])
 
 
 def test_a_cache_that_cannot_be_written_leaves_new_stores_to_mlflow(tmp_path, monkeypatch):
@@ -71,7 +80,6 @@ def test_a_cache_that_cannot_be_written_leaves_new_stores_to_mlflow(tmp_path, mo
     MLflow's own migrated file, and the process does not try the template again."""
     from ablate.tracking import store
 
-    monkeypatch.setattr(store, "_template_failed", False)
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "a-file" / "cache"))
     plain = tmp_path / "plain.db"

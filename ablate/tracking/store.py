@@ -167,7 +167,8 @@ def _template_revision(path: Path) -> str | None:
     import sqlite3
 
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as con:  # escaped: '#', '?', '%'
             if con.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 return None
             rows = con.execute("SELECT version_num FROM alembic_version").fetchall()
@@ -199,7 +200,8 @@ def _schema_template() -> Path:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:  # an unwritable cache fails here, at once, not in MLflow's connection retries
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        engine = sa.create_engine(f"sqlite:///{tmp}", poolclass=sa.pool.NullPool)
+        engine = sa.create_engine(sa.engine.URL.create("sqlite", database=str(tmp)),
+                                  poolclass=sa.pool.NullPool)  # a path with '?' stays one
         try:
             db_utils._initialize_tables(engine)
         finally:
@@ -216,7 +218,7 @@ def _from_template(uri: str) -> None:
     """A SQLite store that does not exist yet starts as a copy of the schema template (under
     the store's lock); where the template cannot be made or copied (an unwritable cache, a
     file system without hard links, another MLflow), MLflow migrates the new file itself, as
-    before, and this process does not try the template again."""
+    before; where the template cannot be made, this process does not try it again."""
     global _template_failed
     if _template_failed or not uri.startswith("sqlite:///"):
         return
@@ -226,12 +228,17 @@ def _from_template(uri: str) -> None:
     db = Path(uri[len("sqlite:///"):])
     if db.exists() or not db.parent.is_dir():
         return
+    try:
+        template = _schema_template()
+    except Exception:  # noqa: BLE001 - no template here: MLflow creates the stores
+        _template_failed = True
+        return
     tmp = db.with_name(f".{db.name}.{uuid.uuid4().hex}.tmp")
     try:
-        shutil.copyfile(_schema_template(), tmp)
+        shutil.copyfile(template, tmp)
         os.link(tmp, db)  # never over a store that appeared meanwhile (another program's)
-    except Exception:  # noqa: BLE001 - a cache or copy that fails: MLflow creates the store
-        _template_failed = True
+    except Exception:  # noqa: BLE001 - this copy failed (a full disk, no hard links, the
+        pass  # store made meanwhile): MLflow creates or opens the store
     finally:
         tmp.unlink(missing_ok=True)
 
