@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -13,6 +14,7 @@ from mlflow import MlflowClient
 from ablate.study import load_study
 from ablate.tracking import load_runs
 from ablate.tune.driver import run_study
+from ablate.tune.profiling import code_fingerprint
 from tests.conftest import write
 
 pytestmark = pytest.mark.slow
@@ -113,10 +115,53 @@ def test_two_architectures_three_seeds_profile_twice_alone_and_reuse(ray_session
     assert len(last) == 4
     assert sum(p.data.params["model.mixer"] == "conv" for p in last) == 2
 
+    # a profile measured by other model or cost code (an earlier ablate, another timm) is
+    # not reused: the run says so and measures the architecture again
+    assert {p.data.tags["ablate.profile_code"] for p in last} == {code_fingerprint()}
+    for p in last:
+        if p.data.params["model.mixer"] == "conv":
+            c.set_tag(p.info.run_id, "ablate.profile_code", "0123456789abcdef")
+    fifth = study_file(tmp_path, "prof5", ["conv"])
+    res = cli.invoke(app, ["run", str(fifth), "--tracking-uri", uri])
+    assert res.exit_code == 0, res.output
+    assert "profiling 1 alone" in res.output
+    assert "1 stored profile(s) were measured by other model or cost code" in res.output
+    assert len(profile_runs(uri)) == 5
+    t5 = c.get_run(load_runs("prof5", uri).iloc[0]["run_id"])
+    assert t5.data.tags["ablate.profile_run_id"] not in {p.info.run_id for p in last}
+
     # a run without profiles (what --smoke does) measures nothing
     fourth = replace(load_study(study_file(tmp_path, "prof4", ["pool"])), profile=False)
     assert run_study(fourth, uri).finished == 1
-    assert len(profile_runs(uri)) == 4
+    assert len(profile_runs(uri)) == 5
+
+
+def test_the_profiled_code_digest_follows_the_model_and_cost_code_only(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from ablate.tune.profiling import PROFILED_CODE
+
+    for name in ("ablate/models/mixers.py", "ablate/cost.py", "ablate/archs.py",
+                 "ablate/train.py", "ablate/report.py"):
+        write(tmp_path / name, f"# {name}\n")
+    first = code_fingerprint(tmp_path)
+    assert code_fingerprint(tmp_path) == first
+    write(tmp_path / "ablate/report.py", "# not model code\n")  # outside PROFILED_CODE
+    assert code_fingerprint(tmp_path) == first
+    for name in ("ablate/models/mixers.py", "ablate/cost.py"):
+        write(tmp_path / name, "x = 1\n")
+        assert code_fingerprint(tmp_path) != first, name
+        first = code_fingerprint(tmp_path)
+    write(tmp_path / "ablate/models/new_mixer.py", "y = 2\n")  # a new model file counts
+    assert code_fingerprint(tmp_path) != first
+    first = code_fingerprint(tmp_path)
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version",
+                        lambda d: "0.0.1" if d == "timm" else real(d))  # another timm
+    assert code_fingerprint(tmp_path) != first
+    # the installed package's own files are what is digested
+    root = Path(code_fingerprint.__code__.co_filename).resolve().parents[2]
+    assert all(list(root.glob(p)) for p in PROFILED_CODE)
 
 
 def test_auto_precision_and_layout_are_probed_once_and_logged(ray_session, tmp_path):

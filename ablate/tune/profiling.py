@@ -6,9 +6,10 @@ same thing several times. So the driver, before it launches Ray Tune, runs one R
 architecture key not yet in the store; each task holds a whole node (all its CPUs, and the
 whole GPU for GPU studies) and is pinned to one node, so every profile of a study is taken on
 the same hardware with nothing beside it. Each profile is an MLflow run tagged
-`ablate.phase=profile` and `ablate.arch_key`, with the device name, torch version and thread
-count; a later run (of any study in the store) with the same key on the same device, torch and
-threads reuses it, unless `--reprofile`. Its metrics are then logged on every trial of the key.
+`ablate.phase=profile` and `ablate.arch_key`, with the device name, torch version, thread
+count and a digest of the code that builds and times models (`code_fingerprint`); a later run
+(of any study in the store) with the same key on the same device, torch, threads and code
+reuses it, unless `--reprofile`. Its metrics are then logged on every trial of the key.
 The same task runs the `train.precision: auto` / `train.channels_last: auto` probe.
 
 An Optuna search samples its architectures as it goes, so the driver enumerates the ones it
@@ -50,7 +51,11 @@ from ablate.tracking import Tracker, flatten
 PHASE = "profile"
 KEY_TAG = "ablate.arch_key"
 IDENTITY_TAGS = {"device_name": "ablate.device_name", "torch_version": "ablate.torch_version",
-                 "threads": "ablate.profile_threads", "method": "ablate.profile_method"}
+                 "threads": "ablate.profile_threads", "method": "ablate.profile_method",
+                 "code": "ablate.profile_code"}
+# the code that builds and times a model: a profile is only reused by the same (a change to a
+# mixer, to how a model is built or timed, or another timm, changes the cost it measures)
+PROFILED_CODE = ("ablate/models/*.py", "ablate/archs.py", "ablate/cost.py", "ablate/train.py")
 # how profiles are taken; a profile taken another way is not reused. 2: training steps free
 # their gradients (set_to_none) as the trainer does, and the auto probe times the training
 # batch in interleaved blocks (profiles of method 1 carry no tag)
@@ -178,9 +183,28 @@ def arch_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def code_fingerprint(root: Path | None = None) -> str:
+    """A digest of the source files that build and time a model (`PROFILED_CODE`, under the
+    folder holding the `ablate` package) and of timm's version (`timm:` architectures): a
+    profile measured by other code is not reused, even under the same architecture key."""
+    from importlib import metadata
+
+    root = root or Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for pattern in PROFILED_CODE:
+        for f in sorted(root.glob(pattern)):
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    try:
+        timm = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        timm = "none"
+    h.update(f"timm {timm}".encode())
+    return h.hexdigest()[:16]
+
+
 def identity(device_type: str, threads: int) -> dict[str, str]:
-    """The device name, torch version, thread count and profile method a profile is only
-    reused on."""
+    """The device name, torch version, thread count, profile method and profiled code
+    (`code_fingerprint`) a profile is only reused on, as the profile node has them."""
     import torch
 
     if device_type == "cuda" and torch.cuda.is_available():
@@ -197,7 +221,7 @@ def identity(device_type: str, threads: int) -> dict[str, str]:
     # str(): torch.__version__ is a TorchVersion, and unpickling one makes the driver import
     # torch (3 s of a 2-core node's start-up, while the profile node waits)
     return {"device_name": name, "torch_version": str(torch.__version__),
-            "threads": str(threads), "method": PROFILE_METHOD}
+            "threads": str(threads), "method": PROFILE_METHOD, "code": code_fingerprint()}
 
 
 def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str,
@@ -314,10 +338,11 @@ def _profile_node(device_type: str) -> tuple[str, int]:
     return best["NodeID"], max(1, int(best["Resources"].get("CPU", 1)))
 
 
-def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str]
-                    ) -> dict[str, dict[str, Any]]:
+def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],
+                    stale: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """The newest finished profile of each key in the whole store (any study) taken on the
-    same device name, torch version and thread count."""
+    same device name, torch version, thread count, method and profiled code (`identity`).
+    `stale` collects the keys found only as profiles of other code (the rest the same)."""
     from ablate.tracking.store import _search_all
 
     c = tracker.client
@@ -330,7 +355,10 @@ def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str]
         key = tags.get(KEY_TAG)
         if key not in keys or key in out:
             continue
-        if any(tags.get(tag) != ident[k] for k, tag in IDENTITY_TAGS.items()):
+        differ = {k for k, tag in IDENTITY_TAGS.items() if tags.get(tag) != ident[k]}
+        if differ:
+            if differ == {"code"} and stale is not None:
+                stale.add(key)
             continue
         out[key] = {"metrics": {k: v for k, v in r.data.metrics.items()
                                 if not k.startswith("probe_img_s.")},
@@ -394,11 +422,15 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
     opts = dict(num_cpus=cpus, num_gpus=1 if device_type == "cuda" else 0, max_retries=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
     ident = _wait(ray.remote(**opts)(identity).remote(device_type, cpus))
-    found = {} if study.reprofile else stored_profiles(tracker, ident, set(keys))
+    stale: set[str] = set()
+    found = {} if study.reprofile else stored_profiles(tracker, ident, set(keys), stale)
     missing = [k for k in keys if k not in found]
+    stale &= set(missing)
     console.print(f"{study.spec.name}: {len(keys)} architecture(s); profiling {len(missing)} "
                   f"alone on {ident['device_name']} ({cpus} CPUs, torch "
-                  f"{ident['torch_version']}), {len(keys) - len(missing)} from the store",
+                  f"{ident['torch_version']}), {len(keys) - len(missing)} from the store"
+                  + (f" ({len(stale)} stored profile(s) were measured by other model or cost "
+                     "code, so not reused)" if stale else ""),
                   highlight=False)
     task = ray.remote(**opts)(measure)
     fault_file = os.environ.get("ABLATE_FAULT_FILE")  # the tests' hook, as the trials'
