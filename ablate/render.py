@@ -169,12 +169,14 @@ def figures(a: Analysis) -> list[tuple[str, Any]]:
 
 
 FRONTIER_TITLES = {"gmacs": "compute (GMACs)", "params": "parameters",
+                   "train_time_alone_s": "training time alone on the profile node (s)",
                    "train_time_s": "measured training time (s)"}
 
 
 def frontier_figures(a: Analysis) -> list[tuple[str, Any]]:
-    """Accuracy against each cost metric the runs have (GMACs, params, measured training
-    time): seed means, the Pareto frontier; colour = mixer level as in every other figure."""
+    """Accuracy against each cost metric the runs have (GMACs, params, training time alone
+    or as measured: `verdict.FRONTIER_COSTS`): seed means, the Pareto frontier; colour = mixer
+    level as in every other figure."""
     if not a.frontiers:
         return []
     agg_all = analysis.aggregate(a.runs, a.metric)

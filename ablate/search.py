@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ablate.spec import StudySpec
 
 OBJECTIVE_METRICS = ("val_acc", "best_val_acc", "params", "gmacs", "throughput_img_s",
-                     "latency_ms", "train_img_s", "peak_mem_mb", "train_time_s")
+                     "latency_ms", "train_img_s", "peak_mem_mb", "train_time_alone_s",
+                     "train_time_s")
 
 
 def _field_kind(section: str, name: str) -> str:

@@ -78,6 +78,11 @@ def test_two_architectures_three_seeds_profile_twice_alone_and_reuse(ray_session
         assert prof.data.params["model.mixer"] == t["factor.model.mixer"]
         for m in COST:
             assert run.data.metrics[m] == pytest.approx(prof.data.metrics[m]), m
+        # its training time alone on the profile node: what it trained on at the profile's speed
+        seen = run.data.metrics["train_images_seen"]
+        assert 0 < seen <= run.data.metrics["train_images"]  # 1 epoch (full batches only)
+        assert run.data.metrics["train_time_alone_s"] == pytest.approx(
+            seen / prof.data.metrics["train_img_s"])
         assert run.data.params["train.precision_resolved"] == "fp32"
         assert run.data.params["train.channels_last_resolved"] == "False"
     # the seeds of one architecture share one measurement

@@ -101,6 +101,26 @@ def test_unreachable_storage_is_named_before_ray_starts(tmp_path):
     assert "search," not in res.stdout and not (tmp_path / "m.db").exists()
 
 
+def test_a_search_on_training_time_alone_needs_profiles_it_can_take(tmp_path):
+    """With a continuous model dimension no architecture is profiled up front, so no trial
+    would carry train_time_alone_s: refused in one line before anything is written."""
+    path = study_file(tmp_path, objectives="{val_acc: max, train_time_alone_s: min}",
+                      extra="")
+    text = path.read_text().replace(
+        "    model.mixer: [mlp, conv, identity]\n",
+        "    model.mixer: [mlp, conv, identity]\n    model.mlp_ratio: {low: 1.0, high: 4.0}\n")
+    path.write_text(text)
+    exe = Path(sys.executable).with_name("ablate")
+    res = subprocess.run([str(exe), "run", str(path), "--tracking-uri",
+                          f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL)
+    assert res.returncode == 2, res.stderr
+    assert f"{path}: search.objectives.train_time_alone_s" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.db").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["search.yaml"]  # no Optuna study
+
+
 def optuna_trials(path: Path):
     from ablate.search import open_storage
 

@@ -96,6 +96,10 @@ def _watch(study: str, uri: str) -> None:
     st.session_state["_sig"] = sig
 
 
+MEASURED_NOTE = (" train_time_s is each trial's own clock, beside whatever trained next to it; "
+                 "train_time_alone_s (from its profile) ranks architectures without that.")
+
+
 def frontier_tab(df: pd.DataFrame, metric: str, factors: list[str]) -> None:
     costs = [c for c in analysis.COST_METRICS if c in df and df[c].notna().any()]
     if not costs:
@@ -117,7 +121,7 @@ def frontier_tab(df: pd.DataFrame, metric: str, factors: list[str]) -> None:
     st.caption(f"{len(agg)} configurations (seed means; error bars: 95% Student-t CI, none for "
                f"n = 1); {len(front)} on the Pareto frontier "
                f"({'higher' if cost in analysis.HIGHER_IS_BETTER else 'lower'} {cost} is "
-               "better).")
+               "better)." + (MEASURED_NOTE if cost == "train_time_s" else ""))
     show = front.drop(columns=["run_ids"]).rename(columns=lambda c: c.removeprefix("factor."))
     st.dataframe(show, hide_index=True, key="frontier_table")
 

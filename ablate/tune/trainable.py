@@ -70,7 +70,10 @@ def train_cell(config: dict[str, Any], report) -> None:
 
     Cost metrics come from the architecture's profile, measured by the driver alone on a node
     (`context.arch` by trial id; a search's `context.arch_keys` by architecture key), with the
-    precision and layout it chose for `auto`. Only a search trial whose architecture was not
+    precision and layout it chose for `auto`; with a profile, each seed's final metrics also
+    carry `train_time_alone_s`, its images seen over the profile's `train_img_s`: its training
+    time as the architecture trains alone on the profile node, free of whatever trained beside
+    it (its `train_time_s` is the measured one). Only a search trial whose architecture was not
     profiled up front (`context.self_profile`) measures its own costs, beside other trials."""
     import torch
 
@@ -95,6 +98,7 @@ def train_cell(config: dict[str, Any], report) -> None:
     by_key = ctx.get("arch_keys") or {}  # a search's profiles, by architecture key
     shape = (data.image_size, data.channels, data.num_classes)  # as loaded: no second read
     extra: dict[str, float] = {}
+    alone = None  # the profile's training speed (img/s), timed alone on a node
     runs = {}
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
@@ -104,6 +108,7 @@ def train_cell(config: dict[str, Any], report) -> None:
         cfg = resolve_auto(trial.train, model, data, device, choice)
         if info:
             extra = dict(info["metrics"])
+            alone = extra.get("train_img_s")
         elif not extra and ctx.get("profile", True) and ctx.get("self_profile"):
             precision = "fp32" if cfg.precision == "fp16" and device.type != "cuda" \
                 else cfg.precision
@@ -120,6 +125,10 @@ def train_cell(config: dict[str, Any], report) -> None:
         for tid in per_seed:
             if take_fault(ctx.get("fault_file"), tid, epoch):
                 raise RuntimeError(f"injected fault at epoch {epoch} (ABLATE_FAULT_FILE)")
+        if epoch == first.train.epochs and alone:
+            for m in per_seed.values():  # the training time without the trials beside it
+                if m.get("train_images_seen"):
+                    m["train_time_alone_s"] = m["train_images_seen"] / alone
         rows = list(per_seed.values())
         if epoch == first.train.epochs:
             rows += list(stored.values())
