@@ -147,7 +147,7 @@ def test_the_profiled_code_digest_follows_the_model_and_cost_code_only(tmp_path,
     from ablate.tune.profiling import PROFILED_CODE
 
     for name in ("ablate/models/mixers.py", "ablate/cost.py", "ablate/archs.py",
-                 "ablate/train.py", "ablate/report.py"):
+                 "ablate/train.py", "ablate/tune/profiling.py", "ablate/report.py"):
         write(tmp_path / name, f"# {name}\n")
     first = code_fingerprint(tmp_path)
     assert code_fingerprint(tmp_path) == first
@@ -160,10 +160,17 @@ def test_the_profiled_code_digest_follows_the_model_and_cost_code_only(tmp_path,
     write(tmp_path / "ablate/models/new_mixer.py", "y = 2\n")  # a new model file counts
     assert code_fingerprint(tmp_path) != first
     first = code_fingerprint(tmp_path)
+    # an editor's lock file (a dangling link) is neither read nor digested
+    (tmp_path / "ablate/models/.#mixers.py").symlink_to(tmp_path / "nowhere")
+    assert code_fingerprint(tmp_path) == first
     real = metadata.version
     monkeypatch.setattr(metadata, "version",
                         lambda d: "0.0.1" if d == "timm" else real(d))  # another timm
     assert code_fingerprint(tmp_path) != first
+    # profiled code that is not there is an error, not a digest that matches any version's
+    (tmp_path / "ablate/cost.py").unlink()
+    with pytest.raises(RuntimeError, match="ablate/cost.py is not under"):
+        code_fingerprint(tmp_path)
     # the installed package's own files are what is digested
     root = Path(code_fingerprint.__code__.co_filename).resolve().parents[2]
     assert all(list(root.glob(p)) for p in PROFILED_CODE)

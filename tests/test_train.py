@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,8 +12,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ablate.data import load_dataset
 from ablate.errors import DivergedError
 from ablate.models import create_model
-from ablate.study import DatasetSpec, TrainSpec
+from ablate.study import DatasetSpec, TrainSpec, load_study
 from ablate.train import fit, make_schedule
+from tests.conftest import write
 
 DATA = DatasetSpec(image_size=16, train_size=200, test_size=40)
 
@@ -110,6 +112,43 @@ seeds: [0, 1]
     assert len(alone) == 2
     assert losses([t1, t0]) == alone  # bit-identical, seed 1 trained first in every epoch
     assert losses([t0, t1]) == alone
+
+
+def test_a_profiled_cell_logs_each_seeds_training_time_alone_from_its_profile(tmp_path):
+    """Each seed's final metrics carry its images seen over the profile's train_img_s (the
+    time alone on the profile node); a trial without a profile has none."""
+    from ablate.tune.trainable import train_cell
+
+    text = """\
+name: alone
+dataset: {name: synthetic, image_size: 16, train_size: 96, test_size: 16}
+model: {mixer: pool, dim: 8, depth: 1, patch_size: 4}
+train: {epochs: 2, batch_size: 16}
+seeds: [0, 1]
+"""
+    cell = load_study(write(tmp_path / "s.yaml", text)).trials
+    prof = {"metrics": {"train_img_s": 40.0, "gmacs": 0.001}, "precision": "fp32",
+            "channels_last": False}
+    threads = torch.get_num_threads()  # train_cell sets the trial's thread count
+    try:
+        for arch in ({t.trial_id: prof for t in cell}, None):
+            ctx = {"root": None, "cpus": 1, "gpus": 0, "arch": arch, "profile": bool(arch)}
+            reports: list = []
+            train_cell({"context": ctx, "cell": [t.to_dict() for t in cell]}, reports.append)
+            first, last = (json.loads(r["per_seed"]) for r in (reports[0], reports[-1]))
+            assert all("train_time_alone_s" not in m for m in first.values())  # final only
+            for t in cell:
+                m = last[t.trial_id]
+                if arch:
+                    assert m["train_images_seen"] == 2 * 80  # 2 epochs of 5 batches of 16
+                    assert m["train_time_alone_s"] == pytest.approx(160 / 40.0)
+                else:
+                    assert "train_time_alone_s" not in m
+            if arch:
+                assert reports[-1]["train_time_alone_s"] == pytest.approx(4.0)
+                assert reports[-1]["gmacs"] == 0.001  # the profile's, not measured
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _steps_and_lrs(fraction: float, budget: str) -> tuple[dict[str, float], list[float]]:

@@ -55,7 +55,10 @@ IDENTITY_TAGS = {"device_name": "ablate.device_name", "torch_version": "ablate.t
                  "code": "ablate.profile_code"}
 # the code that builds and times a model: a profile is only reused by the same (a change to a
 # mixer, to how a model is built or timed, or another timm, changes the cost it measures)
-PROFILED_CODE = ("ablate/models/*.py", "ablate/archs.py", "ablate/cost.py", "ablate/train.py")
+# (timm's version counts for every architecture, and train.py whole: a needless re-measure of a
+# few seconds per architecture costs less than a stale profile on a frontier)
+PROFILED_CODE = ("ablate/models/*.py", "ablate/archs.py", "ablate/cost.py", "ablate/train.py",
+                 "ablate/tune/profiling.py")
 # how profiles are taken; a profile taken another way is not reused. 2: training steps free
 # their gradients (set_to_none) as the trainer does, and the auto probe times the training
 # batch in interleaved blocks (profiles of method 1 carry no tag)
@@ -192,7 +195,13 @@ def code_fingerprint(root: Path | None = None) -> str:
     root = root or Path(__file__).resolve().parents[2]
     h = hashlib.sha256()
     for pattern in PROFILED_CODE:
-        for f in sorted(root.glob(pattern)):
+        # not an editor's lock or backup (.#mixers.py, a dangling link) nor anything not a file
+        files = sorted(f for f in root.glob(pattern)
+                       if not f.name.startswith(".") and f.is_file())
+        if not files:  # a digest of nothing would match every other version's
+            raise RuntimeError(f"ablate's profiled code {pattern} is not under {root}: cannot "
+                               "tell its profiles from another version's")
+        for f in files:
             h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     try:
         timm = metadata.version("timm")

@@ -126,8 +126,10 @@ def train_cell(config: dict[str, Any], report) -> None:
             if take_fault(ctx.get("fault_file"), tid, epoch):
                 raise RuntimeError(f"injected fault at epoch {epoch} (ABLATE_FAULT_FILE)")
         if epoch == first.train.epochs and alone:
-            for m in per_seed.values():  # the training time without the trials beside it
-                if m.get("train_images_seen"):
+            # the training time without the trials beside it (seeds an older ablate stored
+            # have no such metric: from what they trained on, for the cell's mean)
+            for m in [*per_seed.values(), *stored.values()]:
+                if m.get("train_images_seen") and "train_time_alone_s" not in m:
                     m["train_time_alone_s"] = m["train_images_seen"] / alone
         rows = list(per_seed.values())
         if epoch == first.train.epochs:
