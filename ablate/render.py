@@ -175,7 +175,7 @@ FRONTIER_TITLES = {"gmacs": "compute (GMACs)", "params": "parameters",
 
 def frontier_figures(a: Analysis) -> list[tuple[str, Any]]:
     """Accuracy against each cost metric the runs have (GMACs, params, training time alone
-    or as measured: `verdict.FRONTIER_COSTS`): seed means, the Pareto frontier; colour = mixer
+    and as measured: `verdict.FRONTIER_COSTS`): seed means, the Pareto frontier; colour = mixer
     level as in every other figure."""
     if not a.frontiers:
         return []

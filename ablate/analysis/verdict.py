@@ -30,8 +30,9 @@ TOKENS = "factor.model.tokens"
 QUESTIONS = (("Attention", (MIXER,)), ("Patches", (PATCH, TOKENS)), ("Data", (FRACTION,)))
 NAMES = {MIXER: "the token mixer", PATCH: "the patch size", TOKENS: "the token count",
          FRACTION: "the training-data fraction"}
-# training time: the estimate alone on the profile node where every configuration has one;
-# else the measured time, which mixes in whatever trained beside each trial
+# training time: the estimate alone on the profile node (at its threads and batch) where every
+# configuration has one, beside the measured time (the trials' own threads and batch, but
+# with whatever trained next to them): the two can rank architectures differently
 FRONTIER_COSTS = ("gmacs", "params", "train_time_alone_s", "train_time_s")
 ALONE = "train_time_alone_s"
 
@@ -105,7 +106,7 @@ def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | 
     agg = aggregate(ok, metric, factor_columns(ok))
     alone = ALONE in agg and len(agg) > 0 and bool(agg[ALONE].notna().all())
     for c in FRONTIER_COSTS:
-        if c == ("train_time_s" if alone else ALONE):
+        if c == ALONE and not alone:
             continue
         if c in agg and agg[c].notna().any():
             a.frontiers[c] = frontier(agg[agg[c].notna()], c).drop(columns="run_ids")
