@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from ablate.study import load_study
 from ablate.tracking import load_runs
 from ablate.tune.driver import run_study
-from ablate.tune.profiling import code_fingerprint
+from ablate.tune.profile_store import code_fingerprint
 from tests.conftest import write
 
 pytestmark = pytest.mark.slow
@@ -144,7 +144,7 @@ def test_two_architectures_three_seeds_profile_twice_alone_and_reuse(ray_session
 def test_the_profiled_code_digest_follows_the_model_and_cost_code_only(tmp_path, monkeypatch):
     from importlib import metadata
 
-    from ablate.tune.profiling import PROFILED_CODE
+    from ablate.tune.profile_store import PROFILED_CODE
 
     for name in ("ablate/models/mixers.py", "ablate/cost.py", "ablate/archs.py",
                  "ablate/train.py", "ablate/tune/profiling.py", "ablate/report.py"):

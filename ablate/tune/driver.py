@@ -236,21 +236,6 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
     return interrupted
 
 
-def _check_alone_objective(study: Study) -> None:
-    """A search that optimizes `train_time_alone_s` needs every architecture it samples
-    profiled up front: without, no trial has the metric and Optuna would mark each one FAIL."""
-    if "train_time_alone_s" not in study.spec.search.objectives or not study.profile:
-        return
-    from ablate.tune.profiling import SEARCH_ARCH_CAP, search_architectures
-
-    if search_architectures(study) is None:
-        raise AblateError(
-            f"{study.path}: search.objectives.train_time_alone_s needs a profile of every "
-            "architecture the search samples, and its model dimensions are continuous or "
-            f"have more than {SEARCH_ARCH_CAP} combinations; make them categorical (at most "
-            f"{SEARCH_ARCH_CAP} architectures) or optimize train_time_s")
-
-
 def run_study(study: Study, tracking_uri: str | None = None, address: str | None = None,
               verbose: bool = False, console: Console | None = None,
               force_unlock: bool = False, keep_trial_dirs: bool = False) -> RunSummary:
@@ -261,7 +246,7 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
     check_address(address)  # before the store is touched
     data_root(study)  # a missing or unreadable dataset: one error now, not every trial failing
     if study.spec.search.method == "optuna":
-        _check_alone_objective(study)
+        search.check_alone_objective(study)
         search.open_storage(study.spec.search.storage)  # unreachable: say so, create nothing
     with _sigterm_stops_like_ctrl_c() as got:
         started = False
