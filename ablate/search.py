@@ -15,7 +15,6 @@ from ablate.spec import NESTED, SECTION_MODELS, did_you_mean, set_field, split_k
 
 if TYPE_CHECKING:  # pragma: no cover
     from ablate.spec import StudySpec
-    from ablate.study import Study
 
 OBJECTIVE_METRICS = ("val_acc", "best_val_acc", "params", "gmacs", "throughput_img_s",
                      "latency_ms", "train_img_s", "peak_mem_mb", "train_time_alone_s",
@@ -213,18 +212,3 @@ def pareto_set(storage, name: str) -> list[dict[str, Any]]:
     best = st.best_trials if len(st.directions) > 1 else (
         [st.best_trial] if any(t.state.name == "COMPLETE" for t in st.trials) else [])
     return [{"number": t.number, "values": t.values, "params": t.params} for t in best]
-
-
-def check_alone_objective(study: Study) -> None:
-    """A search that optimizes `train_time_alone_s` needs every architecture it samples
-    profiled up front: without, no trial has the metric and Optuna would mark each one FAIL."""
-    if "train_time_alone_s" not in study.spec.search.objectives or not study.profile:
-        return
-    from ablate.tune.profiling import SEARCH_ARCH_CAP, search_architectures
-
-    if search_architectures(study) is None:
-        raise AblateError(
-            f"{study.path}: search.objectives.train_time_alone_s needs a profile of every "
-            "architecture the search samples, and its model dimensions are continuous or "
-            f"have more than {SEARCH_ARCH_CAP} combinations; make them categorical (at most "
-            f"{SEARCH_ARCH_CAP} architectures) or optimize train_time_s")

@@ -104,7 +104,7 @@ def test_unreachable_storage_is_named_before_ray_starts(tmp_path):
 def test_a_search_on_training_time_alone_needs_profiles_it_can_take(tmp_path):
     """With a continuous model dimension no architecture is profiled up front, so no trial
     would carry train_time_alone_s: refused in one line before anything is written."""
-    from ablate.search import check_alone_objective
+    from ablate.tune.profiling import check_alone_objective
 
     path = study_file(tmp_path, objectives="{val_acc: max, train_time_alone_s: min}",
                       extra="")

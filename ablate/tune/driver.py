@@ -246,7 +246,9 @@ def run_study(study: Study, tracking_uri: str | None = None, address: str | None
     check_address(address)  # before the store is touched
     data_root(study)  # a missing or unreadable dataset: one error now, not every trial failing
     if study.spec.search.method == "optuna":
-        search.check_alone_objective(study)
+        from ablate.tune.profiling import check_alone_objective
+
+        check_alone_objective(study)
         search.open_storage(study.spec.search.storage)  # unreachable: say so, create nothing
     with _sigterm_stops_like_ctrl_c() as got:
         started = False

@@ -104,6 +104,19 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
     return out
 
 
+def check_alone_objective(study: Study) -> None:
+    """A search that optimizes `train_time_alone_s` needs every architecture it samples
+    profiled up front: without, no trial has the metric and Optuna would mark each one FAIL."""
+    if "train_time_alone_s" not in study.spec.search.objectives or not study.profile:
+        return
+    if search_architectures(study) is None:
+        raise AblateError(
+            f"{study.path}: search.objectives.train_time_alone_s needs a profile of every "
+            "architecture the search samples, and its model dimensions are continuous or "
+            f"have more than {SEARCH_ARCH_CAP} combinations; make them categorical (at most "
+            f"{SEARCH_ARCH_CAP} architectures) or optimize train_time_s")
+
+
 def keyed(by_key: dict[str, dict[str, Any]], trial: TrialSpec, shape: tuple[int, int, int],
           device_type: str, cpus: float) -> dict[str, Any] | None:
     """The profile of `trial`'s architecture key among `by_key`, as `profile_trials` gives it
