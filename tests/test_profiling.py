@@ -204,6 +204,10 @@ def test_auto_precision_and_layout_are_probed_once_and_logged(ray_session, tmp_p
         assert params["train.precision_resolved"] == prof.data.params["train.precision_resolved"]
         assert (params["train.channels_last_resolved"]
                 == prof.data.params["train.channels_last_resolved"])
+    # the report and the dashboard read it without asking for params (the precision sentence)
+    lean = load_runs("auto", uri, params=False)
+    assert set(lean["params.train.precision_resolved"]) == {
+        prof.data.params["train.precision_resolved"]}
 
 
 

@@ -291,6 +291,40 @@ def test_budget_is_stated_and_the_data_confound_flagged_only_under_epochs():
     assert budget_line(planted()) == []  # runs ablate did not create: budget unknown
 
 
+def test_runs_trained_at_different_precisions_are_named_in_the_verdict():
+    def precision_line(df: pd.DataFrame) -> list[str]:
+        return [s for s in analysis.analyse(df, "test_acc", n_boot=50).verdict
+                if s.startswith("Precision")]
+
+    df = planted()
+    # `auto` resolved per architecture: attention in fp32, the other mixers in bf16
+    attention = df["factor.model.mixer"] == "attention"
+    mixed = df.assign(**{"params.train.precision": "auto",
+                         "params.train.precision_resolved": np.where(attention, "fp32", "bf16")})
+    [line] = precision_line(mixed)
+    assert "fp32 (model.mixer attention)" in line
+    assert "bf16 (model.mixer conv, identity, mlp)" in line
+    assert "include the precision's effect" in line
+    # one precision everywhere, asked or resolved: nothing to say
+    assert precision_line(mixed.assign(**{"params.train.precision_resolved": "bf16"})) == []
+    assert precision_line(df.assign(**{"params.train.precision": "fp32"})) == []
+    assert precision_line(df) == []  # runs ablate did not create: unknown
+    # runs without a resolved precision (no profile) count what they asked for, not `auto`
+    asked = mixed.assign(**{"params.train.precision": np.where(attention, "fp32", "auto"),
+                            "params.train.precision_resolved": np.where(attention, None, "bf16")})
+    [line] = precision_line(asked)
+    assert "fp32 (model.mixer attention)" in line and "unknown" not in line
+    unresolved = mixed.assign(**{"params.train.precision_resolved":
+                                 np.where(df["factor.model.mixer"] == "mlp", None,
+                                          mixed["params.train.precision_resolved"])})
+    [line] = precision_line(unresolved)
+    assert "bf16 (model.mixer conv, identity)" in line
+    assert f"{int((df['factor.model.mixer'] == 'mlp').sum())} run(s) unknown" in line
+    # a precision that is itself a factor is the question, not a confound
+    factor = mixed.assign(**{"factor.train.precision": mixed["params.train.precision_resolved"]})
+    assert precision_line(factor) == []
+
+
 def test_tuning_phase_runs_never_enter_an_average():
     df = planted()
     tune = df.head(6).assign(phase="tune", test_acc=0.99, run_id=lambda d: d["run_id"] + "-t")

@@ -20,6 +20,8 @@ from ablate.analysis.seeds import (
     aggregate,
     factor_columns,
     frontier,
+    join_labels,
+    labels,
     short,
     split_status,
     status_counts,
@@ -35,6 +37,9 @@ NAMES = {MIXER: "the token mixer", PATCH: "the patch size", TOKENS: "the token c
 # with whatever trained next to them): the two can rank architectures differently
 FRONTIER_COSTS = ("gmacs", "params", "train_time_alone_s", "train_time_s")
 ALONE = "train_time_alone_s"
+# the precision a run trained at: what its profile resolved `auto` to, else what was asked
+PRECISION_PARAMS = ("params.train.precision_resolved", "params.train.precision")
+SHOWN = 4  # configurations named per precision in the precision sentence
 
 
 @dataclass
@@ -262,7 +267,49 @@ def sentences(a: Analysis) -> list[str]:
     budget = budget_sentence(a)
     if budget:
         out.append(budget)
+    precision = precision_sentence(a)
+    if precision:
+        out.append(precision)
     return out
+
+
+def precision_sentence(a: Analysis) -> str:
+    """Where the runs compared trained at different precisions (`train.precision: auto` picks
+    the faster per architecture: on a CPU with bf16 kernels, bf16 for most mixers but fp32 for
+    attention), every difference between them also carries the precision's effect: the
+    verdict names which trained at which. Nothing when one precision (or unknown), or when
+    the precision is itself a factor of the study."""
+    runs = a.runs
+    if "factor.train.precision" in runs:
+        return ""
+    trained = pd.Series(None, index=runs.index, dtype=object)
+    for col in PRECISION_PARAMS:
+        if col in runs:
+            asked = runs[col].astype(object)
+            trained = trained.fillna(asked.where(asked.notna() & (asked != "auto")))
+    known = trained.dropna()
+    if known.nunique() < 2:
+        return ""
+    lab = pd.DataFrame({f: labels(runs.loc[known.index, f]) for f in factor_columns(runs)})
+    varying = [f for f in lab if lab[f].nunique() > 1]
+    # name the configurations by the one factor that decides the precision, if there is one
+    deciding = [f for f in varying if known.groupby(lab[f]).nunique().max() == 1]
+    factors = deciding[:1] or varying
+    name = "/".join(short(f) for f in factors)
+    groups = []
+    for p in sorted(set(known)):
+        if not factors:  # seeds of one configuration trained at different precisions
+            groups.append(f"{p} ({int((known == p).sum())} runs)")
+            continue
+        cfgs = sorted(set(join_labels(lab.loc[known == p, factors])))
+        more = f" and {len(cfgs) - SHOWN} more" if len(cfgs) > SHOWN else ""
+        groups.append(f"{p} ({name} {', '.join(c.replace('|', '/') for c in cfgs[:SHOWN])}"
+                      f"{more})")
+    unknown = len(trained) - len(known)
+    return ("Precision: the runs compared trained at different precisions: "
+            + "; ".join(groups) + (f"; {unknown} run(s) unknown" if unknown else "")
+            + "; differences between them include the precision's effect (train.precision: "
+            "auto picks per architecture; set fp32 or bf16 to compare at one).")
 
 
 def budget_sentence(a: Analysis) -> str:

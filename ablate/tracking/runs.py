@@ -23,8 +23,9 @@ from ablate.tracking.store import (
 
 __all__ = ["ALWAYS_PARAMS", "PROVENANCE_TAGS", "RUN_TAGS", "TAG_PREFIXES", "change_token",
            "list_studies", "load_curves", "load_runs", "study_summary"]
-# params every load returns, params=False included: what the verdict must state (the budget)
-ALWAYS_PARAMS = ("train.budget", "train.epochs")
+# params every load returns, params=False included: what the verdict must state (the budget,
+# the precision each run trained at)
+ALWAYS_PARAMS = ("train.budget", "train.epochs", "train.precision", "train.precision_resolved")
 BULK_RUNS = 100  # run ids per bulk metric-history call (MLflow's server allows 100)
 BULK_STEPS = 2500  # points per run and metric a bulk call returns (the server's maximum)
 
