@@ -332,6 +332,11 @@ class Tracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)

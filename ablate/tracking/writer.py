@@ -24,6 +24,7 @@ class RunWriter:
         self.attempts: dict[str, int] = {}
         self.open: set[str] = set()  # trial ids whose run is still running
         self.nodes: dict[str, str] = {}
+        self.resolved: dict[str, dict[str, str]] = {}  # params a trial resolved itself
         self.errors: list[str] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-mlflow")
 
@@ -60,12 +61,26 @@ class RunWriter:
             self.nodes[trial_id] = node
             tags = {"ablate.node_ip": str(node), "ablate.hostname": str(hostname)}
             self._write(trial_id, lambda rid: self.tracker.set_tags(rid, tags))
+        if metrics.get("resolved_params"):  # `auto` a trial resolved itself (no profile)
+            self._resolved(trial_id, {str(k): str(v)
+                                      for k, v in metrics["resolved_params"].items()})
         per_epoch = {k: metrics[k] for k in EPOCH_METRICS if k in metrics}
         self._write(trial_id, lambda rid: self.tracker.log_metrics(rid, per_epoch, step=step))
         if "test_acc" in metrics:
             final = {k: metrics[k] for k in (*FINAL_METRICS, *PROFILE_METRICS)
                      if k in metrics and k not in per_epoch}
             self._write(trial_id, lambda rid: self.tracker.log_metrics(rid, final, step=step))
+
+    def _resolved(self, trial_id: str, params: dict[str, str]) -> None:
+        """Params are written once: a retry that resolved `auto` otherwise (a close call of
+        its own probe) is a tag of that attempt, and the run's params stay the first's."""
+        first = self.resolved.setdefault(trial_id, params)
+        if first is params:
+            self._write(trial_id, lambda rid: self.tracker.log_params(rid, params))
+        elif first != params:
+            n = self.attempts.get(trial_id, 1)
+            tag = {f"ablate.resolved_attempt{n}": ", ".join(f"{k}={v}" for k, v in params.items())}
+            self._write(trial_id, lambda rid: self.tracker.set_tags(rid, tag))
 
     def error(self, trial_id: str, text: str, log_tail: str, reason: str, final: bool) -> None:
         """An attempt failed: its traceback and log tail as artifacts; `final` ends the run."""

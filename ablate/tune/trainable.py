@@ -79,7 +79,7 @@ def train_cell(config: dict[str, Any], report) -> None:
 
     from ablate.cost import profile
     from ablate.data import load_dataset
-    from ablate.train import DTYPES, build_model, fit_epochs, pick_device, resolve_auto
+    from ablate.train import DTYPES, build_model, fit_epochs, is_auto, pick_device, resolve_auto
     from ablate.tune.profiling import keyed, trial_threads
 
     todo, stored = cell_trials(config)
@@ -100,12 +100,16 @@ def train_cell(config: dict[str, Any], report) -> None:
     extra: dict[str, float] = {}
     alone = None  # the profile's training speed (img/s), timed alone on a node
     runs = {}
+    resolved = {}  # what a trial without a profile resolved `auto` to itself: its run's params
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
         info = arch.get(trial.trial_id) or (keyed(by_key, trial, shape, ctx["device_type"],
                                                   ctx["cpus"]) if by_key else None)
         choice = (info["precision"], info["channels_last"]) if info else None
         cfg = resolve_auto(trial.train, model, data, device, choice)
+        if not info and is_auto(trial.train):
+            resolved[trial.trial_id] = {"train.precision_resolved": cfg.precision,
+                                        "train.channels_last_resolved": str(cfg.channels_last)}
         if info:
             extra = dict(info["metrics"])
             alone = extra.get("train_img_s")
@@ -122,6 +126,9 @@ def train_cell(config: dict[str, Any], report) -> None:
                                           final_extra=extra)
     for epoch in range(1, first.train.epochs + 1):
         per_seed = {tid: next(run) for tid, run in runs.items()}
+        if epoch == 1:  # with the first report, so a trial pruned or failed later has them too
+            for tid, params in resolved.items():
+                per_seed[tid]["resolved_params"] = params
         for tid in per_seed:
             if take_fault(ctx.get("fault_file"), tid, epoch):
                 raise RuntimeError(f"injected fault at epoch {epoch} (ABLATE_FAULT_FILE)")
