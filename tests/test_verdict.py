@@ -323,6 +323,16 @@ def test_runs_trained_at_different_precisions_are_named_in_the_verdict():
     # a precision that is itself a factor is the question, not a confound
     factor = mixed.assign(**{"factor.train.precision": mixed["params.train.precision_resolved"]})
     assert precision_line(factor) == []
+    # a search's sampled continuous value is a level per configuration: it decides nothing,
+    # and the mixer is still the factor named (whatever the column order)
+    from types import SimpleNamespace
+
+    from ablate.analysis.verdict import precision_sentence
+
+    lr = mixed["cell_id"].map({c: 1e-3 * (i + 1) for i, c in enumerate(mixed["cell_id"].unique())})
+    sampled = pd.concat([lr.rename("factor.a.lr"), mixed], axis=1)
+    line = precision_sentence(SimpleNamespace(runs=sampled))
+    assert "fp32 (model.mixer attention)" in line and "lr" not in line
 
 
 def test_tuning_phase_runs_never_enter_an_average():

@@ -18,6 +18,7 @@ from ablate.analysis.scaling import FRACTION, MIXER, PATCH, cost_table, slopes
 from ablate.analysis.seeds import (
     COST_METRICS,
     aggregate,
+    cell_keys,
     factor_columns,
     frontier,
     join_labels,
@@ -292,9 +293,13 @@ def precision_sentence(a: Analysis) -> str:
         return ""
     lab = pd.DataFrame({f: labels(runs.loc[known.index, f]) for f in factor_columns(runs)})
     varying = [f for f in lab if lab[f].nunique() > 1]
-    # name the configurations by the one factor that decides the precision, if there is one
-    deciding = [f for f in varying if known.groupby(lab[f]).nunique().max() == 1]
-    factors = deciding[:1] or varying
+    # name the configurations by the factor that decides the precision, if one does: each of
+    # its levels at one precision, and fewer levels than configurations (in a search, every
+    # sampled continuous value is a level of its own, and decides nothing)
+    n_cfg = cell_keys(runs.loc[known.index], varying).nunique()
+    deciding = [f for f in varying if known.groupby(lab[f]).nunique().max() == 1
+                and lab[f].nunique() < n_cfg]
+    factors = [min(deciding, key=lambda f: lab[f].nunique())] if deciding else varying
     name = "/".join(short(f) for f in factors)
     groups = []
     for p in sorted(set(known)):

@@ -38,7 +38,8 @@ def token(study: str, uri: str) -> tuple:
 
 
 def runs(study: str, uri: str) -> pd.DataFrame:
-    """The study's runs (final metrics, the budget params, no other params)."""
+    """The study's runs (final metrics, the params the verdict states: budget and precision;
+    no other params)."""
     return _runs(study, uri, token(study, uri))
 
 

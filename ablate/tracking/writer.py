@@ -24,7 +24,7 @@ class RunWriter:
         self.attempts: dict[str, int] = {}
         self.open: set[str] = set()  # trial ids whose run is still running
         self.nodes: dict[str, str] = {}
-        self.resolved: dict[str, dict[str, str]] = {}  # params a trial resolved itself
+        self.resolved: set[str] = set()  # trial ids whose own `auto` choice is logged
         self.errors: list[str] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablate-mlflow")
 
@@ -72,15 +72,11 @@ class RunWriter:
             self._write(trial_id, lambda rid: self.tracker.log_metrics(rid, final, step=step))
 
     def _resolved(self, trial_id: str, params: dict[str, str]) -> None:
-        """Params are written once: a retry that resolved `auto` otherwise (a close call of
-        its own probe) is a tag of that attempt, and the run's params stay the first's."""
-        first = self.resolved.setdefault(trial_id, params)
-        if first is params:
+        """They come with the final metrics (the attempt that finished: a retry's own probe
+        may choose otherwise than an attempt that failed); params are written once."""
+        if trial_id not in self.resolved:
+            self.resolved.add(trial_id)
             self._write(trial_id, lambda rid: self.tracker.log_params(rid, params))
-        elif first != params:
-            n = self.attempts.get(trial_id, 1)
-            tag = {f"ablate.resolved_attempt{n}": ", ".join(f"{k}={v}" for k, v in params.items())}
-            self._write(trial_id, lambda rid: self.tracker.set_tags(rid, tag))
 
     def error(self, trial_id: str, text: str, log_tail: str, reason: str, final: bool) -> None:
         """An attempt failed: its traceback and log tail as artifacts; `final` ends the run."""

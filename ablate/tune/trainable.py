@@ -101,13 +101,15 @@ def train_cell(config: dict[str, Any], report) -> None:
     alone = None  # the profile's training speed (img/s), timed alone on a node
     runs = {}
     resolved = {}  # what a trial without a profile resolved `auto` to itself: its run's params
+    own = None  # ... probed once per cell: its seeds share the architecture
     for trial in todo:
         model = build_model(trial, data.image_size, data.channels, data.num_classes)
         info = arch.get(trial.trial_id) or (keyed(by_key, trial, shape, ctx["device_type"],
                                                   ctx["cpus"]) if by_key else None)
-        choice = (info["precision"], info["channels_last"]) if info else None
+        choice = (info["precision"], info["channels_last"]) if info else own
         cfg = resolve_auto(trial.train, model, data, device, choice)
         if not info and is_auto(trial.train):
+            own = (cfg.precision, cfg.channels_last)
             resolved[trial.trial_id] = {"train.precision_resolved": cfg.precision,
                                         "train.channels_last_resolved": str(cfg.channels_last)}
         if info:
@@ -126,8 +128,8 @@ def train_cell(config: dict[str, Any], report) -> None:
                                           final_extra=extra)
     for epoch in range(1, first.train.epochs + 1):
         per_seed = {tid: next(run) for tid, run in runs.items()}
-        if epoch == 1:  # with the first report, so a trial pruned or failed later has them too
-            for tid, params in resolved.items():
+        if epoch == first.train.epochs:  # with the final metrics: an attempt that failed
+            for tid, params in resolved.items():  # before would name what it did not finish
                 per_seed[tid]["resolved_params"] = params
         for tid in per_seed:
             if take_fault(ctx.get("fault_file"), tid, epoch):
