@@ -298,7 +298,7 @@ class Tracker:
 
     def start_run(self, trial: Any, study: Any, extra_tags: dict[str, str] | None = None,
                   extra_params: dict[str, str] | None = None) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
 
         tags = {"ablate.study": study.spec.name, "ablate.trial_id": trial.trial_id,
                 "ablate.cell_id": trial.cell_id, "ablate.grid": str(trial.grid),
@@ -312,10 +312,7 @@ class Tracker:
         tags.update(extra_tags or {})
         run = self.client.create_run(self.experiment_id, run_name=trial.run_name, tags=tags)
         rid = run.info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in
-                  {**flatten(trial.config), **(extra_params or {})}.items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(rid, params=params[i:i + 100])
+        self.log_params(rid, {**flatten(trial.config), **(extra_params or {})})
         self.client.log_batch(rid, tags=[RunTag("mlflow.runName", trial.run_name)])
         import yaml
 
@@ -332,10 +329,14 @@ class Tracker:
         if batch:
             self.client.log_batch(run_id, metrics=batch)
 
-    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """In batches of 100 (MLflow's limit per call), each value cut to MLflow's 6,000
+        characters."""
         from mlflow.entities import Param
 
-        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        batch = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(batch), 100):
+            self.client.log_batch(run_id, params=batch[i:i + 100])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in tags.items():
