@@ -71,6 +71,10 @@ def check_search(spec: StudySpec) -> list[tuple[str, str]]:
             problems.append((path, f"unknown dotted key: {where}"))
             continue
         section, name = where
+        if key == "train.precision_scope":  # a profile is looked up by architecture, not scope
+            problems.append((path, "is the study's choice, not a dimension: set "
+                                   "train.precision_scope once (study or architecture)"))
+            continue
         if isinstance(dim, list):
             has_categorical = True
             if not dim:

@@ -107,6 +107,10 @@ class TrainSpec(Strict):
         "fp32", description="auto: the fastest of fp32/bf16 on the device, by a probe")
     augment: tuple[Literal["crop", "flip"], ...] = ("crop", "flip")
     crop_padding: NonNegativeInt = 4
+    precision_scope: Literal["study", "architecture"] = Field(
+        "study", description="precision auto: study = one precision for every architecture "
+                             "(the fastest in total by their probes); architecture = each "
+                             "its own fastest (mixes precisions across the compared models)")
     channels_last: bool | Literal["auto"] = Field(
         False, description="auto: channels_last where the probe finds it faster")
     compile: bool = Field(False, description="torch.compile the model (CPU and CUDA)")

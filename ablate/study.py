@@ -229,6 +229,11 @@ def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) ->
     train = ts.model_dump(mode="json")
     if not train["compile"]:  # only then: the ids of studies without it stay as they were
         del train["compile"]
+    # only `auto` with one precision for the study trains otherwise than before the field
+    # existed (then each architecture picked its own): only it is a new trial, and the
+    # per-architecture runs of an older `auto` study keep their ids under `architecture`
+    if not (train["precision"] == "auto" and train.get("precision_scope") == "study"):
+        train.pop("precision_scope", None)
     return {"dataset": dataset, "model": model, "train": train, "seed": seed}
 
 

@@ -523,3 +523,159 @@ def test_a_compile_that_fails_fails_its_trials_not_the_study(tmp_path):
     profiles = c.search_runs([exp.experiment_id], "tags.`ablate.phase` = 'profile'")
     assert len(profiles) == 1 and "compile" not in profiles[0].data.params
 
+
+
+def test_a_study_wide_auto_precision_weighs_every_architectures_probe():
+    """Hand-computed: two architectures, equal weight; conv trains 3x faster in bf16, mlp at
+    0.8x. Alone, conv picks bf16 and mlp fp32; in total, fp32 costs 1/100 + 1/100 = 0.0200
+    and bf16 1/300 + 1/80 = 0.0158 per unit, so the study trains both in bf16. With mlp's
+    bf16 at 0.4x (1/300 + 1/40 = 0.0283) fp32 wins; fp32 stays unless another precision is
+    at least 5% faster in total."""
+    from ablate.tune.precision_plan import probe_speeds, study_precision
+
+    conv = {"probe_img_s.fp32_contiguous": 100.0, "probe_img_s.fp32_channels_last": 90.0,
+            "probe_img_s.bf16_contiguous": 250.0, "probe_img_s.bf16_channels_last": 300.0}
+    mlp = {"probe_img_s.fp32_contiguous": 100.0, "probe_img_s.bf16_contiguous": 80.0}
+    assert probe_speeds(conv) == {"fp32": (100.0, False), "bf16": (300.0, True)}
+    precision, total = study_precision({"a": 1.0, "b": 1.0}, {"a": conv, "b": mlp})
+    assert precision == "bf16"
+    assert total["fp32"] == pytest.approx(0.02) and total["bf16"] == pytest.approx(1 / 300 + 1 / 80)
+    slow = {**mlp, "probe_img_s.bf16_contiguous": 40.0}
+    assert study_precision({"a": 1.0, "b": 1.0}, {"a": conv, "b": slow})[0] == "fp32"
+    # weights count: three times the trials of conv tip it back to bf16 (3/300+1/40 = 0.035
+    # against 3/100+1/100 = 0.04)
+    assert study_precision({"a": 3.0, "b": 1.0}, {"a": conv, "b": slow})[0] == "bf16"
+    even = {"probe_img_s.fp32_contiguous": 100.0, "probe_img_s.bf16_contiguous": 104.0}
+    assert study_precision({"a": 1.0}, {"a": even})[0] == "fp32"  # 4% faster: within noise
+    clear = {**even, "probe_img_s.bf16_contiguous": 106.0}
+    assert study_precision({"a": 1.0}, {"a": clear})[0] == "bf16"
+    # a precision one architecture was not probed at is not a candidate; no probe: no plan
+    fp32_only = {"probe_img_s.fp32_contiguous": 50.0}
+    assert study_precision({"a": 1.0, "b": 1.0}, {"a": conv, "b": fp32_only})[0] == "fp32"
+    assert study_precision({"a": 1.0, "b": 1.0}, {"a": conv, "b": {}}) is None
+
+
+def test_a_resumed_study_goes_on_at_the_precision_its_finished_trials_trained_at(tmp_path):
+    """With mlp's bf16 at 0.4x, fp32 is the study's precision in total (the unit test above),
+    and conv is to be profiled again at fp32; but if the study's finished trials trained at
+    bf16 (it began with conv alone, say), it goes on at bf16 and mlp is the one to redo."""
+    from rich.console import Console
+
+    from ablate.tune.precision_plan import plan_study_precision
+    from ablate.tune.profiling import arch_config, arch_key
+
+    study = load_study(study_file(tmp_path, "resume", ["conv", "mlp"], seeds=[0],
+                                  train=", precision: auto"))
+    probe = {"conv": {"probe_img_s.fp32_contiguous": 100.0, "probe_img_s.bf16_contiguous": 300.0},
+             "mlp": {"probe_img_s.fp32_contiguous": 100.0, "probe_img_s.bf16_contiguous": 40.0}}
+    keys, by_trial, found = {}, {}, {}
+    for t in study.trials:
+        mixer = t.factors["model.mixer"]
+        config = arch_config(t, (16, 3, 10), "cpu", 1)
+        keys[mixer] = (config, t)
+        by_trial[t.trial_id] = mixer
+        found[mixer] = {"precision": "bf16" if mixer == "conv" else "fp32",
+                        "channels_last": False, "probe": probe[mixer]}
+    quiet = Console(quiet=True)
+    fresh = plan_study_precision(study, study.trials, keys, by_trial, found, quiet)
+    assert set(fresh) == {"conv"} and fresh["conv"][2].train.precision == "fp32"
+    resumed = plan_study_precision(study, study.trials, keys, by_trial, found, quiet,
+                                   trained={"bf16"})
+    assert set(resumed) == {"mlp"} and resumed["mlp"][2].train.precision == "bf16"
+    assert resumed["mlp"][0] == arch_key(resumed["mlp"][1])
+    assert resumed["mlp"][1]["precision"] == "bf16" and "probe_batch_size" not in resumed[
+        "mlp"][1]  # a fixed setting: the key any study asking for bf16 would profile under
+
+
+def _stored_auto_profile(uri, study, trial, probe, precision):
+    """A finished profile of `trial`'s auto key in the store, as a profile of this node would
+    be logged, with the probe speeds given (so which precision each pick favours is known)."""
+    import time
+
+    from ablate.tracking import Tracker
+    from ablate.tune.profile_store import identity, log_profile
+    from ablate.tune.profiling import arch_config, arch_key
+
+    config = arch_config(trial, (16, 3, 10), "cpu", 1)
+    now = int(time.time() * 1000)
+    res = {"metrics": {m: 1.0 for m in COST}, "precision": precision, "channels_last": False,
+           "probe": probe, "probe_threads": 1, "start_ms": now - 10, "end_ms": now,
+           **identity("cpu", 2)}  # the profile node: ray_session's 2 CPUs
+    log_profile(Tracker(uri, "seeded"), study, arch_key(config), config, res, trial.cell_name)
+
+
+def test_a_study_wide_auto_precision_trains_every_architecture_at_one(ray_session, tmp_path):
+    """`precision: auto` (scope study, the default) with stored probes where conv alone would
+    pick bf16 and mlp fp32 (the unit test above: bf16 wins in total): every trial trains at
+    bf16, mlp is profiled again at bf16 (one new profile, taken alone) and its trials carry
+    that profile; with `precision_scope: architecture` each keeps its own pick."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    study = load_study(study_file(tmp_path, "wide", ["conv", "mlp"], seeds=[0, 1],
+                                  train=", precision: auto"))
+    probes = {"conv": ({"probe_img_s.fp32_contiguous": 100.0,
+                        "probe_img_s.bf16_contiguous": 300.0}, "bf16"),
+              "mlp": ({"probe_img_s.fp32_contiguous": 100.0,
+                       "probe_img_s.bf16_contiguous": 80.0}, "fp32")}
+    for mixer, (probe, own) in probes.items():
+        trial = next(t for t in study.trials if t.factors["model.mixer"] == mixer)
+        _stored_auto_profile(uri, study, trial, probe, own)
+    # a study stopped after its conv trials: they trained at bf16 (conv alone picks it) ...
+    first = load_study(study_file(tmp_path, "wide", ["conv"], seeds=[0, 1],
+                                  train=", precision: auto"))
+    assert run_study(first, uri).finished == 2
+    # ... and resumed: mlp alone would pick fp32; the study goes on at one precision
+    summary = run_study(study, uri)
+    assert summary.finished == 2 and summary.skipped == 2
+    profiles = profile_runs(uri)
+    (again,) = [p for p in profiles if p.data.params["precision"] == "bf16"]
+    assert again.data.params["model.mixer"] == "mlp"
+    assert again.data.params["train.precision_resolved"] == "bf16"
+    c = MlflowClient(uri)
+    trials = load_runs("wide", uri)
+    for _, t in trials.iterrows():
+        run = c.get_run(t["run_id"])
+        assert run.data.params["train.precision_resolved"] == "bf16", t["factor.model.mixer"]
+        if t["factor.model.mixer"] == "mlp":  # the profile taken at the study's precision
+            assert run.data.tags["ablate.profile_run_id"] == again.info.run_id
+            assert run.data.metrics["train_img_s"] == pytest.approx(
+                again.data.metrics["train_img_s"])
+            t0 = t["start_time"].value // 10**6
+            assert again.info.end_time <= t0  # taken before its trials, alone
+    # the same stored probes, each architecture on its own: no new profile, mixed precisions
+    per_arch = load_study(study_file(tmp_path, "own", ["conv", "mlp"], seeds=[0],
+                                     train=", precision: auto, precision_scope: architecture"))
+    assert run_study(per_arch, uri).finished == 2
+    assert len(profile_runs(uri)) == len(profiles)
+    for _, t in load_runs("own", uri).iterrows():
+        params = c.get_run(t["run_id"]).data.params
+        assert params["train.precision_resolved"] == probes[t["factor.model.mixer"]][1]
+    # a search over the same two architectures decides the same way: its trials look their
+    # profile up by their own (auto) key and find mlp's at bf16; nothing new is profiled
+    text = (SEARCH.replace("STORAGE", str(tmp_path / "optuna.db"))
+            .replace("warmup_epochs: 0.2}", "warmup_epochs: 0.2, precision: auto}")
+            .replace("n_trials: 4", "n_trials: 3"))
+    search_study = load_study(write(tmp_path / "psearch.yaml", text))
+    assert run_study(search_study, uri).finished == 3
+    assert len(profile_runs(uri)) == len(profiles)
+    runs = load_runs("psearch", uri)
+    assert len(runs) == 6
+    for _, t in runs.iterrows():
+        run = c.get_run(t["run_id"])
+        assert run.data.params["train.precision_resolved"] == "bf16"
+        if t["factor.model.mixer"] == "mlp":
+            assert run.data.tags["ablate.profile_run_id"] == again.info.run_id
+    # whichever mixers the sampler drew: the lookup every search trial makes finds mlp's
+    # profile at bf16 under mlp's own key
+    from rich.console import Console
+
+    from ablate.tracking import Tracker
+    from ablate.tune.driver import _search_profiles
+    from ablate.tune.profiling import lookup_for, search_architectures
+
+    ctx = {**_search_profiles(search_study, Tracker(uri, "lookup"), Console(quiet=True), None),
+           "cpus": 1}
+    lookup = lookup_for(ctx)
+    found = {t.factors["model.mixer"]: lookup(t) for t in search_architectures(search_study)}
+    assert found["mlp"]["precision"] == "bf16" and found["conv"]["precision"] == "bf16"
+    assert found["mlp"]["run_id"] == again.info.run_id
+    assert found["mlp"]["arch_key"] == again.data.tags["ablate.arch_key"]

@@ -68,6 +68,10 @@ BAD = {
     "cmaes_two_objectives": ("model.mixer: [mlp, conv, identity]\n", "\n",
                              "cmaes is single-objective"),
     "asha_two_objectives": ("{name: fifo}", "{name: asha}", "cannot serve a multi-objective"),
+    "precision_scope_searched": ("model.mixer: [mlp, conv, identity]",
+                                 "model.mixer: [mlp, conv]\n    train.precision_scope: "
+                                 "[study, architecture]",
+                                 "search.space.train.precision_scope: is the study's choice"),
 }
 
 

@@ -365,3 +365,26 @@ def test_two_cells_that_are_one_trial_under_different_labels_are_an_error():
                          "are the same trial although model.dim differ: the model ignores it; "
                          "remove it from one of the cells")]
     assert warnings == []
+
+
+def test_only_auto_at_one_precision_for_the_study_is_a_new_trial(tmp_path):
+    """`precision: auto` trained each architecture at its own pick before
+    `train.precision_scope` existed; that is now `architecture`, whose trials keep the ids
+    they had (the field is not in their config); the default, one precision for the study,
+    trains otherwise, so its trials are other trials (an older study's runs are outdated,
+    not resumed). With a fixed precision the scope changes nothing, ids included."""
+    def trials(name: str, train: str) -> list:
+        path = write(tmp_path / f"{name}.yaml", GOOD.replace("train: {epochs: 1}", train))
+        return load_study(path).trials
+
+    study = trials("a", "train: {epochs: 1, precision: auto}")
+    named = trials("b", "train: {epochs: 1, precision: auto, precision_scope: study}")
+    per_arch = trials("c", "train: {epochs: 1, precision: auto, precision_scope: architecture}")
+    assert [t.trial_id for t in named] == [t.trial_id for t in study]
+    assert not {t.trial_id for t in per_arch} & {t.trial_id for t in study}
+    assert all("precision_scope" not in t.config["train"] for t in per_arch)
+    assert all(t.config["train"]["precision_scope"] == "study" for t in study)
+    fixed = [[t.trial_id for t in trials(f"f{i}", f"train: {{epochs: 1{extra}}}")]
+             for i, extra in enumerate(["", ", precision_scope: study",
+                                        ", precision_scope: architecture"])]
+    assert fixed[0] == fixed[1] == fixed[2]

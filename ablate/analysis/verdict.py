@@ -313,8 +313,9 @@ def precision_sentence(a: Analysis) -> str:
     unknown = len(trained) - len(known)
     return ("Precision: the runs compared trained at different precisions: "
             + "; ".join(groups) + (f"; {unknown} run(s) unknown" if unknown else "")
-            + "; differences between them include the precision's effect (train.precision: "
-            "auto picks per architecture; set fp32 or bf16 to compare at one).")
+            + "; differences between them include the precision's effect (to compare at one "
+            "precision, set train.precision to fp32 or bf16, or auto with precision_scope: "
+            "study, the default, which trains every profiled architecture at one).")
 
 
 def budget_sentence(a: Analysis) -> str:

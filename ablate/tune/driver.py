@@ -339,7 +339,8 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
     started = _init_ray(address, verbose)
     try:  # profiles first, each alone on its node; then the trials
         _rearm_python_signal_handlers()
-        context["arch"] = profile_trials(study, todo, tracker, console, context["root"])
+        context["arch"] = profile_trials(study, todo, tracker, console, context["root"],
+                                         finished=skipped)
         interrupted = _fit(
             study, tracker, address, verbose, console, progress,
             {"context": context, "cell": tune.grid_search([[t.to_dict()] for t in todo])},
@@ -473,7 +474,7 @@ def _search_profiles(study: Study, tracker: Tracker, console: Console, root: str
                       "dimensions for profiles taken alone)", highlight=False)
         return {}
     by_trial = profile_trials(study, archs, tracker, console, root)
-    by_key = {i["arch_key"]: {k: v for k, v in i.items() if k != "arch_key"}
+    by_key = {i["trial_key"]: {k: v for k, v in i.items() if k != "trial_key"}
               for i in by_trial.values()}
     return {"arch_keys": by_key, "device_type": device_type_of(study)}
 

@@ -105,7 +105,9 @@ def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],
                                 if not k.startswith("probe_img_s.")},
                     "precision": r.data.params.get("train.precision_resolved", "fp32"),
                     "channels_last": r.data.params.get("train.channels_last_resolved") == "True",
-                    "run_id": r.info.run_id}
+                    "run_id": r.info.run_id,
+                    "probe": {k: v for k, v in r.data.metrics.items()
+                              if k.startswith("probe_img_s.")}}
     return out
 
 

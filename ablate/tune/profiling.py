@@ -46,6 +46,7 @@ from ablate.errors import (
 )
 from ablate.study import Study, TrialSpec, trials_for
 from ablate.tracking import Tracker
+from ablate.tune.precision_plan import plan_for_run, study_scope
 from ablate.tune.profile_store import (  # noqa: F401 - a profile's identity, reuse and record
     IDENTITY_TAGS,
     KEY_TAG,
@@ -122,7 +123,8 @@ def keyed(by_key: dict[str, dict[str, Any]], trial: TrialSpec, shape: tuple[int,
     """The profile of `trial`'s architecture key among `by_key`, as `profile_trials` gives it
     by trial id (`cpus`: resources.cpus_per_trial); None when it was not profiled."""
     key = arch_key(arch_config(trial, shape, device_type, cpus))
-    return {**by_key[key], "arch_key": key} if key in by_key else None
+    # the entry's own arch_key where it has one (the study's precision: another key's profile)
+    return {"arch_key": key, **by_key[key]} if key in by_key else None
 
 
 def lookup_for(context: dict[str, Any]) -> Callable[[TrialSpec], dict[str, Any] | None] | None:
@@ -308,7 +310,8 @@ def _profile_node(device_type: str) -> tuple[str, int]:
 
 
 def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, console: Console,
-                   root: str | None) -> dict[str, dict[str, Any]]:
+                   root: str | None, finished: list[TrialSpec] = ()
+                   ) -> dict[str, dict[str, Any]]:
     """Each trial's profile by trial id ({"metrics", "precision", "channels_last", "arch_key",
     "run_id"}): reused from the store or measured now, one whole-node Ray task per missing
     architecture key. Ray must be running. Nothing when the study is run without profiles;
@@ -345,6 +348,41 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                   + (f" ({len(stale)} stored profile(s) were measured by other model or cost "
                      "code, so not reused)" if stale else ""),
                   highlight=False)
+    measure_keys(study, missing, keys, found, tracker, console, ident, opts, device_type, cpus)
+    plan = plan_for_run(study, trials, list(finished), tracker, keys, by_trial, found,
+                           shapes, ident, console, root)
+    if plan:  # the architectures whose own pick was another precision: profiled at the study's
+        fixed = {fk: (config, t) for fk, config, t in plan.values()}
+        if not study.reprofile:
+            found.update(stored_profiles(tracker, ident, set(fixed) - set(found)))
+        again = [fk for fk in fixed if fk not in found]
+        if again:
+            console.print(f"{study.spec.name}: profiling {len(again)} architecture(s) again at "
+                          "the study's precision", highlight=False)
+        measure_keys(study, again, fixed, found, tracker, console, ident, opts, device_type,
+                     cpus, then="its trials train at their own pick of precision, with its "
+                                "profile (the verdict names the mix)")
+    out = {}
+    for t in trials:
+        key = by_trial[t.trial_id]
+        # the profile at the study's precision, for the trials that asked for one (a key
+        # whose compile failed at it keeps its own pick)
+        use = plan[key][0] if key in plan and study_scope(t) and plan[key][0] in found else key
+        if use in found:
+            info = {k: v for k, v in found[use].items() if k != "probe"}
+            # arch_key: the profile the trial carries; trial_key: what `keyed` looks it up by
+            out[t.trial_id] = {**info, "arch_key": use, "trial_key": key}
+    return out
+
+def measure_keys(study: Study, missing: list[str], keys: dict[str, tuple[dict[str, Any],
+                 TrialSpec]], found: dict[str, dict[str, Any]], tracker: Tracker,
+                 console: Console, ident: dict[str, Any], opts: dict[str, Any],
+                 device_type: str, cpus: int, then: str | None = None) -> None:
+    """Measure the profile of each of `missing` (one whole-node task at a time), log it and
+    add it to `found`; a key whose compile failed is left out (said on the console, with
+    `then`: what its trials do instead)."""
+    import ray
+
     task = ray.remote(**opts)(measure)
     fault_file = os.environ.get("ABLATE_FAULT_FILE")  # the tests' hook, as the trials'
     for key in missing:  # one at a time: each task holds the whole node
@@ -371,17 +409,16 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                     f"{ident['device_name']} ({_cause(e)}); the run stops before the trials "
                     f"this profile is for ({why}): fix the cause and run again, the profiles "
                     "already taken are kept") from e
-            then = ("its trials measure their own costs, beside other trials"
-                    if study.spec.search.method == "optuna" else
-                    "its trials run without cost metrics")
+            instead = then or ("its trials measure their own costs, beside other trials"
+                               if study.spec.search.method == "optuna" else
+                               "its trials run without cost metrics")
             console.print(f"{study.spec.name}: profile of {t.cell_name} failed "
-                          f"({_cause(e)}); {then}", highlight=False, markup=False)
+                          f"({_cause(e)}); {instead}", highlight=False, markup=False)
             continue
         rid = log_profile(tracker, study, key, config, res, t.cell_name)
         found[key] = {"metrics": res["metrics"], "precision": res["precision"],
-                      "channels_last": res["channels_last"], "run_id": rid}
-    return {tid: {**found[key], "arch_key": key} for tid, key in by_trial.items()
-            if key in found}
+                      "channels_last": res["channels_last"], "run_id": rid,
+                      "probe": res["probe"]}
 
 
 def _oom_message(path: Path, t: TrialSpec, e: BaseException, ident: dict[str, Any]) -> str:
