@@ -275,11 +275,13 @@ def sentences(a: Analysis) -> list[str]:
 
 
 def precision_sentence(a: Analysis) -> str:
-    """Where the runs compared trained at different precisions (`train.precision: auto` picks
-    the faster per architecture: on a CPU with bf16 kernels, bf16 for most mixers but fp32 for
-    attention), every difference between them also carries the precision's effect: the
-    verdict names which trained at which. Nothing when one precision (or unknown), or when
-    the precision is itself a factor of the study."""
+    """Where the runs compared trained at different precisions (`train.precision: auto` with
+    `precision_scope: architecture` picks the faster per architecture: on a CPU with bf16
+    kernels, bf16 for most mixers but fp32 for attention; trials that probed alone, or runs
+    of a study resumed after the store lost its probes, can differ too), every difference
+    between them also carries the precision's effect: the verdict names which trained at
+    which. Nothing when one precision (or unknown), or when the precision is itself a factor
+    of the study."""
     runs = a.runs
     if "factor.train.precision" in runs:
         return ""
