@@ -160,10 +160,14 @@ def distributions(spec: StudySpec) -> dict[str, Any]:
 
 def study_name(spec: StudySpec) -> str:
     """Stable Optuna study name: the study's name + a hash of what defines the search."""
-    parts = {"space": full_space(spec), "objectives": spec.search.objectives,
-             "sampler": spec.search.sampler, "seeds": spec.seeds,
-             "base": {s: getattr(spec, s).model_dump(mode="json")
-                      for s in ("dataset", "model", "train")}}
+    from ablate.study import drop_scope
+
+    space = full_space(spec)
+    base = {s: getattr(spec, s).model_dump(mode="json") for s in ("dataset", "model", "train")}
+    auto = spec.train.precision == "auto" or "auto" in (space.get("train.precision") or [])
+    drop_scope(base["train"], auto)  # the names of searches from before the field, kept
+    parts = {"space": space, "objectives": spec.search.objectives,
+             "sampler": spec.search.sampler, "seeds": spec.seeds, "base": base}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     return f"{spec.name}-{digest[:10]}"
 

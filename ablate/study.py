@@ -229,12 +229,19 @@ def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) ->
     train = ts.model_dump(mode="json")
     if not train["compile"]:  # only then: the ids of studies without it stay as they were
         del train["compile"]
-    # only `auto` with one precision for the study trains otherwise than before the field
-    # existed (then each architecture picked its own): only it is a new trial, and the
-    # per-architecture runs of an older `auto` study keep their ids under `architecture`
-    if not (train["precision"] == "auto" and train.get("precision_scope") == "study"):
-        train.pop("precision_scope", None)
+    drop_scope(train, train["precision"] == "auto")
     return {"dataset": dataset, "model": model, "train": train, "seed": seed}
+
+
+def drop_scope(train: dict[str, Any], auto: bool) -> dict[str, Any]:
+    """`train` (a dumped TrainSpec, changed in place) without `precision_scope` unless it is
+    `study` and the precision may be `auto`: only `auto` with one precision for the study
+    trains otherwise than before the field existed (then each architecture picked its own),
+    so only it is a new trial or search, and the per-architecture runs of an older `auto`
+    study keep their ids under `architecture`."""
+    if not (auto and train.get("precision_scope") == "study"):
+        train.pop("precision_scope", None)
+    return train
 
 
 def _json(v: Any) -> str:

@@ -679,3 +679,38 @@ def test_a_study_wide_auto_precision_trains_every_architecture_at_one(ray_sessio
     assert found["mlp"]["precision"] == "bf16" and found["conv"]["precision"] == "bf16"
     assert found["mlp"]["run_id"] == again.info.run_id
     assert found["mlp"]["arch_key"] == again.data.tags["ablate.arch_key"]
+
+
+def test_tuning_levels_search_at_the_study_precision(ray_session, tmp_path):
+    """Equal tuning with `precision: auto`: each level (here one mixer) would pick its own
+    precision; the study's one precision is decided before the levels from the grid's
+    architectures (stored probes: conv alone bf16, mlp alone fp32, bf16 in total), and every
+    tuning trial and every grid trial trains at it."""
+    from tests.test_tuning import STUDY as TUNED
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    text = TUNED.format(storage=tmp_path / "optuna.db").replace(
+        "warmup_epochs: 0.2}", "warmup_epochs: 0.2, precision: auto}").replace(
+        "n_trials: 3", "n_trials: 2")
+    study = load_study(write(tmp_path / "tuned.yaml", text))
+    probes = {"conv": ({"probe_img_s.fp32_contiguous": 100.0,
+                        "probe_img_s.bf16_contiguous": 300.0}, "bf16"),
+              "mlp": ({"probe_img_s.fp32_contiguous": 100.0,
+                       "probe_img_s.bf16_contiguous": 80.0}, "fp32")}
+    for mixer, (probe, own) in probes.items():
+        trial = next(t for t in study.trials if t.factors["model.mixer"] == mixer)
+        _stored_auto_profile(uri, study, trial, probe, own)
+    assert run_study(study, uri).finished == 2
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(study.experiment).experiment_id
+    tuning = c.search_runs([exp], filter_string="tags.`ablate.phase` = 'tune'")
+    assert {r.data.params["model.mixer"] for r in tuning} == {"conv", "mlp"}
+    for r in tuning:  # searched at the study's precision, whichever level
+        assert r.data.params["train.precision"] == "bf16", r.data.params["model.mixer"]
+    for _, t in load_runs(study.spec.name, uri).iterrows():
+        assert c.get_run(t["run_id"]).data.params["train.precision_resolved"] == "bf16"
+    # mlp's profile at bf16 was measured once: the level's search and the grid reused it
+    mlp_bf16 = [p for p in profile_runs(uri) if p.data.params["model.mixer"] == "mlp"
+                and p.data.params["precision"] == "bf16" and "channels_last" in p.data.params
+                and p.data.params["channels_last"] == "False"]
+    assert len(mlp_bf16) == 1

@@ -245,3 +245,38 @@ def test_the_optuna_study_names_its_objectives(tmp_path):
     _, _, ost = open_search_study(load_study(path).spec)
     assert ost.metric_names == ["val_acc", "gmacs"]
     assert [d.name for d in ost.directions] == ["MAXIMIZE", "MINIMIZE"]
+
+
+def test_a_search_keeps_its_optuna_study_name_unless_auto_trains_otherwise(tmp_path):
+    """The Optuna study name hashes the search's definition, train section included; a
+    search from before `train.precision_scope` existed must find its study again on resume
+    (else it starts over at 0 of n_trials). Its name was this formula over a train section
+    without the field; only `auto` at one precision for the study trains otherwise."""
+    import hashlib
+    import json
+
+    from ablate.search import full_space, study_name
+    from ablate.study import load_study
+
+    def old_name(spec) -> str:
+        base = {s: getattr(spec, s).model_dump(mode="json") for s in ("dataset", "model",
+                                                                      "train")}
+        del base["train"]["precision_scope"]
+        parts = {"space": full_space(spec), "objectives": spec.search.objectives,
+                 "sampler": spec.search.sampler, "seeds": spec.seeds, "base": base}
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return f"{spec.name}-{hashlib.sha256(blob).hexdigest()[:10]}"
+
+    def spec(train: str):
+        path = study_file(tmp_path)
+        text = path.read_text()
+        path.write_text(text.replace("warmup_epochs: 0.2}", f"warmup_epochs: 0.2{train}}}"))
+        return load_study(path).spec
+
+    fp32 = spec("")
+    assert study_name(fp32) == old_name(fp32)
+    assert study_name(spec(", precision_scope: architecture")) == old_name(fp32)
+    per_arch = spec(", precision: auto, precision_scope: architecture")
+    assert study_name(per_arch) == old_name(per_arch)
+    wide = spec(", precision: auto")
+    assert study_name(wide) != old_name(wide)

@@ -96,19 +96,20 @@ def study_scope(t: TrialSpec) -> bool:
     return t.train.precision == "auto" and t.train.precision_scope == "study"
 
 
-def trained_precisions(tracker: Any, trial_ids: set[str]) -> set[str]:
-    """The precisions the finished or pruned runs of these trials (in the tracker's
-    experiment) trained at: a resumed study goes on at the precision it started with."""
-    from ablate.tracking.store import _search_all
+def trained_precisions(tracker: Any, experiment: str, trial_ids: set[str]) -> set[str]:
+    """The precisions the finished or pruned runs of these trials (in the study's
+    experiment) trained at: a resumed study goes on at the precision it started with. Read
+    as the report reads a study (on a database store, four SQL queries, no metrics)."""
+    from ablate.tracking import load_runs
 
     if not trial_ids:
         return set()
-    runs = _search_all(tracker.client, [tracker.experiment_id],
-                       "tags.`ablate.phase` = 'final'")
-    return {r.data.params["train.precision_resolved"] for r in runs
-            if r.data.tags.get("ablate.trial_id") in trial_ids
-            and r.data.tags.get("ablate.status") in ("finished", "pruned")
-            and "train.precision_resolved" in r.data.params}
+    runs = load_runs(experiment, tracker.uri, params=False, metrics=[])
+    col = "params.train.precision_resolved"
+    if runs.empty or col not in runs:
+        return set()
+    done = runs[runs["trial_id"].isin(trial_ids) & runs["status"].isin(["finished", "pruned"])]
+    return set(done[col].dropna())
 
 
 def plan_study_precision(study: Study, trials: list[TrialSpec],
@@ -144,6 +145,11 @@ def plan_study_precision(study: Study, trials: list[TrialSpec],
     if len(trained) == 1 and next(iter(trained)) in total:
         precision = next(iter(trained))
         why = "the precision its finished trials trained at; "
+    elif len(trained) == 1:
+        console.print(f"{study.spec.name}: its finished trials trained at "
+                      f"{next(iter(trained))}, which this device's probes did not time; the "
+                      f"rest train at {precision} (the verdict names the mix)",
+                      highlight=False, markup=False)
     elif len(trained) > 1:
         console.print(f"{study.spec.name}: its finished trials trained at "
                       f"{' and '.join(sorted(trained))} (per architecture, or on other "
@@ -200,7 +206,7 @@ def plan_for_run(study: Study, trials: list[TrialSpec], finished: list[TrialSpec
             done_keys.setdefault(key, (config, t))
     more = set(done_keys) - set(found)  # only their probes are needed: not measured again
     known = {**found, **(stored_profiles(tracker, ident, more) if more else {})}
-    trained = trained_precisions(tracker, {t.trial_id for t in finished})
+    trained = trained_precisions(tracker, study.experiment, {t.trial_id for t in finished})
     plan = plan_study_precision(study, [*trials, *finished], {**done_keys, **keys}, every,
                              known, console, trained)
     return {k: v for k, v in plan.items() if k in keys}

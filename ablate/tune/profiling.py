@@ -374,6 +374,7 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
             out[t.trial_id] = {**info, "arch_key": use, "trial_key": key}
     return out
 
+
 def measure_keys(study: Study, missing: list[str], keys: dict[str, tuple[dict[str, Any],
                  TrialSpec]], found: dict[str, dict[str, Any]], tracker: Tracker,
                  console: Console, ident: dict[str, Any], opts: dict[str, Any],

@@ -20,18 +20,40 @@ from ablate.tune.raystart import _init_ray
 from ablate.tuning import LEVEL_TAG, PHASE_TAG, level_label, level_spec
 
 
-def level_study(study: Study, values: dict[str, Any]) -> Study:
-    """The derived Optuna-search study of one tuning level (same file, same experiment)."""
+def level_study(study: Study, values: dict[str, Any], precision: str | None = None) -> Study:
+    """The derived Optuna-search study of one tuning level (same file, same experiment), at
+    the study's one `precision` where `auto` decided it for the whole study."""
     spec = level_spec(study.spec, values, study.experiment)
+    if precision:
+        spec = spec.model_copy(update={"train": spec.train.model_copy(
+            update={"precision": precision})})
     return Study(spec, study.path, study.file_hash, [], list(spec.search.space))
 
 
-def best_values(study: Study) -> dict[str, dict[str, Any]]:
+def study_precision_for_tuning(study: Study, tracker: Tracker, console: Console) -> str | None:
+    """`train.precision: auto` at one precision for the study (precision_scope: study),
+    decided before the tuning levels from the grid's architectures (profiled now, or found in
+    the store, as the grid will find them): each level holds a part of the architectures
+    (with `per: [model.mixer]`, one), and deciding per level would tune hyperparameters at
+    other numerics than the grid trains at. None where it does not apply."""
+    from ablate.tune.driver import _context
+    from ablate.tune.precision_plan import study_scope
+    from ablate.tune.profiling import profile_trials
+
+    wide = [t for t in study.trials if study_scope(t)]
+    if not study.profile or not wide:
+        return None
+    by_trial = profile_trials(study, wide, tracker, console, _context(study)["root"])
+    chosen = {by_trial[t.trial_id]["precision"] for t in wide if t.trial_id in by_trial}
+    return chosen.pop() if len(chosen) == 1 else None
+
+
+def best_values(study: Study, precision: str | None = None) -> dict[str, dict[str, Any]]:
     """Each level's best sampled values (its Optuna study's best trial), by level label;
     raises AblateError for a level whose search has no complete trial."""
     out = {}
     for label, values in tune_levels(study.spec, study.trials).items():
-        _, name, ost = open_search_study(level_study(study, values).spec)
+        _, name, ost = open_search_study(level_study(study, values, precision).spec)
         if not any(t.state.name == "COMPLETE" for t in ost.trials):
             raise AblateError(f"{study.path}: tune: level {label} has no complete tuning trial "
                               f"(Optuna study {name}): see its failed runs, fix the cause and "
@@ -60,15 +82,16 @@ def run_tuned(study: Study, tracker: Tracker, address: str | None, verbose: bool
     (phase `final`). One Ray session for both."""
     started = _init_ray(address, verbose)
     try:
+        precision = study_precision_for_tuning(study, tracker, console)
         for label, values in tune_levels(study.spec, study.trials).items():
             console.print(f"{study.spec.name}: tuning level {label}", highlight=False)
             tags = {PHASE_TAG: "tune", LEVEL_TAG: label, "ablate.study": study.spec.name}
-            summary = _run_search(level_study(study, values), tracker, address, verbose,
-                                  console, keep_trial_dirs, tags)
+            summary = _run_search(level_study(study, values, precision), tracker, address,
+                                  verbose, console, keep_trial_dirs, tags)
             if summary.interrupted:
                 return dataclasses.replace(summary, total=len(study.trials), skipped=0,
                                            finished=0, pruned=0, failed=0)
-        best = best_values(study)
+        best = best_values(study, precision)
         for label, values in best.items():
             shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in values.items())
