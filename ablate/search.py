@@ -11,7 +11,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from ablate.errors import AblateError, mask_url
-from ablate.spec import NESTED, SECTION_MODELS, did_you_mean, set_field, split_key
+from ablate.spec import (
+    NESTED,
+    SECTION_MODELS,
+    did_you_mean,
+    drop_scope,
+    set_field,
+    split_key,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ablate.spec import StudySpec
@@ -160,8 +167,6 @@ def distributions(spec: StudySpec) -> dict[str, Any]:
 
 def study_name(spec: StudySpec) -> str:
     """Stable Optuna study name: the study's name + a hash of what defines the search."""
-    from ablate.study import drop_scope
-
     space = full_space(spec)
     base = {s: getattr(spec, s).model_dump(mode="json") for s in ("dataset", "model", "train")}
     auto = spec.train.precision == "auto" or "auto" in (space.get("train.precision") or [])

@@ -226,3 +226,14 @@ def set_field(values: dict[str, Any], name: str, value: Any) -> None:
         values[outer] = value
         return
     values[outer] = {**(values.get(outer) or {}), inner: value}
+
+
+def drop_scope(train: dict[str, Any], auto: bool) -> dict[str, Any]:
+    """`train` (a dumped TrainSpec, changed in place) without `precision_scope` unless it is
+    `study` and the precision may be `auto`: only `auto` with one precision for the study
+    trains otherwise than before the field existed (then each architecture picked its own),
+    so only it is a new trial or search, and the per-architecture runs of an older `auto`
+    study keep their ids under `architecture`."""
+    if not (auto and train.get("precision_scope") == "study"):
+        train.pop("precision_scope", None)
+    return train

@@ -42,6 +42,7 @@ from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home 
     TrackingSpec,
     TrainSpec,
     did_you_mean,
+    drop_scope,
     set_field,
     split_key,
 )
@@ -231,17 +232,6 @@ def resolved_config(ds: DatasetSpec, ms: ModelSpec, ts: TrainSpec, seed: int) ->
         del train["compile"]
     drop_scope(train, train["precision"] == "auto")
     return {"dataset": dataset, "model": model, "train": train, "seed": seed}
-
-
-def drop_scope(train: dict[str, Any], auto: bool) -> dict[str, Any]:
-    """`train` (a dumped TrainSpec, changed in place) without `precision_scope` unless it is
-    `study` and the precision may be `auto`: only `auto` with one precision for the study
-    trains otherwise than before the field existed (then each architecture picked its own),
-    so only it is a new trial or search, and the per-architecture runs of an older `auto`
-    study keep their ids under `architecture`."""
-    if not (auto and train.get("precision_scope") == "study"):
-        train.pop("precision_scope", None)
-    return train
 
 
 def _json(v: Any) -> str:
