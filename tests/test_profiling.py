@@ -587,6 +587,20 @@ def test_a_resumed_study_goes_on_at_the_precision_its_finished_trials_trained_at
         "mlp"][1]  # a fixed setting: the key any study asking for bf16 would profile under
 
 
+def _store_disagreeing_probes(uri, study) -> dict:
+    """Stored auto profiles of `study`'s conv and mlp where conv alone picks bf16 (3x fp32)
+    and mlp fp32 (bf16 at 0.8x); bf16 wins in total (the unit test above). Returns
+    mixer -> (probe, own pick)."""
+    probes = {"conv": ({"probe_img_s.fp32_contiguous": 100.0,
+                        "probe_img_s.bf16_contiguous": 300.0}, "bf16"),
+              "mlp": ({"probe_img_s.fp32_contiguous": 100.0,
+                       "probe_img_s.bf16_contiguous": 80.0}, "fp32")}
+    for mixer, (probe, own) in probes.items():
+        trial = next(t for t in study.trials if t.factors["model.mixer"] == mixer)
+        _stored_auto_profile(uri, study, trial, probe, own)
+    return probes
+
+
 def _stored_auto_profile(uri, study, trial, probe, precision):
     """A finished profile of `trial`'s auto key in the store, as a profile of this node would
     be logged, with the probe speeds given (so which precision each pick favours is known)."""
@@ -612,13 +626,7 @@ def test_a_study_wide_auto_precision_trains_every_architecture_at_one(ray_sessio
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     study = load_study(study_file(tmp_path, "wide", ["conv", "mlp"], seeds=[0, 1],
                                   train=", precision: auto"))
-    probes = {"conv": ({"probe_img_s.fp32_contiguous": 100.0,
-                        "probe_img_s.bf16_contiguous": 300.0}, "bf16"),
-              "mlp": ({"probe_img_s.fp32_contiguous": 100.0,
-                       "probe_img_s.bf16_contiguous": 80.0}, "fp32")}
-    for mixer, (probe, own) in probes.items():
-        trial = next(t for t in study.trials if t.factors["model.mixer"] == mixer)
-        _stored_auto_profile(uri, study, trial, probe, own)
+    probes = _store_disagreeing_probes(uri, study)
     # a study stopped after its conv trials: they trained at bf16 (conv alone picks it) ...
     first = load_study(study_file(tmp_path, "wide", ["conv"], seeds=[0, 1],
                                   train=", precision: auto"))
@@ -693,13 +701,7 @@ def test_tuning_levels_search_at_the_study_precision(ray_session, tmp_path):
         "warmup_epochs: 0.2}", "warmup_epochs: 0.2, precision: auto}").replace(
         "n_trials: 3", "n_trials: 2")
     study = load_study(write(tmp_path / "tuned.yaml", text))
-    probes = {"conv": ({"probe_img_s.fp32_contiguous": 100.0,
-                        "probe_img_s.bf16_contiguous": 300.0}, "bf16"),
-              "mlp": ({"probe_img_s.fp32_contiguous": 100.0,
-                       "probe_img_s.bf16_contiguous": 80.0}, "fp32")}
-    for mixer, (probe, own) in probes.items():
-        trial = next(t for t in study.trials if t.factors["model.mixer"] == mixer)
-        _stored_auto_profile(uri, study, trial, probe, own)
+    _store_disagreeing_probes(uri, study)
     assert run_study(study, uri).finished == 2
     c = MlflowClient(uri)
     exp = c.get_experiment_by_name(study.experiment).experiment_id
