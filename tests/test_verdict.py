@@ -320,6 +320,14 @@ def test_runs_trained_at_different_precisions_are_named_in_the_verdict():
     [line] = precision_line(unresolved)
     assert "bf16 (model.mixer conv, identity)" in line
     assert f"{int((df['factor.model.mixer'] == 'mlp').sum())} run(s) unknown" in line
+    # one known precision beside runs that asked for `auto` and never recorded its choice:
+    # they may have trained otherwise, and the verdict says so
+    n_mlp = int((df["factor.model.mixer"] == "mlp").sum())
+    silent = mixed.assign(**{"params.train.precision_resolved":
+                             np.where(df["factor.model.mixer"] == "mlp", None, "bf16")})
+    [line] = precision_line(silent)
+    assert f"{n_mlp} run(s) asked for train.precision: auto" in line
+    assert "the rest trained at bf16" in line
     # a precision that is itself a factor is the question, not a confound
     factor = mixed.assign(**{"factor.train.precision": mixed["params.train.precision_resolved"]})
     assert precision_line(factor) == []

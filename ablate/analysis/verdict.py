@@ -291,6 +291,15 @@ def precision_sentence(a: Analysis) -> str:
             asked = runs[col].astype(object)
             trained = trained.fillna(asked.where(asked.notna() & (asked != "auto")))
     known = trained.dropna()
+    if known.nunique() == 1 and "params.train.precision" in runs:
+        # runs that asked for `auto` and never logged what it resolved to (ablate before it
+        # logged that for trials without a profile): they may have trained otherwise
+        silent = int(((runs["params.train.precision"] == "auto") & trained.isna()).sum())
+        if silent:
+            return (f"Precision: {silent} run(s) asked for train.precision: auto and do not "
+                    f"record what it resolved to, the rest trained at {known.iloc[0]}; "
+                    "differences with those runs may include the precision's effect (run "
+                    "them again to record it).")
     if known.nunique() < 2:
         return ""
     lab = pd.DataFrame({f: labels(runs.loc[known.index, f]) for f in factor_columns(runs)})
