@@ -172,6 +172,20 @@ def _train_mode(model: nn.Module, train: bool) -> Iterator[None]:
         model.train(was)
 
 
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `n` inside (None: left as they are)."""
+    if n is None:
+        yield
+        return
+    was = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
 @dataclass
 class Profile:
     params: int
@@ -189,6 +203,8 @@ class Profile:
     train_img_s_iqr: float | None = None
     repeats: int = REPEATS
     compile_s: float | None = None  # compiled profiles: the first call of each timed shape
+    train_batch_size: int | None = None  # the training step's batch (train_img_s, peak_mem_mb)
+    train_threads: int | None = None  # ... and the threads it was timed with
 
     def metrics(self) -> dict[str, float]:
         """The numeric metrics only (what is logged to MLflow)."""
@@ -226,7 +242,8 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
             batch_size: int = 64, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.float32, timing: bool = True, channels_last: bool = False,
             min_seconds: float = 1.0, warmup: int = 3, repeats: int = REPEATS,
-            compile_: bool = False) -> Profile:
+            compile_: bool = False, train_batch_size: int | None = None,
+            train_threads: int | None = None) -> Profile:
     """Measure a model's cost on `device`: params and MACs counted exactly; every timing
     metric the median of `repeats` timed blocks after warm-up, with its IQR. The model's
     weights are left unchanged.
@@ -236,7 +253,11 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
     code), every shape static, as a trial's training graph is (its first call trains at its
     batch); `compile_s` is the first call of each timed shape (eval batch, batch 1, training
     step), compile included. On CPU the peak memory is still an eager step's: the heap is
-    sampled after every aten op, and compiled kernels are not aten ops."""
+    sampled after every aten op, and compiled kernels are not aten ops.
+
+    `train_batch_size` / `train_threads`: the batch and (CPU) thread count of the training
+    step behind `train_img_s` and `peak_mem_mb`, the trials' own (default: `batch_size` and the
+    caller's threads); throughput and latency are timed at `batch_size` with the caller's."""
     device = torch.device(device)
     repeats = max(REPEATS, repeats)
     model = model.to(device)
@@ -266,24 +287,32 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
                 [1000 * t for t in _time_calls(lambda: run(x1), device, warmup, 2,
                                                min_seconds / 2, repeats)])
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        step, opt = _train_step(run, x, num_classes, device, dtype)
-        with _train_mode(model, True):
-            if compile_:
-                compile_s += _first_call(step, device, lambda: _train_step(
-                    model, x, num_classes, device, dtype, opt)[0]())
-            train, iqr["train_img_s_iqr"] = median_iqr(
-                [batch_size / t for t in _time_calls(step, device, warmup, 1, min_seconds,
-                                                     repeats)])
-            if compile_ and device.type != "cuda":  # the heap sampler sees aten ops only
-                step = _train_step(model, x, num_classes, device, dtype, opt)[0]
-            peak = _peak_train_memory(model, opt, step, device)
+        try:
+            xt = x if train_batch_size in (None, batch_size) else _input(
+                train_batch_size, in_chans, image_size, device, channels_last)
+            step, opt = _train_step(run, xt, num_classes, device, dtype)
+            with _train_mode(model, True), _threads(train_threads):
+                if compile_:
+                    compile_s += _first_call(step, device, lambda: _train_step(
+                        model, xt, num_classes, device, dtype, opt)[0]())
+                train, iqr["train_img_s_iqr"] = median_iqr(
+                    [len(xt) / t for t in _time_calls(step, device, warmup, 1, min_seconds,
+                                                      repeats)])
+                if compile_ and device.type != "cuda":  # the heap sampler sees aten ops only
+                    step = _train_step(model, xt, num_classes, device, dtype, opt)[0]
+                peak = _peak_train_memory(model, opt, step, device)
+        except Exception as e:
+            with contextlib.suppress(AttributeError):  # which batch: what a caller names
+                e.in_training_step = True  # type: ignore[attr-defined]
+            raise
         model.load_state_dict(saved)
         model.zero_grad(set_to_none=True)
         if compile_:
             torch._dynamo.reset()  # the compiled graphs hold the model's weights: free them
     return Profile(params, gmacs, thr, lat, train, peak, str(device),
                    str(dtype).replace("torch.", ""), batch_size, image_size, repeats=repeats,
-                   compile_s=compile_s, **iqr)
+                   compile_s=compile_s, train_batch_size=train_batch_size or batch_size,
+                   train_threads=train_threads or torch.get_num_threads(), **iqr)
 
 
 def supported_candidates(device: str | torch.device) -> list[tuple[str, bool]]:

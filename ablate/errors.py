@@ -230,7 +230,8 @@ def compile_failures(active: bool = True, eager: Callable[[], object] | None = N
 
 class ProfileOutOfMemory(RuntimeError):
     """A cost profile ran out of memory at the batch of `field` (train.batch_size for the
-    auto probe, train.profile_batch_size for the timed metrics); crosses Ray's pickling."""
+    auto probe and the training step, train.profile_batch_size for throughput and latency);
+    crosses Ray's pickling."""
 
     def __init__(self, field: str, batch: int) -> None:
         super().__init__(field, batch)

@@ -87,6 +87,15 @@ def test_two_architectures_three_seeds_profile_twice_alone_and_reuse(ray_session
         assert run.data.params["train.channels_last_resolved"] == "False"
     # the seeds of one architecture share one measurement
     assert trials.groupby("factor.model.mixer")["throughput_img_s"].nunique().max() == 1
+    # ... whose training step was timed as the trials train: their batch, their threads
+    for p in profiles:
+        assert p.data.params["train_batch_size"] == "32"
+        assert p.data.params["train_threads"] == p.data.tags["ablate.train_threads"] == "1"
+    # the trials started longest first by their profiles (equal images: the slower one)
+    slower = min(profiles, key=lambda p: p.data.metrics["train_img_s"]).data.params[
+        "model.mixer"]
+    first_two = trials.sort_values("start_time")["factor.model.mixer"].head(2)
+    assert list(first_two) == [slower, slower]
 
     # status counts trials, not profile runs
     from typer.testing import CliRunner
@@ -194,7 +203,7 @@ def test_auto_precision_and_layout_are_probed_once_and_logged(ray_session, tmp_p
     chosen = f"{prof.data.params['train.precision_resolved']}_{layout}"
     assert chosen == fastest
     # the probe timed the steps with the trials' threads (cpus_per_trial 1), not the node's
-    assert prof.data.params["probe_threads"] == "1"
+    assert prof.data.params["train_threads"] == "1"
     assert prof.data.tags["ablate.probe_threads"] == "1"  # what it used, not only asked for
     assert prof.data.tags["ablate.profile_threads"] == "2"
     c = MlflowClient(uri)
@@ -281,47 +290,39 @@ def test_search_architectures_enumerates_only_finite_model_dimensions(tmp_path):
     assert search_architectures(load_study(write(tmp_path / "d.yaml", big))) is None
 
 
-def test_an_auto_probe_is_keyed_by_the_batch_it_times(tmp_path):
-    """`auto` is decided by timing training steps at train.batch_size, so that batch is part
-    of the architecture key (and a search that samples it enumerates it); without `auto` the
-    batch changes no profile, and the key stays what it was."""
+def test_a_profile_is_keyed_by_the_training_batch_and_threads_it_times(tmp_path):
+    """A profile times the training step (and the `auto` probe) at train.batch_size and, on
+    CPU, with the trials' threads (resources.cpus_per_trial), so both are part of every
+    architecture key (and a search that samples the batch enumerates it); on CUDA the
+    threads are not."""
     from ablate.tune.profiling import arch_config, arch_key, search_architectures
 
-    def key(text: str, batch: int) -> str:
+    def key(text: str, batch: int, cpus: int = 1, device: str = "cpu") -> str:
         t = load_study(write(tmp_path / f"k{batch}.yaml", text.replace(
             "batch_size: 32,", f"batch_size: {batch},"))).trials[0]
-        return arch_key(arch_config(t, (16, 3, 10), "cpu", 1))
+        return arch_key(arch_config(t, (16, 3, 10), device, cpus))
 
-    fixed = STUDY.format(name="k", mixers='["conv"]', seeds="[0]", train="")
-    auto = STUDY.format(name="k", mixers='["conv"]', seeds="[0]",
-                        train=", channels_last: auto")
-    assert key(fixed, 32) == key(fixed, 64)
-    assert key(auto, 32) != key(auto, 64)
-    # ... and on CPU the threads it times them with (the trials'); not on CUDA, not fixed
-    t_auto, t_fixed = (load_study(write(tmp_path / f"{n}.yaml", x)).trials[0]
-                       for n, x in (("a", auto), ("f", fixed)))
-    assert arch_key(arch_config(t_auto, (16, 3, 10), "cpu", 1)) != arch_key(
-        arch_config(t_auto, (16, 3, 10), "cpu", 2))
-    assert arch_config(t_auto, (16, 3, 10), "cuda", 1) == arch_config(
-        t_auto, (16, 3, 10), "cuda", 2)
-    assert arch_config(t_fixed, (16, 3, 10), "cpu", 1) == arch_config(
-        t_fixed, (16, 3, 10), "cpu", 2)
+    for train in ("", ", channels_last: auto"):
+        text = STUDY.format(name="k", mixers='["conv"]', seeds="[0]", train=train)
+        assert key(text, 32) != key(text, 64)
+        assert key(text, 32) == key(text, 32)
+        assert key(text, 32, cpus=1) != key(text, 32, cpus=2)
+        assert key(text, 32, 1, "cuda") == key(text, 32, 2, "cuda")
+        assert key(text, 32, 1, "cuda") != key(text, 32, 1, "cpu")
     text = SEARCH.replace("STORAGE", str(tmp_path / "o.db")).replace(
         "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}", "train.batch_size: [16, 32]")
-    assert len(search_architectures(load_study(write(tmp_path / "s.yaml", text)))) == 2
-    precisions = text.replace("model.mixer: [mlp, conv]",
-                              "model.mixer: [mlp, conv]\n    train.precision: [fp32, bf16]")
-    assert len(search_architectures(load_study(write(tmp_path / "p.yaml", precisions)))) == 4
-    text = text.replace("profile_seconds: 0.05,", "profile_seconds: 0.05, precision: auto,")
-    archs = search_architectures(load_study(write(tmp_path / "t.yaml", text)))
+    archs = search_architectures(load_study(write(tmp_path / "s.yaml", text)))
     assert sorted((t.model.mixer, t.train.batch_size) for t in archs) == [
         ("conv", 16), ("conv", 32), ("mlp", 16), ("mlp", 32)]
+    precisions = text.replace("model.mixer: [mlp, conv]",
+                              "model.mixer: [mlp, conv]\n    train.precision: [fp32, bf16]")
+    assert len(search_architectures(load_study(write(tmp_path / "p.yaml", precisions)))) == 8
 
 
-def test_the_auto_probe_times_with_the_trials_threads_and_the_profile_with_the_nodes(
-        tmp_path):
-    """The probe decides how the trials train, so on CPU it times their thread count
-    (resources.cpus_per_trial); the cost metrics are then timed with the whole node's."""
+def test_a_profile_times_training_with_the_trials_threads_and_batch(tmp_path):
+    """The training step (its speed and memory, and the auto probe) is timed as the trials
+    train, at their threads (resources.cpus_per_trial) and train.batch_size, alone on the
+    node; throughput and latency with the node's threads at the profile batch."""
     import torch
 
     from ablate.tune.profiling import measure
@@ -331,12 +332,48 @@ def test_the_auto_probe_times_with_the_trials_threads_and_the_profile_with_the_n
     (t,) = load_study(write(tmp_path / "t.yaml", text)).trials
     threads = torch.get_num_threads()
     try:
-        res = measure(t.to_dict(), (16, 3, 10), "cpu", 2, probe_threads=1)
+        res = measure(t.to_dict(), (16, 3, 10), "cpu", 2, train_threads=1)
         assert res["probe_threads"] == 1 and len(res["probe"]) >= 2
+        assert res["train_threads"] == 1
         assert res["threads"] == "2" and torch.get_num_threads() == 2  # the profile's
         assert res["metrics"]["train_img_s"] > 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_profile_training_step_runs_at_the_batch_and_threads_given():
+    """cost.profile times its training step at `train_batch_size` with `train_threads`
+    (what it records), and its peak memory follows that batch, not the throughput batch."""
+    import torch
+
+    from ablate.cost import profile
+    from ablate.models import create_model
+
+    threads = torch.get_num_threads()
+    model = create_model("backbone", image_size=16, in_chans=3, num_classes=10, dim=32,
+                         depth=1, patch_size=4, mixer="mlp")
+    seen = []
+    forward = model.forward
+
+    def spy(x):
+        seen.append((x.shape[0], torch.get_num_threads()) if torch.is_grad_enabled() else None)
+        return forward(x)
+
+    model.forward = spy
+    try:
+        torch.set_num_threads(2)
+        small = profile(model, 16, num_classes=10, batch_size=8, min_seconds=0.02, warmup=1,
+                        train_batch_size=8, train_threads=1)
+        big = profile(model, 16, num_classes=10, batch_size=8, min_seconds=0.02, warmup=1,
+                      train_batch_size=256, train_threads=1)
+        assert torch.get_num_threads() == 2  # given back
+    finally:
+        torch.set_num_threads(threads)
+    steps = [s for s in seen if s is not None]
+    assert {b for b, _ in steps} == {8, 256} and {n for _, n in steps} == {1}
+    assert (small.train_batch_size, small.train_threads, big.train_batch_size) == (8, 1, 256)
+    if small.peak_mem_mb is not None:  # the heap is readable on this libc
+        assert big.peak_mem_mb > small.peak_mem_mb
 
 
 def test_a_profile_identity_unpickles_without_torch():
@@ -431,14 +468,14 @@ def test_a_compiled_trial_trains_compiled_in_a_reused_worker(tmp_path):
 
 
 @pytest.mark.parametrize("setting,auto", [("profile_batch_size", False),
-                                          ("batch_size", True)])
+                                          ("batch_size", False), ("batch_size", True)])
 def test_a_profile_out_of_memory_stops_the_run_in_one_line(ray_session, tmp_path, setting,
                                                           auto):
     """A batch that does not fit (10^11 images: past any address space, refused whatever the
     kernel's overcommit): the run stops before any trial (grid trials must not finish without
-    their costs) with one line naming the setting whose batch it was and the fix: the timed
-    metrics' train.profile_batch_size, or train.batch_size where the auto probe times the
-    training batch."""
+    their costs) with one line naming the setting whose batch it was and the fix: the
+    throughput's train.profile_batch_size, or train.batch_size, the batch of the profile's
+    training step (and of the auto probe, which comes first)."""
     from ablate.errors import AblateError
 
     path = study_file(tmp_path, "oom", ["conv"], train=", precision: auto" if auto else "")
@@ -525,6 +562,30 @@ def test_a_compile_that_fails_fails_its_trials_not_the_study(tmp_path):
 
 
 
+def test_a_grid_starts_its_longest_trials_first_by_their_profiles(tmp_path):
+    """Hand-computed lengths (images to train on / profiled img/s): conv 2 epochs x 120
+    images / 10 img/s = 24 s; mlp 2 x 120 / 40 = 6 s, at half the data 3 s; pool has no
+    profile (its length unknown: it goes first). Ties keep the study's order (seeds stay
+    together); without any profile the order is the study's."""
+    from ablate.tune.order import longest_first
+
+    path = study_file(tmp_path, "order", ["mlp", "pool", "conv"], seeds=[0, 1],
+                      train=", epochs: 2")
+    text = path.read_text().replace("factors:\n", "factors:\n  dataset.fraction: [0.5, 1.0]\n")
+    trials = load_study(write(path, text.replace("epochs: 1, ", ""))).trials
+    speed = {"conv": 10.0, "mlp": 40.0}
+    prof = {t.trial_id: {"metrics": {"train_img_s": speed[t.model.mixer]}} for t in trials
+            if t.model.mixer in speed}
+    got = [(t.model.mixer, t.dataset.fraction, t.seed) for t in longest_first(trials, prof)]
+    pool = [(m, f, s) for m, f, s in got if m == "pool"]
+    assert got[:4] == pool and len(pool) == 4  # unknown first, in the study's order
+    assert pool == [(m, f, s) for m, f, s in ((t.model.mixer, t.dataset.fraction, t.seed)
+                                              for t in trials) if m == "pool"]
+    assert got[4:] == [("conv", 1.0, 0), ("conv", 1.0, 1), ("conv", 0.5, 0), ("conv", 0.5, 1),
+                       ("mlp", 1.0, 0), ("mlp", 1.0, 1), ("mlp", 0.5, 0), ("mlp", 0.5, 1)]
+    assert longest_first(trials, {}) == trials
+
+
 def test_a_study_wide_auto_precision_weighs_every_architectures_probe():
     """Hand-computed: two architectures, equal weight; conv trains 3x faster in bf16, mlp at
     0.8x. Alone, conv picks bf16 and mlp fp32; in total, fp32 costs 1/100 + 1/100 = 0.0200
@@ -583,8 +644,8 @@ def test_a_resumed_study_goes_on_at_the_precision_its_finished_trials_trained_at
                                    trained={"bf16"})
     assert set(resumed) == {"mlp"} and resumed["mlp"][2].train.precision == "bf16"
     assert resumed["mlp"][0] == arch_key(resumed["mlp"][1])
-    assert resumed["mlp"][1]["precision"] == "bf16" and "probe_batch_size" not in resumed[
-        "mlp"][1]  # a fixed setting: the key any study asking for bf16 would profile under
+    # a fixed setting: the key any study asking for bf16 (at this batch) would profile under
+    assert resumed["mlp"][1] == {**keys["mlp"][0], "precision": "bf16"}
 
 
 def _store_disagreeing_probes(uri, study) -> dict:

@@ -330,6 +330,7 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
         return RunSummary(len(study.trials), len(skipped), 0, 0, 0, uri)
     from ray import tune
 
+    from ablate.tune.order import longest_first
     from ablate.tune.profiling import profile_trials
 
     context = _context(study)
@@ -341,6 +342,7 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
         _rearm_python_signal_handlers()
         context["arch"] = profile_trials(study, todo, tracker, console, context["root"],
                                          finished=skipped)
+        todo = longest_first(todo, context["arch"])  # the slots then finish together
         interrupted = _fit(
             study, tracker, address, verbose, console, progress,
             {"context": context, "cell": tune.grid_search([[t.to_dict()] for t in todo])},

@@ -123,6 +123,8 @@ def log_profile(tracker: Tracker, study: Study, key: str, config: dict[str, Any]
             **{tag: str(res[k]) for k, tag in IDENTITY_TAGS.items()}}
     if res.get("probe_threads") is not None:  # the threads the auto probe timed with
         tags["ablate.probe_threads"] = str(res["probe_threads"])
+    if res.get("train_threads") is not None:  # the threads its training step was timed with
+        tags["ablate.train_threads"] = str(res["train_threads"])
     run = c.create_run(tracker.experiment_id, start_time=res["start_ms"],
                        run_name=f"profile {name}", tags=tags)
     rid = run.info.run_id

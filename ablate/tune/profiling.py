@@ -13,14 +13,14 @@ reuses it, unless `--reprofile`. Its metrics are then logged on every trial of t
 The same task runs the `train.precision: auto` / `train.channels_last: auto` probe.
 
 An Optuna search samples its architectures as it goes, so the driver enumerates the ones it
-can sample (`search_architectures`: every combination of the model and input dimensions, and
-of the training batch where `auto` is probed at it, the rest of the space held at the study's
-values) and profiles them the same way before the
-search; each trial then finds its profile by architecture key (`keyed`). Only a space whose
-architecture dimensions are continuous, or have more than `SEARCH_ARCH_CAP` combinations,
-leaves its trials to measure their own costs beside each other (the driver says so); so do
-the trials of a key whose compiled profile failed (`train.compile: true` on a node where
-torch.compile cannot build). Any other failure of a profile stops the run.
+can sample (`search_architectures`: every combination of the model and input dimensions and
+of the training batch, the rest of the space held at the study's values) and profiles them
+the same way before the search; each trial then finds its profile by architecture key
+(`keyed`). Only a space whose architecture dimensions are continuous, or have more than
+`SEARCH_ARCH_CAP` combinations, leaves its trials to measure their own costs beside each
+other (the driver says so); so do the trials of a key whose compiled profile failed
+(`train.compile: true` on a node where torch.compile cannot build). Any other failure of a
+profile stops the run.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ SEARCH_ARCH_CAP = 64  # most architectures a search's profile phase measures up 
 # the search dimensions `arch_config` depends on (the rest do not change a profile)
 ARCH_DIMS = ("model.", "dataset.name", "dataset.root", "dataset.image_size", "dataset.channels",
              "dataset.num_classes", "train.precision", "train.channels_last",
-             "train.profile_batch_size", "train.compile")
+             "train.profile_batch_size", "train.batch_size", "train.compile")
 
 
 def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[TrialSpec] | None:
@@ -77,10 +77,6 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
     spec = study.spec
     dists = search.distributions(spec)
     dims = ARCH_DIMS
-    if "auto" in (spec.train.precision, spec.train.channels_last) or any(
-            "auto" in getattr(dists.get(k), "choices", ())
-            for k in ("train.precision", "train.channels_last")):
-        dims += ("train.batch_size",)  # an auto probe times the training batch (arch_config)
     levels: dict[str, list[Any]] = {}
     for key, dist in dists.items():
         if not key.startswith(dims):
@@ -171,20 +167,18 @@ def trial_threads(cpus: float) -> int:
 def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str,
                 cpus: float) -> dict[str, Any]:
     """What a profile depends on: the resolved model, the input and output shapes, the
-    precision and memory layout asked for, the device type and the profile's batch size;
-    with `auto`, also the training batch size its probe times and, on CPU, the threads it
-    times them with (the trials': `cpus` is resources.cpus_per_trial); with `train.compile`,
-    that the model is timed compiled (keys without either are as they were, so their stored
-    profiles are still found)."""
+    precision and memory layout asked for, the device type, the profile's batch size (its
+    throughput), the training batch size (its training speed and memory, and the `auto`
+    probe) and, on CPU, the threads a trial trains with (`cpus`: resources.cpus_per_trial);
+    with `train.compile`, that the model is timed compiled."""
     t = trial.train
     out = {"model": {k: v for k, v in trial.config["model"].items() if k != "match"},
            "image_size": shape[0], "channels": shape[1], "num_classes": shape[2],
            "precision": t.precision, "channels_last": t.channels_last,
-           "device_type": device_type, "profile_batch_size": t.profile_batch_size}
-    if "auto" in (t.precision, t.channels_last):
-        out["probe_batch_size"] = t.batch_size
-        if device_type == "cpu":  # which layout is faster can change with the thread count
-            out["probe_threads"] = trial_threads(cpus)
+           "device_type": device_type, "profile_batch_size": t.profile_batch_size,
+           "train_batch_size": t.batch_size}
+    if device_type == "cpu":  # a model's speed changes with the threads, unevenly by model
+        out["train_threads"] = trial_threads(cpus)
     if t.compile:  # a compiled model's speed is not the eager model's (either way)
         out["compile"] = True
     return out
@@ -196,14 +190,16 @@ def arch_key(config: dict[str, Any]) -> str:
 
 
 def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str,
-            threads: int, probe_threads: int | None = None,
+            threads: int, train_threads: int | None = None,
             fault_file: str | None = None) -> dict[str, Any]:
     """One architecture's profile (run inside a Ray task that holds the whole node): the
     auto probe where asked, then params, GMACs and the timed metrics at the chosen setting.
-    The metrics are timed with the node's `threads`; on CPU the probe times the training
-    steps with the threads the trials train with (`probe_threads`), since it decides how they
-    train (still alone on the node). `fault_file`: the test hook of
-    ablate.tune.trainable.take_fault, under the key "profile"."""
+    Throughput and latency are timed with the node's `threads`, at the profile batch; the
+    training step (`train_img_s`, `peak_mem_mb`, and the auto probe, which decides how the
+    trials train) as a trial takes it: at `train.batch_size` and, on CPU, with the threads
+    the trials train with (`train_threads`), still alone on the node, so that a trial's
+    `train_time_alone_s` is its own setting's time without the contention. `fault_file`: the
+    test hook of ablate.tune.trainable.take_fault, under the key "profile"."""
     import torch
 
     from ablate.cost import candidates_for, probe_settings, profile
@@ -224,8 +220,8 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
         cands = candidates_for(cfg.precision, cfg.channels_last, device)
         # at the training batch: the probe decides how the trials train, and the gap between
         # layouts changes with the batch (64 vs 128 flipped close calls on a CPU)
-        if device.type == "cpu" and probe_threads:
-            torch.set_num_threads(probe_threads)
+        if device.type == "cpu" and train_threads:
+            torch.set_num_threads(train_threads)
         used = torch.get_num_threads()
         try:
             with _out_of_memory_at("train.batch_size", cfg.batch_size):
@@ -236,28 +232,35 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
             torch.set_num_threads(threads)
     precision, channels_last = choice
     dtype = DTYPES["fp32" if precision == "fp16" and device.type != "cuda" else precision]
-    with _out_of_memory_at("train.profile_batch_size", cfg.profile_batch_size):
+    with _out_of_memory_at("train.profile_batch_size", cfg.profile_batch_size,
+                           cfg.batch_size):
         p = profile(model, shape[0], in_chans=shape[1], num_classes=shape[2],
                     batch_size=cfg.profile_batch_size, device=device, dtype=dtype,
                     channels_last=bool(channels_last), min_seconds=cfg.profile_seconds,
-                    warmup=3, compile_=cfg.compile)
+                    warmup=3, compile_=cfg.compile, train_batch_size=cfg.batch_size,
+                    train_threads=train_threads if device.type == "cpu" else None)
     return {"metrics": {**p.metrics(), "profile_batch_size": float(p.batch_size)},
             "precision": precision, "channels_last": bool(channels_last),
             "probe": {f"probe_img_s.{k.replace('/', '_')}": v for k, v in speeds.items()},
             "probe_threads": used,  # what the probe timed with (None: no probe)
+            "train_threads": p.train_threads if device.type == "cpu" else None,
             "start_ms": start, "end_ms": int(time.time() * 1000),
             **identity(device_type, threads)}
 
 
 @contextlib.contextmanager
-def _out_of_memory_at(field: str, batch: int) -> Iterator[None]:
+def _out_of_memory_at(field: str, batch: int, train_batch: int | None = None
+                      ) -> Iterator[None]:
     """Out of memory inside is ProfileOutOfMemory naming the setting whose batch did not fit
-    (the driver's one line names it as the fix)."""
+    (the driver's one line names it as the fix): `field`, or train.batch_size where the
+    profile's training step (timed at `train_batch`) ran out."""
     try:
         yield
     except Exception as e:  # noqa: BLE001 - only out of memory is replaced
         if out_of_memory(e) is None:
             raise
+        if train_batch is not None and getattr(e, "in_training_step", False):
+            raise ProfileOutOfMemory("train.batch_size", train_batch) from None
         raise ProfileOutOfMemory(field, batch) from None
 
 
@@ -391,7 +394,7 @@ def measure_keys(study: Study, missing: list[str], keys: dict[str, tuple[dict[st
         try:
             res = _wait(task.remote(t.to_dict(), (config["image_size"], config["channels"],
                                                   config["num_classes"]), device_type, cpus,
-                                    config.get("probe_threads"), fault_file))
+                                    config.get("train_threads"), fault_file))
         except ray.exceptions.RayError as e:  # the task's own error, or Ray's (a dead node)
             # Only a compile that fails on this node is the trials' own failure (they fail
             # with the same CompileError, one line each, and the study goes on); anything
@@ -433,9 +436,8 @@ def _oom_message(path: Path, t: TrialSpec, e: BaseException, ident: dict[str, An
     if isinstance(cause, ProfileOutOfMemory):
         return (f"{path}: {cause.field}: {what} memory on {ident['device_name']} at batch "
                 f"{cause.batch}; lower {cause.field}")
-    if isinstance(e, ray.exceptions.OutOfMemoryError):
-        auto = "auto" in (t.train.precision, t.train.channels_last)  # its probe's batch too
-        fields = (["train.batch_size"] if auto else []) + ["train.profile_batch_size"]
+    if isinstance(e, ray.exceptions.OutOfMemoryError):  # the training step's batch, or the
+        fields = ["train.batch_size", "train.profile_batch_size"]  # throughput's
         return (f"{path}: {' / '.join(fields)}: {what} the node's host memory (Ray's memory "
                 f"monitor stopped it); lower {' or '.join(fields)}")
     return (f"{path}: model: {what} host memory building the model (before any batch); "

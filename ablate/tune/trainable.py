@@ -72,9 +72,10 @@ def train_cell(config: dict[str, Any], report) -> None:
     (`context.arch` by trial id; a search's `context.arch_keys` by architecture key), with the
     precision and layout it chose for `auto`; with a profile, each seed's final metrics also
     carry `train_time_alone_s`, its images seen over the profile's `train_img_s`: its training
-    time as the architecture trains alone on the profile node, free of whatever trained beside
-    it (its `train_time_s` is the measured one). Only a search trial whose architecture was not
-    profiled up front (`context.self_profile`) measures its own costs, beside other trials."""
+    time at its own batch and threads, alone on the profile node, free of whatever trained
+    beside it (its `train_time_s` is the measured one). Only a search trial whose
+    architecture was not profiled up front (`context.self_profile`) measures its own costs,
+    beside other trials."""
     import torch
 
     from ablate.cost import profile
@@ -122,7 +123,7 @@ def train_cell(config: dict[str, Any], report) -> None:
                            num_classes=data.num_classes, batch_size=cfg.profile_batch_size,
                            device=device, dtype=DTYPES[precision],
                            channels_last=cfg.channels_last, min_seconds=cfg.profile_seconds,
-                           warmup=2, compile_=cfg.compile)
+                           warmup=2, compile_=cfg.compile, train_batch_size=cfg.batch_size)
             extra = {**cost.metrics(), "profile_batch_size": float(cost.batch_size)}
         runs[trial.trial_id] = fit_epochs(model, data, cfg, trial.seed, device,
                                           final_extra=extra)

@@ -1,0 +1,47 @@
+"""The order a grid's trials start in: the longest first, by their architectures' profiles.
+
+With trials started in the study file's order, the last one to start may be a long one, left
+training alone while the other slots sit idle (on 2 slots, up to a whole trial of the wall).
+Starting the longest first (the longest-processing-time rule) leaves the short ones for the end,
+where they fill the slots evenly. The order changes no trial's result: each trains from its
+own seed's random streams, whatever ran before or beside it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ablate.tune.precision_plan import trial_weight
+
+CIFAR_TRAIN = 50_000  # the training images of CIFAR-10 and CIFAR-100 before any split
+
+
+def train_images(trial: Any) -> float:
+    """About how many images a trial trains on: its epochs x data fraction (`trial_weight`)
+    x its training set's size where the study file tells it (synthetic, CIFAR, `max_train`);
+    an image folder's size is not known before it is read, and counts as 1 (a study reads one
+    dataset, so only the other factors then set the order)."""
+    ds = trial.dataset
+    size = {"synthetic": ds.train_size, "cifar10": CIFAR_TRAIN, "cifar100": CIFAR_TRAIN}.get(
+        ds.name)
+    if ds.max_train is not None:
+        size = min(size, ds.max_train) if size else ds.max_train
+    return trial_weight(trial) * float(size or 1)
+
+
+def longest_first(trials: list[Any], profiles: dict[str, dict[str, Any]]) -> list[Any]:
+    """`trials` with the longest to train first: a trial's length is `train_images` over its
+    profile's `train_img_s` (timed alone at the trials' batch and threads; `profiles` by
+    trial id, as `profile_trials` gives them). Trials without a profile go first, in their
+    order (their length is unknown, so they may be the longest); ties keep the study's order,
+    so the seeds of one configuration stay together. Without any profile: the study's order."""
+    def speed(t: Any) -> float | None:
+        v = ((profiles.get(t.trial_id) or {}).get("metrics") or {}).get("train_img_s")
+        return float(v) if v and v > 0 else None
+
+    known = {t.trial_id: s for t in trials if (s := speed(t)) is not None}
+    if not known:
+        return list(trials)
+    length = {tid: train_images(t) / known[tid] for t in trials
+              if (tid := t.trial_id) in known}
+    return sorted(trials, key=lambda t: (t.trial_id in known, -length.get(t.trial_id, 0.0)))
