@@ -4,6 +4,8 @@ profiles and tracking included), into a throwaway store. Also prints the sum of 
 run durations (start to end of each MLflow run) over the same denominator, and what each
 profile's `auto` probe picked when the study asks for it.
 
+Also: per cell, the measured training time beside the profile's estimate `train_time_alone_s`.
+
 Usage: python benchmarks/bench_study_efficiency.py [STUDY] [--set KEY=VALUE ...]
        (default STUDY: studies/quickstart.yaml)
 """
@@ -54,6 +56,7 @@ def main() -> None:
         exp = c.get_experiment_by_name(study.experiment)
         profiles = c.search_runs([exp.experiment_id], "tags.`ablate.phase` = 'profile'")
         print_timeline(runs, profiles, epoch0, wall, slots)
+        print_alone(runs)
         for p in profiles:
             probes = {k.removeprefix("probe_img_s."): round(v, 1)
                       for k, v in sorted(p.data.metrics.items()) if k.startswith("probe_img_s.")}
@@ -92,6 +95,25 @@ def print_timeline(runs, profiles, epoch0: float, wall: float, slots: int) -> No
         busy = f"all {slots} slots busy until {tail_from:.1f} s"
     print(f"  timeline: {prof}, first trial starts {starts[0]:.1f} s, {busy}, last trial "
           f"ends {ends[-1]:.1f} s (tail {ends[-1] - tail_from:.1f} s), exit {wall:.1f} s")
+
+
+def print_alone(runs) -> None:
+    """Per cell (seed means), the measured training time beside the estimate from its
+    profile (`train_time_alone_s`), in the order the grid started them: whether the two rank
+    the architectures alike."""
+    if "train_time_alone_s" not in runs:
+        return
+    cols = [c for c in runs.columns if c.startswith("factor.")]
+    if not cols:
+        return
+    first = runs.groupby(cols)["start_time"].min()
+    means = runs.groupby(cols)[["train_time_s", "train_time_alone_s"]].mean()
+    for cell in first.sort_values().index:
+        m = means.loc[cell]
+        name = " ".join(map(str, cell if isinstance(cell, tuple) else (cell,)))
+        measured, alone = m["train_time_s"], m["train_time_alone_s"]
+        print(f"  {name:12s} train_time_s {measured:6.1f} s   train_time_alone_s "
+              f"{alone:6.1f} s   ratio {measured / alone:.2f}")
 
 
 if __name__ == "__main__":
