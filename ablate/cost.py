@@ -290,6 +290,7 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
         try:
             xt = x if train_batch_size in (None, batch_size) else _input(
                 train_batch_size, in_chans, image_size, device, channels_last)
+            x = x1 = None  # a GPU's peak below counts what is allocated: the step's own only
             step, opt = _train_step(run, xt, num_classes, device, dtype)
             with _train_mode(model, True), _threads(train_threads):
                 if compile_:
@@ -311,8 +312,10 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
             torch._dynamo.reset()  # the compiled graphs hold the model's weights: free them
     return Profile(params, gmacs, thr, lat, train, peak, str(device),
                    str(dtype).replace("torch.", ""), batch_size, image_size, repeats=repeats,
-                   compile_s=compile_s, train_batch_size=train_batch_size or batch_size,
-                   train_threads=train_threads or torch.get_num_threads(), **iqr)
+                   compile_s=compile_s,
+                   train_batch_size=(train_batch_size or batch_size) if timing else None,
+                   train_threads=(train_threads or torch.get_num_threads()) if timing else None,
+                   **iqr)
 
 
 def supported_candidates(device: str | torch.device) -> list[tuple[str, bool]]:

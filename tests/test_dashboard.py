@@ -51,6 +51,8 @@ def fill_store(tmp: Path) -> str:
                              "params": 1000.0 * gm, "throughput_img_s": 300.0 / gm,
                              "latency_ms": gm, "train_time_s": 10.0, "train_img_s": 50.0,
                              "peak_mem_mb": 100.0}, step=2)
+        if key[0] == "attention":  # profiled by today's ablate; conv's by an older one
+            tr.log_metrics(rid, {"profile_train_batch_size": 64.0}, step=2)
         tr.end_run(rid, "finished")
     bad = load_study(write(tmp / "bad.yaml", DEMO.replace("name: demo", "name: allfailed")
                            .replace("seeds: [0, 1, 2, 3]", "seeds: [0]")))
@@ -136,6 +138,11 @@ def test_frontier_effects_runs_for_a_study(store, monkeypatch):
     assert sorted(table(at, "frontier_table")["mean"].round(6)) == [0.71, 0.79]
     at.selectbox(key="cost").set_value("throughput_img_s").run()
     assert not at.exception
+    assert not any("older ablate" in w.value for w in at.warning)
+    # training speed timed by two ablates' profiles (the trials' setting and the node's)
+    at.selectbox(key="cost").set_value("train_img_s").run()
+    assert any("train_img_s from an older ablate's profile" in w.value for w in at.warning)
+    at.selectbox(key="cost").set_value("throughput_img_s").run()
     at.sidebar.multiselect(key="filter.factor.model.mixer").set_value(["conv"]).run()
     assert table(at, "frontier_table")["model.mixer"].tolist() == ["conv"]
     at.sidebar.multiselect(key="status").set_value(["finished", "failed"]).run()

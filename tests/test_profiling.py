@@ -341,12 +341,13 @@ def test_a_profile_times_training_with_the_trials_threads_and_batch(tmp_path):
         torch.set_num_threads(threads)
 
 
-def test_the_profile_training_step_runs_at_the_batch_and_threads_given():
+def test_the_profile_training_step_runs_at_the_batch_and_threads_given(monkeypatch):
     """cost.profile times its training step at `train_batch_size` with `train_threads`
-    (what it records), and its peak memory follows that batch, not the throughput batch."""
+    (what it records; its img/s counts that batch), and its inference with the caller's
+    threads at `batch_size`; its peak memory follows the training batch."""
     import torch
 
-    from ablate.cost import profile
+    from ablate import cost
     from ablate.models import create_model
 
     threads = torch.get_num_threads()
@@ -356,22 +357,34 @@ def test_the_profile_training_step_runs_at_the_batch_and_threads_given():
     forward = model.forward
 
     def spy(x):
-        seen.append((x.shape[0], torch.get_num_threads()) if torch.is_grad_enabled() else None)
+        seen.append((torch.is_grad_enabled(), x.shape[0], torch.get_num_threads()))
         return forward(x)
 
     model.forward = spy
     try:
         torch.set_num_threads(2)
-        small = profile(model, 16, num_classes=10, batch_size=8, min_seconds=0.02, warmup=1,
-                        train_batch_size=8, train_threads=1)
-        big = profile(model, 16, num_classes=10, batch_size=8, min_seconds=0.02, warmup=1,
-                      train_batch_size=256, train_threads=1)
+        small = cost.profile(model, 16, num_classes=10, batch_size=8, min_seconds=0.02,
+                             warmup=1, train_batch_size=8, train_threads=1)
+        big = cost.profile(model, 16, num_classes=10, batch_size=8, min_seconds=0.02,
+                           warmup=1, train_batch_size=256, train_threads=1)
         assert torch.get_num_threads() == 2  # given back
+
+        def half_a_second(fn, *args, **kwargs):  # every timed block: one call, 0.5 s
+            fn()
+            return [0.5] * 5
+
+        monkeypatch.setattr(cost, "_time_calls", half_a_second)
+        fixed = cost.profile(model, 16, num_classes=10, batch_size=8, warmup=1,
+                             train_batch_size=256, train_threads=1)
     finally:
         torch.set_num_threads(threads)
-    steps = [s for s in seen if s is not None]
-    assert {b for b, _ in steps} == {8, 256} and {n for _, n in steps} == {1}
+    train = {(b, n) for grad, b, n in seen if grad}
+    infer = {(b, n) for grad, b, n in seen if not grad}
+    assert train == {(8, 1), (256, 1)}
+    assert {n for _, n in infer} == {2} and {b for b, _ in infer} >= {8, 1}
     assert (small.train_batch_size, small.train_threads, big.train_batch_size) == (8, 1, 256)
+    assert fixed.train_img_s == pytest.approx(256 / 0.5)  # the training batch's images
+    assert fixed.throughput_img_s == pytest.approx(8 / 0.5)
     if small.peak_mem_mb is not None:  # the heap is readable on this libc
         assert big.peak_mem_mb > small.peak_mem_mb
 
@@ -584,6 +597,13 @@ def test_a_grid_starts_its_longest_trials_first_by_their_profiles(tmp_path):
     assert got[4:] == [("conv", 1.0, 0), ("conv", 1.0, 1), ("conv", 0.5, 0), ("conv", 0.5, 1),
                        ("mlp", 1.0, 0), ("mlp", 1.0, 1), ("mlp", 0.5, 0), ("mlp", 0.5, 1)]
     assert longest_first(trials, {}) == trials
+    # under ASHA the order would change which trials are pruned: the study's own is kept
+    from ablate.tune.order import start_order
+
+    study = load_study(path)
+    assert start_order(study, trials, prof) == longest_first(trials, prof) != trials
+    asha = load_study(write(tmp_path / "asha.yaml", path.read_text() + "scheduler: {name: asha}\n"))
+    assert start_order(asha, asha.trials, prof) == asha.trials
 
 
 def test_a_study_wide_auto_precision_weighs_every_architectures_probe():

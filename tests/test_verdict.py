@@ -350,3 +350,27 @@ def test_tuning_phase_runs_never_enter_an_average():
     ok, out = analysis.split_status(both, "test_acc")
     assert len(ok) == len(df) and (ok["test_acc"] < 0.99).all()
     assert set(out["reason"]) == {"phase tune"}
+
+
+def test_an_alone_time_from_an_older_profile_is_never_put_on_one_frontier_with_todays():
+    """A study resumed across the upgrade that times a profile's training step as the trials
+    train keeps its finished runs, whose train_time_alone_s was timed with the whole node's
+    threads at the profile batch (no profile_train_batch_size): mixed with today's runs, the
+    alone frontier is not drawn and the verdict says why; all of one kind, it is drawn."""
+    df = planted()
+    alone = df.assign(train_time_alone_s=df["gmacs"] * 10.0)
+    new = alone.assign(profile_train_batch_size=64.0)
+    a = analysis.analyse(new, "test_acc", n_boot=50)
+    assert "train_time_alone_s" in a.frontiers
+    assert not any(s.startswith("Training time alone") for s in a.verdict)
+    old = analysis.analyse(alone, "test_acc", n_boot=50)  # all from before: comparable
+    assert "train_time_alone_s" in old.frontiers
+    attention = df["factor.model.mixer"] == "attention"  # resumed: attention finished before
+    mixed = new.assign(profile_train_batch_size=np.where(attention, np.nan, 64.0))
+    m = analysis.analyse(mixed, "test_acc", n_boot=50)
+    assert "train_time_alone_s" not in m.frontiers and "gmacs" in m.frontiers
+    [line] = [s for s in m.verdict if s.startswith("Training time alone")]
+    assert f"{int(attention.sum())} of {len(df)} runs" in line and "not comparable" in line
+    from ablate.analysis.verdict import timed_mixed
+
+    assert timed_mixed(mixed, "train_img_s") is False  # these runs have no train_img_s

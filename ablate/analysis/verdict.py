@@ -33,11 +33,15 @@ TOKENS = "factor.model.tokens"
 QUESTIONS = (("Attention", (MIXER,)), ("Patches", (PATCH, TOKENS)), ("Data", (FRACTION,)))
 NAMES = {MIXER: "the token mixer", PATCH: "the patch size", TOKENS: "the token count",
          FRACTION: "the training-data fraction"}
-# training time: the estimate alone on the profile node (at its threads and batch) where every
-# configuration has one, beside the measured time (the trials' own threads and batch, but
-# with whatever trained next to them): the two can rank architectures differently
+# training time: the estimate from the profile (the trials' batch and threads, alone on the
+# node) where every configuration has one, beside the measured time (with whatever trained
+# next to each trial)
 FRONTIER_COSTS = ("gmacs", "params", "train_time_alone_s", "train_time_s")
 ALONE = "train_time_alone_s"
+# on runs whose profile timed training as they train; an older ablate's profile timed it with
+# the whole node's threads at the profile batch (up to 1.5x apart between architectures)
+TIMED_AS_TRAINED = "profile_train_batch_size"
+AS_TRAINED = (ALONE, "train_img_s", "peak_mem_mb")  # the profile metrics that changed then
 # the precision a run trained at: what its profile resolved `auto` to, else what was asked
 PRECISION_PARAMS = ("params.train.precision_resolved", "params.train.precision")
 SHOWN = 4  # configurations named per precision in the precision sentence
@@ -110,7 +114,8 @@ def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | 
                      if (s := slopes(p.fit.design, key)) is not None]
     a.cost = cost_table(ok, metric)
     agg = aggregate(ok, metric, factor_columns(ok))
-    alone = ALONE in agg and len(agg) > 0 and bool(agg[ALONE].notna().all())
+    alone = (ALONE in agg and len(agg) > 0 and bool(agg[ALONE].notna().all())
+             and not timed_mixed(ok))
     for c in FRONTIER_COSTS:
         if c == ALONE and not alone:
             continue
@@ -271,7 +276,26 @@ def sentences(a: Analysis) -> list[str]:
     precision = precision_sentence(a)
     if precision:
         out.append(precision)
+    if timed_mixed(a.runs):
+        has = a.runs[ALONE].notna()
+        old = int((has & a.runs[TIMED_AS_TRAINED].isna()).sum())
+        out.append(f"Training time alone: {old} of {int(has.sum())} runs carry a "
+                   "train_time_alone_s from an older ablate's profile (timed with the whole "
+                   "node's threads at train.profile_batch_size), the rest at their own batch "
+                   "and threads; the two are not comparable, so no frontier is drawn against "
+                   "it (to compare, run the study again into a new experiment).")
     return out
+
+
+def timed_mixed(runs: pd.DataFrame, metric: str = ALONE) -> bool:
+    """Whether the runs' `metric` (one of AS_TRAINED) mixes an older ablate's profile (it
+    timed training with the node's threads at the profile batch) with today's (the trials'
+    own batch and threads): a study resumed across the upgrade keeps its finished runs."""
+    if metric not in runs:
+        return False
+    has = runs[metric].notna()
+    new = runs[TIMED_AS_TRAINED].notna() if TIMED_AS_TRAINED in runs else has & False
+    return bool((has & new).any() and (has & ~new).any())
 
 
 def precision_sentence(a: Analysis) -> str:

@@ -20,7 +20,11 @@ DONE = ("finished", "pruned")  # a trial in one of these is never run again
 FINAL_METRICS = ("val_acc", "best_val_acc", "test_acc", "test_loss", "params", "gmacs",
                  "throughput_img_s", "latency_ms", "train_img_s", "train_time_s",
                  "peak_mem_mb", "train_images", "train_steps", "train_images_seen",
-                 "train_time_alone_s")
+                 "train_time_alone_s",
+                 # the batch its profile timed training at: on the trials of an ablate whose
+                 # profiles time it as the trials train (their batch and threads), absent on
+                 # older ones, whose train_time_alone_s is not comparable (analysis.verdict)
+                 "profile_train_batch_size")
 # what a cost profile adds besides the FINAL_METRICS it fills (timing spreads, its batch)
 PROFILE_METRICS = ("throughput_img_s_iqr", "latency_ms_iqr", "train_img_s_iqr",
                    "profile_batch_size", "compile_s")

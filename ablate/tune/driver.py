@@ -330,7 +330,7 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
         return RunSummary(len(study.trials), len(skipped), 0, 0, 0, uri)
     from ray import tune
 
-    from ablate.tune.order import longest_first
+    from ablate.tune.order import start_order
     from ablate.tune.profiling import profile_trials
 
     context = _context(study)
@@ -342,7 +342,7 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
         _rearm_python_signal_handlers()
         context["arch"] = profile_trials(study, todo, tracker, console, context["root"],
                                          finished=skipped)
-        todo = longest_first(todo, context["arch"])  # the slots then finish together
+        todo = start_order(study, todo, context["arch"])  # longest first: slots end together
         interrupted = _fit(
             study, tracker, address, verbose, console, progress,
             {"context": context, "cell": tune.grid_search([[t.to_dict()] for t in todo])},
@@ -470,7 +470,7 @@ def _search_profiles(study: Study, tracker: Tracker, console: Console, root: str
     archs = archs_of(study)
     if archs is None:
         console.print(f"{study.spec.name}: the search's architecture dimensions (model.*, the "
-                      "input, and train.batch_size with auto) are continuous or have more than "
+                      "input, train.batch_size) are continuous or have more than "
                       f"{SEARCH_ARCH_CAP} combinations, so each trial measures its own costs, "
                       "beside other trials (timing metrics include contention; use categorical "
                       "dimensions for profiles taken alone)", highlight=False)

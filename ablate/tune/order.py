@@ -4,7 +4,10 @@ With trials started in the study file's order, the last one to start may be a lo
 training alone while the other slots sit idle (on 2 slots, up to a whole trial of the wall).
 Starting the longest first (the longest-processing-time rule) leaves the short ones for the end,
 where they fill the slots evenly. The order changes no trial's result: each trains from its
-own seed's random streams, whatever ran before or beside it.
+own seed's random streams, whatever ran before or beside it. Under ASHA it would change
+which trials are pruned (a rung's cut-off is drawn from the trials that reached it first, so
+the costliest architectures would set it), and pruned trials end far shorter than their
+length: a study with a scheduler keeps its own order.
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ def train_images(trial: Any) -> float:
     if ds.max_train is not None:
         size = min(size, ds.max_train) if size else ds.max_train
     return trial_weight(trial) * float(size or 1)
+
+
+def start_order(study: Any, trials: list[Any], profiles: dict[str, dict[str, Any]]
+                ) -> list[Any]:
+    """The order a grid starts `trials` in: `longest_first`, or the study's own with a
+    scheduler (ASHA)."""
+    if study.spec.scheduler.name != "fifo":
+        return list(trials)
+    return longest_first(trials, profiles)
 
 
 def longest_first(trials: list[Any], profiles: dict[str, dict[str, Any]]) -> list[Any]:

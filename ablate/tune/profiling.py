@@ -68,8 +68,9 @@ ARCH_DIMS = ("model.", "dataset.name", "dataset.root", "dataset.image_size", "da
 
 def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[TrialSpec] | None:
     """One trial per configuration of an Optuna search's architecture dimensions (the other
-    dimensions at the study's values; combinations that cannot run left out), or None when a
-    model dimension is continuous or they have more than `cap` combinations."""
+    dimensions at the study's values; combinations that cannot run left out), or None when one
+    of them (a model or input dimension, the training batch) is continuous or they have more
+    than `cap` combinations."""
     import optuna.distributions as od
 
     from ablate import search
@@ -109,8 +110,9 @@ def check_alone_objective(study: Study) -> None:
     if search_architectures(study) is None:
         raise AblateError(
             f"{study.path}: search.objectives.train_time_alone_s needs a profile of every "
-            "architecture the search samples, and its model dimensions are continuous or "
-            f"have more than {SEARCH_ARCH_CAP} combinations; make them categorical (at most "
+            "architecture the search samples, and its architecture dimensions (model.*, the "
+            "input, train.batch_size) are continuous or have more than "
+            f"{SEARCH_ARCH_CAP} combinations; make them categorical (at most "
             f"{SEARCH_ARCH_CAP} architectures) or optimize train_time_s")
 
 
@@ -239,7 +241,8 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
                     channels_last=bool(channels_last), min_seconds=cfg.profile_seconds,
                     warmup=3, compile_=cfg.compile, train_batch_size=cfg.batch_size,
                     train_threads=train_threads if device.type == "cpu" else None)
-    return {"metrics": {**p.metrics(), "profile_batch_size": float(p.batch_size)},
+    return {"metrics": {**p.metrics(), "profile_batch_size": float(p.batch_size),
+                        "profile_train_batch_size": float(p.train_batch_size)},
             "precision": precision, "channels_last": bool(channels_last),
             "probe": {f"probe_img_s.{k.replace('/', '_')}": v for k, v in speeds.items()},
             "probe_threads": used,  # what the probe timed with (None: no probe)
