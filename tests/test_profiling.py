@@ -597,6 +597,20 @@ def test_a_grid_starts_its_longest_trials_first_by_their_profiles(tmp_path):
     assert got[4:] == [("conv", 1.0, 0), ("conv", 1.0, 1), ("conv", 0.5, 0), ("conv", 0.5, 1),
                        ("mlp", 1.0, 0), ("mlp", 1.0, 1), ("mlp", 0.5, 0), ("mlp", 0.5, 1)]
     assert longest_first(trials, {}) == trials
+    # an image folder's size is not known before it is read: beside synthetic data its
+    # trials' length is unknown (first); where every trial reads one, its size counts alike
+    from types import SimpleNamespace
+
+    def folder(t):
+        return SimpleNamespace(trial_id=t.trial_id, train=t.train, model=t.model, seed=t.seed,
+                               dataset=t.dataset.model_copy(update={"name": "imagefolder"}))
+
+    conv_full = [t for t in trials if t.model.mixer == "conv" and t.dataset.fraction == 1.0]
+    mixed = [folder(t) if t in conv_full else t for t in trials]
+    got = [(t.model.mixer, t.dataset.fraction, t.seed) for t in longest_first(mixed, prof)]
+    assert got[4:6] == [("conv", 1.0, 0), ("conv", 1.0, 1)] and got[6] == ("conv", 0.5, 0)
+    assert [t.trial_id for t in longest_first([folder(t) for t in trials], prof)] == [
+        t.trial_id for t in longest_first(trials, prof)]
     # under ASHA the order would change which trials are pruned: the study's own is kept
     from ablate.tune.order import start_order
 

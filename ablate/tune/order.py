@@ -19,17 +19,17 @@ from ablate.tune.precision_plan import trial_weight
 CIFAR_TRAIN = 50_000  # the training images of CIFAR-10 and CIFAR-100 before any split
 
 
-def train_images(trial: Any) -> float:
+def train_images(trial: Any, unknown: float | None = None) -> float | None:
     """About how many images a trial trains on: its epochs x data fraction (`trial_weight`)
     x its training set's size where the study file tells it (synthetic, CIFAR, `max_train`);
-    an image folder's size is not known before it is read, and counts as 1 (a study reads one
-    dataset, so only the other factors then set the order)."""
+    an image folder's size is not known before it is read: `unknown` stands in for it."""
     ds = trial.dataset
     size = {"synthetic": ds.train_size, "cifar10": CIFAR_TRAIN, "cifar100": CIFAR_TRAIN}.get(
         ds.name)
     if ds.max_train is not None:
         size = min(size, ds.max_train) if size else ds.max_train
-    return trial_weight(trial) * float(size or 1)
+    size = size or unknown
+    return None if size is None else trial_weight(trial) * float(size)
 
 
 def start_order(study: Any, trials: list[Any], profiles: dict[str, dict[str, Any]]
@@ -44,16 +44,22 @@ def start_order(study: Any, trials: list[Any], profiles: dict[str, dict[str, Any
 def longest_first(trials: list[Any], profiles: dict[str, dict[str, Any]]) -> list[Any]:
     """`trials` with the longest to train first: a trial's length is `train_images` over its
     profile's `train_img_s` (timed alone at the trials' batch and threads; `profiles` by
-    trial id, as `profile_trials` gives them). Trials without a profile go first, in their
-    order (their length is unknown, so they may be the longest); ties keep the study's order,
+    trial id, as `profile_trials` gives them). Trials without a profile, or on an image folder
+    beside data of known size, go first, in their order (their length is unknown, so they
+    may be the longest); ties keep the study's order,
     so the seeds of one configuration stay together. Without any profile: the study's order."""
     def speed(t: Any) -> float | None:
         v = ((profiles.get(t.trial_id) or {}).get("metrics") or {}).get("train_img_s")
         return float(v) if v and v > 0 else None
 
-    known = {t.trial_id: s for t in trials if (s := speed(t)) is not None}
-    if not known:
+    # an image folder's size is unknown: where every trial reads one, the other factors set
+    # the order (its size counts as 1); beside data of known size, its trials' length is unknown
+    unknown = 1.0 if all(train_images(t) is None for t in trials) else None
+    length = {}
+    for t in trials:
+        s, n = speed(t), train_images(t, unknown)
+        if s is not None and n is not None:
+            length[t.trial_id] = n / s
+    if not length:
         return list(trials)
-    length = {tid: train_images(t) / known[tid] for t in trials
-              if (tid := t.trial_id) in known}
-    return sorted(trials, key=lambda t: (t.trial_id in known, -length.get(t.trial_id, 0.0)))
+    return sorted(trials, key=lambda t: (t.trial_id in length, -length.get(t.trial_id, 0.0)))
