@@ -60,3 +60,19 @@ def test_cells_group_by_cell_id_and_compare_two():
     assert out["differing_factors"] == ["factor.model.mixer"]
     cost = out["costs"].set_index("cost").loc["gmacs"]
     assert cost["a"] == 2.0 and cost["b / a"] == 0.5
+
+
+def test_no_ratio_of_a_training_cost_timed_by_two_ablates_profiles():
+    """A training-step cost (train_img_s, train_time_alone_s, peak_mem_mb) from an older
+    ablate's profile (no profile_train_batch_size: the node's threads, the profile batch)
+    against today's is no ratio; the same cells all profiled one way are."""
+    df = _runs().assign(train_img_s=lambda d: 100.0 / d["gmacs"])
+    new = df.assign(profile_train_batch_size=64.0)
+    cost = compare(new, "c-attention", new, "c-conv", "val_acc")["costs"].set_index("cost")
+    assert cost.loc["train_img_s", "b / a"] == pytest.approx(2.0)
+    old_attention = new.assign(profile_train_batch_size=new["profile_train_batch_size"].where(
+        new["factor.model.mixer"] == "conv"))
+    cost = compare(old_attention, "c-attention", old_attention, "c-conv", "val_acc")["costs"]
+    cost = cost.set_index("cost")
+    assert math.isnan(cost.loc["train_img_s", "b / a"])
+    assert cost.loc["gmacs", "b / a"] == 0.5  # counted, not timed: unchanged

@@ -83,6 +83,8 @@ def test_two_architectures_three_seeds_profile_twice_alone_and_reuse(ray_session
         assert 0 < seen <= run.data.metrics["train_images"]  # 1 epoch (full batches only)
         assert run.data.metrics["train_time_alone_s"] == pytest.approx(
             seen / prof.data.metrics["train_img_s"])
+        # ... timed at its own batch (what tells its alone time from an older ablate's)
+        assert run.data.metrics["profile_train_batch_size"] == 32.0
         assert run.data.params["train.precision_resolved"] == "fp32"
         assert run.data.params["train.channels_last_resolved"] == "False"
     # the seeds of one architecture share one measurement
@@ -811,3 +813,44 @@ def test_tuning_levels_search_at_the_study_precision(ray_session, tmp_path):
                 and p.data.params["precision"] == "bf16" and "channels_last" in p.data.params
                 and p.data.params["channels_last"] == "False"]
     assert len(mlp_bf16) == 1
+
+
+def test_a_resumed_search_cell_takes_todays_profile_for_seeds_an_older_ablate_stored(tmp_path):
+    """A search cell resumed across the change keeps seed 0's stored final metrics, whose
+    profile costs an older ablate timed at the node's threads and profile batch (no
+    profile_train_batch_size): the cell's mean, what Optuna is told, takes today's profile
+    for every seed, and seed 0's alone time from what it trained on at today's speed."""
+    import torch
+
+    from ablate import search
+    from ablate.study import trials_for
+    from ablate.tune.profiling import arch_config, arch_key
+    from ablate.tune.trainable import train_cell
+
+    study = load_study(write(tmp_path / "s.yaml", SEARCH.replace("STORAGE", str(tmp_path))))
+    spec = study.spec
+    sections = {s: getattr(spec, s).model_dump(mode="json") for s in ("dataset", "model", "train")}
+    keys = list(search.full_space(spec))
+    values = {"model.mixer": "mlp", "train.lr": 1e-3}
+    old, new = trials_for(sections, values, spec.seeds, keys)
+    profile = {"train_img_s": 30.0, "gmacs": 0.5, "peak_mem_mb": 7.0,
+               "profile_train_batch_size": 32.0}
+    ctx = {"root": None, "cpus": 1, "gpus": 0, "profile": True, "device_type": "cpu",
+           "arch_keys": {arch_key(arch_config(new, (16, 3, 10), "cpu", 1)): {
+               "metrics": profile, "precision": "fp32", "channels_last": False,
+               "run_id": "r"}}}
+    stored = {"val_acc": 0.5, "test_acc": 0.5, "train_images_seen": 96.0, "gmacs": 0.5,
+              "train_img_s": 999.0, "peak_mem_mb": 1.0, "train_time_alone_s": 0.1}
+    config = {"context": ctx, **values,
+              "search": {"sections": sections, "seeds": list(spec.seeds), "keys": keys,
+                         "done": {old.trial_id: stored}}}
+    reports: list = []
+    threads = torch.get_num_threads()
+    try:
+        train_cell(config, reports.append)
+    finally:
+        torch.set_num_threads(threads)
+    final = reports[-1]
+    seen = json.loads(final["per_seed"])[new.trial_id]["train_images_seen"]
+    assert final["train_img_s"] == 30.0 and final["peak_mem_mb"] == 7.0  # not 999 / 1 mixed
+    assert final["train_time_alone_s"] == pytest.approx((96.0 / 30.0 + seen / 30.0) / 2)

@@ -12,7 +12,15 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ablate.analysis.seeds import COST_METRICS, cell_keys, factor_columns, label, short
+from ablate.analysis.seeds import (
+    AS_TRAINED,
+    COST_METRICS,
+    cell_keys,
+    factor_columns,
+    label,
+    short,
+    timed_mixed,
+)
 
 
 def difference(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, Any]:
@@ -82,7 +90,8 @@ def compare(df_a: pd.DataFrame, key_a: str, df_b: pd.DataFrame, key_b: str, metr
     """Cell `key_a` of runs `df_a` against cell `key_b` of `df_b` (the same study's runs, or
     two studies'): each side's seed values, the difference a - b with its Welch 95% CI, the
     factors both sides have and where their levels differ, and each cost's mean per side
-    with the ratio b / a."""
+    with the ratio b / a (none where a training-step cost mixes an older ablate's profile with
+    today's: `timed_mixed`)."""
     ra, rb = _runs_of(df_a, key_a, metric), _runs_of(df_b, key_b, metric)
     shared = [f for f in factor_columns(ra) if f in rb]
     differ = [f for f in shared if set(ra[f].map(label)) != set(rb[f].map(label))]
@@ -90,8 +99,10 @@ def compare(df_a: pd.DataFrame, key_a: str, df_b: pd.DataFrame, key_b: str, metr
     for c in costs:
         if c in ra and c in rb and (ra[c].notna().any() or rb[c].notna().any()):
             ma, mb = float(ra[c].mean()), float(rb[c].mean())
+            apart = c in AS_TRAINED and timed_mixed(pd.concat([ra, rb]), c)
             rows.append({"cost": c, "a": ma, "b": mb,
-                         "b / a": mb / ma if ma and math.isfinite(ma) else float("nan")})
+                         "b / a": mb / ma if ma and math.isfinite(ma) and not apart
+                         else float("nan")})
     return {"a": ra[metric].astype(float).tolist(), "b": rb[metric].astype(float).tolist(),
             "run_ids_a": ra["run_id"].tolist() if "run_id" in ra else [],
             "run_ids_b": rb["run_id"].tolist() if "run_id" in rb else [],

@@ -216,3 +216,21 @@ def frontier(agg: pd.DataFrame, cost: str, acc: str = "mean") -> pd.DataFrame:
     idx = pareto_front(agg[cost].to_numpy(), agg[acc].to_numpy(),
                        lower_cost_is_better=cost not in HIGHER_IS_BETTER)
     return agg.iloc[idx]
+
+
+ALONE = "train_time_alone_s"  # a trial's training time estimated from its profile
+# on runs whose profile timed training as they train; an older ablate's profile timed it with
+# the whole node's threads at the profile batch (up to 1.5x apart between architectures)
+TIMED_AS_TRAINED = "profile_train_batch_size"
+AS_TRAINED = (ALONE, "train_img_s", "peak_mem_mb")  # the profile metrics that changed then
+
+
+def timed_mixed(runs: pd.DataFrame, metric: str = ALONE) -> bool:
+    """Whether the runs' `metric` (one of AS_TRAINED) mixes an older ablate's profile (it
+    timed training with the node's threads at the profile batch) with today's (the trials'
+    own batch and threads): a study resumed across the upgrade keeps its finished runs."""
+    if metric not in runs:
+        return False
+    has = runs[metric].notna()
+    new = runs[TIMED_AS_TRAINED].notna() if TIMED_AS_TRAINED in runs else has & False
+    return bool((has & new).any() and (has & ~new).any())

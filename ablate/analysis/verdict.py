@@ -15,8 +15,11 @@ from ablate.analysis.anova import N_BOOT, GridFit, TermStats, fit_grid, pair, te
 from ablate.analysis.design import designs
 from ablate.analysis.pool import Pooled, Refusal, pooled_views
 from ablate.analysis.scaling import FRACTION, MIXER, PATCH, cost_table, slopes
-from ablate.analysis.seeds import (
+from ablate.analysis.seeds import (  # noqa: F401 - ALONE, AS_TRAINED: the verdict's names too
+    ALONE,
+    AS_TRAINED,
     COST_METRICS,
+    TIMED_AS_TRAINED,
     aggregate,
     cell_keys,
     factor_columns,
@@ -26,6 +29,7 @@ from ablate.analysis.seeds import (
     short,
     split_status,
     status_counts,
+    timed_mixed,
 )
 from ablate.errors import AnalysisError
 
@@ -37,11 +41,6 @@ NAMES = {MIXER: "the token mixer", PATCH: "the patch size", TOKENS: "the token c
 # node) where every configuration has one, beside the measured time (with whatever trained
 # next to each trial)
 FRONTIER_COSTS = ("gmacs", "params", "train_time_alone_s", "train_time_s")
-ALONE = "train_time_alone_s"
-# on runs whose profile timed training as they train; an older ablate's profile timed it with
-# the whole node's threads at the profile batch (up to 1.5x apart between architectures)
-TIMED_AS_TRAINED = "profile_train_batch_size"
-AS_TRAINED = (ALONE, "train_img_s", "peak_mem_mb")  # the profile metrics that changed then
 # the precision a run trained at: what its profile resolved `auto` to, else what was asked
 PRECISION_PARAMS = ("params.train.precision_resolved", "params.train.precision")
 SHOWN = 4  # configurations named per precision in the precision sentence
@@ -286,16 +285,6 @@ def sentences(a: Analysis) -> list[str]:
                    "it (to compare, run the study again into a new experiment).")
     return out
 
-
-def timed_mixed(runs: pd.DataFrame, metric: str = ALONE) -> bool:
-    """Whether the runs' `metric` (one of AS_TRAINED) mixes an older ablate's profile (it
-    timed training with the node's threads at the profile batch) with today's (the trials'
-    own batch and threads): a study resumed across the upgrade keeps its finished runs."""
-    if metric not in runs:
-        return False
-    has = runs[metric].notna()
-    new = runs[TIMED_AS_TRAINED].notna() if TIMED_AS_TRAINED in runs else has & False
-    return bool((has & new).any() and (has & ~new).any())
 
 
 def precision_sentence(a: Analysis) -> str:

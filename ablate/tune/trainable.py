@@ -137,6 +137,12 @@ def train_cell(config: dict[str, Any], report) -> None:
             if take_fault(ctx.get("fault_file"), tid, epoch):
                 raise RuntimeError(f"injected fault at epoch {epoch} (ABLATE_FAULT_FILE)")
         if epoch == first.train.epochs and alone:
+            # seeds an older ablate stored carry its profile's costs (training timed with the
+            # node's threads at the profile batch): the cell's mean takes this profile's
+            for m in stored.values():
+                if "profile_train_batch_size" not in m:
+                    m.update(extra)
+                    m.pop("train_time_alone_s", None)
             # the training time without the trials beside it (seeds an older ablate stored
             # have no such metric: from what they trained on, for the cell's mean)
             for m in [*per_seed.values(), *stored.values()]:
