@@ -15,9 +15,8 @@ from ablate.analysis.anova import N_BOOT, GridFit, TermStats, fit_grid, pair, te
 from ablate.analysis.design import designs
 from ablate.analysis.pool import Pooled, Refusal, pooled_views
 from ablate.analysis.scaling import FRACTION, MIXER, PATCH, cost_table, slopes
-from ablate.analysis.seeds import (  # noqa: F401 - ALONE, AS_TRAINED: the verdict's names too
+from ablate.analysis.seeds import (
     ALONE,
-    AS_TRAINED,
     COST_METRICS,
     TIMED_AS_TRAINED,
     aggregate,
@@ -284,7 +283,6 @@ def sentences(a: Analysis) -> list[str]:
                    "and threads; the two are not comparable, so no frontier is drawn against "
                    "it (to compare, run the study again into a new experiment).")
     return out
-
 
 
 def precision_sentence(a: Analysis) -> str:

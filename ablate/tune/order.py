@@ -46,18 +46,20 @@ def longest_first(trials: list[Any], profiles: dict[str, dict[str, Any]]) -> lis
     profile's `train_img_s` (timed alone at the trials' batch and threads; `profiles` by
     trial id, as `profile_trials` gives them). Trials without a profile, or on an image folder
     beside data of known size, go first, in their order (their length is unknown, so they
-    may be the longest); ties keep the study's order,
-    so the seeds of one configuration stay together. Without any profile: the study's order."""
+    may be the longest); ties keep the study's order, so the seeds of one configuration stay
+    together. Without any profile: the study's order."""
     def speed(t: Any) -> float | None:
         v = ((profiles.get(t.trial_id) or {}).get("metrics") or {}).get("train_img_s")
         return float(v) if v and v > 0 else None
 
     # an image folder's size is unknown: where every trial reads one, the other factors set
     # the order (its size counts as 1); beside data of known size, its trials' length is unknown
-    unknown = 1.0 if all(train_images(t) is None for t in trials) else None
+    images = {t.trial_id: train_images(t) for t in trials}
+    if all(n is None for n in images.values()):
+        images = {t.trial_id: train_images(t, unknown=1.0) for t in trials}
     length = {}
     for t in trials:
-        s, n = speed(t), train_images(t, unknown)
+        s, n = speed(t), images[t.trial_id]
         if s is not None and n is not None:
             length[t.trial_id] = n / s
     if not length:
