@@ -684,6 +684,32 @@ def test_a_resumed_study_goes_on_at_the_precision_its_finished_trials_trained_at
     assert resumed["mlp"][1] == {**keys["mlp"][0], "precision": "bf16"}
 
 
+def test_the_study_precision_weighs_each_architecture_by_the_images_it_trains_on(tmp_path):
+    """conv trains on 40x the images of mlp (its trials read a larger training set): bf16,
+    3x conv's fp32 speed, makes the study faster in total even though it is 0.4x mlp's;
+    weighed by epochs x fraction alone, the two count the same and fp32 would be kept."""
+    from rich.console import Console
+
+    from ablate.tune.precision_plan import plan_study_precision
+    from ablate.tune.profiling import arch_config
+
+    probe = {"conv": {"probe_img_s.fp32_contiguous": 100.0, "probe_img_s.bf16_contiguous": 300.0},
+             "mlp": {"probe_img_s.fp32_contiguous": 100.0, "probe_img_s.bf16_contiguous": 40.0}}
+    trials, keys, by_trial, found = [], {}, {}, {}
+    for mixer, size in (("conv", 4000), ("mlp", 100)):
+        text = STUDY.replace("train_size: 120", f"train_size: {size}").format(
+            name=f"w{mixer}", mixers=json.dumps([mixer]), seeds="[0, 1]",
+            train=", precision: auto")
+        study = load_study(write(tmp_path / f"w{mixer}.yaml", text))
+        trials += study.trials
+        keys[mixer] = (arch_config(study.trials[0], (16, 3, 10), "cpu", 1), study.trials[0])
+        by_trial.update({t.trial_id: mixer for t in study.trials})
+        found[mixer] = {"precision": "bf16" if mixer == "conv" else "fp32",
+                        "channels_last": False, "probe": probe[mixer]}
+    plan = plan_study_precision(study, trials, keys, by_trial, found, Console(quiet=True))
+    assert set(plan) == {"mlp"} and plan["mlp"][2].train.precision == "bf16"
+
+
 def _store_disagreeing_probes(uri, study) -> dict:
     """Stored auto profiles of `study`'s conv and mlp where conv alone picks bf16 (3x fp32)
     and mlp fp32 (bf16 at 0.8x); bf16 wins in total (the unit test above). Returns

@@ -14,22 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ablate.tune.precision_plan import trial_weight
-
-CIFAR_TRAIN = 50_000  # the training images of CIFAR-10 and CIFAR-100 before any split
-
-
-def train_images(trial: Any, unknown: float | None = None) -> float | None:
-    """About how many images a trial trains on: its epochs x data fraction (`trial_weight`)
-    x its training set's size where the study file tells it (synthetic, CIFAR, `max_train`);
-    an image folder's size is not known before it is read: `unknown` stands in for it."""
-    ds = trial.dataset
-    size = {"synthetic": ds.train_size, "cifar10": CIFAR_TRAIN, "cifar100": CIFAR_TRAIN}.get(
-        ds.name)
-    if ds.max_train is not None:
-        size = min(size, ds.max_train) if size else ds.max_train
-    size = size or unknown
-    return None if size is None else trial_weight(trial) * float(size)
+from ablate.tune.precision_plan import train_images
 
 
 def start_order(study: Any, trials: list[Any], profiles: dict[str, dict[str, Any]]

@@ -6,7 +6,8 @@ mixers would then compare them at different numerics (bf16 for five mixers, fp32
 attention, on one CPU measured). With `train.precision_scope: study` (the default) the driver
 instead picks the one precision that makes the study's training fastest in total, from the
 same probes: the sum, over the study's trials, of each trial's share of training (epochs x
-data fraction) over its architecture's probed speed at that precision (at the faster layout
+data fraction x training-set size, the last left out where an image folder's is not known
+before it is read) over its architecture's probed speed at that precision (at the faster layout
 there, since the layout does not change what the model computes), keeping fp32 unless another
 precision is at least 5% faster in total. Every architecture then trains at that precision;
 the ones whose own pick differed are profiled again at it.
@@ -47,6 +48,22 @@ def trial_weight(trial: Any) -> float:
     epochs over the trial's own subset (with `budget: steps` every fraction trains as long)."""
     t = trial.train
     return float(t.epochs) * (trial.dataset.fraction if t.budget == "epochs" else 1.0)
+
+
+CIFAR_TRAIN = 50_000  # the training images of CIFAR-10 and CIFAR-100 before any split
+
+
+def train_images(trial: Any, unknown: float | None = None) -> float | None:
+    """About how many images a trial trains on: its epochs x data fraction (`trial_weight`)
+    x its training set's size where the study file tells it (synthetic, CIFAR, `max_train`);
+    an image folder's size is not known before it is read: `unknown` stands in for it."""
+    ds = trial.dataset
+    size = {"synthetic": ds.train_size, "cifar10": CIFAR_TRAIN, "cifar100": CIFAR_TRAIN}.get(
+        ds.name)
+    if ds.max_train is not None:
+        size = min(size, ds.max_train) if size else ds.max_train
+    size = size or unknown
+    return None if size is None else trial_weight(trial) * float(size)
 
 
 def study_precision(weights: dict[str, float], probes: dict[str, dict[str, float]]
@@ -125,11 +142,17 @@ def plan_study_precision(study: Study, trials: list[TrialSpec],
     and its faster layout there."""
     from ablate.tune.profiling import arch_config, arch_key
 
+    scoped = [t for t in trials if study_scope(t) and by_trial[t.trial_id] in found]
+    # each trial's images to train on where the study file tells every one's training-set
+    # size (keys on data of different sizes then weigh as they train); else its epochs x
+    # data fraction (an image folder's size is unknown before it is read)
+    images = {t.trial_id: train_images(t) for t in scoped}
+    known = all(n is not None for n in images.values())
     weights: dict[str, float] = {}
-    for t in trials:
+    for t in scoped:
         key = by_trial[t.trial_id]
-        if study_scope(t) and key in found:
-            weights[key] = weights.get(key, 0.0) + trial_weight(t)
+        weights[key] = weights.get(key, 0.0) + (images[t.trial_id] if known
+                                                 else trial_weight(t))
     if not weights:
         return {}
     probes = {k: found[k].get("probe") or {} for k in weights}
