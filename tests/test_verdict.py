@@ -374,3 +374,30 @@ def test_an_alone_time_from_an_older_profile_is_never_put_on_one_frontier_with_t
     from ablate.analysis.verdict import timed_mixed
 
     assert timed_mixed(mixed, "train_img_s") is False  # these runs have no train_img_s
+
+
+def test_a_slope_the_finished_runs_cannot_estimate_is_named_not_reported_as_zero():
+    """pool finished at fraction 1 only: its slope per doubling of data is unknown, not 0
+    with a zero-width interval (what a pseudo-inverse fit returns for it), and no slope
+    difference is drawn against it. The other mixers' slopes are still estimated."""
+    rng = np.random.default_rng(0)
+    eff = {"attention": 0.05, "mlp": 0.0, "pool": -0.02}
+    rows = []
+    for m, f in itertools.product(eff, [0.25, 0.5, 1.0]):
+        if m == "pool" and f != 1.0:
+            continue  # pool's smaller fractions failed
+        for s in range(3):
+            rows.append({"run_id": f"{m}{f}{s}", "cell_id": f"{m}{f}", "grid": 0,
+                         "status": "finished", "seed": s, "factor.model.mixer": m,
+                         "factor.dataset.fraction": f,
+                         "test_acc": 0.6 + eff[m] + 0.03 * np.log2(f)
+                         + 0.01 * rng.standard_normal()})
+    a = analysis.analyse(pd.DataFrame(rows), "test_acc", n_boot=200)
+    sc = next(s for s in a.scaling if s["x"] == "dataset.fraction")
+    assert set(sc["slopes"]) == {"attention", "mlp"} and sc["not_estimable"] == ["pool"]
+    assert [(r["a"], r["b"]) for r in sc["differences"]] == [("attention", "mlp")]
+    for g in ("attention", "mlp"):  # planted: 3 points per doubling
+        lo, hi = sc["slopes"][g]["ci"]
+        assert lo < 0.03 < hi and hi - lo > 0
+    data = next(s for s in a.verdict if s.startswith("Data:"))
+    assert "no slope for pool" in data and "pool gains" not in data

@@ -63,17 +63,24 @@ def slopes(d: Design, x_key: str, group: str | None = MIXER, level: float = 0.95
         res = sm.OLS(data["_y"].to_numpy(), xmat).fit(method="qr" if d.complete else "pinv")
     beta, cov, df = np.asarray(res.params), np.asarray(res.cov_params()), float(res.df_resid)
     tq = stats.t.ppf(0.5 + level / 2, df) if df > 0 else math.nan
-    per = {}
+    ok = estimable(xmat)
+    per, lost = {}, []
     for g in groups:
         i = names.index(f"slope[{g}]")
+        name = label(g) if g is not None else "all"
+        if not ok(_unit(len(beta), i)):  # e.g. a mixer finished at one fraction only: the
+            lost.append(name)  # pseudo-inverse would report 0 with a zero-width interval
+            continue
         se = math.sqrt(max(cov[i, i], 0.0))
-        per[label(g) if g is not None else "all"] = {
-            "slope": float(beta[i]), "ci": [float(beta[i] - tq * se), float(beta[i] + tq * se)]}
+        per[name] = {"slope": float(beta[i]),
+                     "ci": [float(beta[i] - tq * se), float(beta[i] + tq * se)]}
     diffs = []
     pairs = list(itertools.combinations(groups, 2)) if group in d.keys else []
     for a, b in pairs:
         v = np.zeros(len(beta))
         v[names.index(f"slope[{a}]")], v[names.index(f"slope[{b}]")] = 1.0, -1.0
+        if not ok(v):
+            continue
         est, se = float(v @ beta), math.sqrt(max(float(v @ cov @ v), 0.0))
         p = 2 * stats.t.sf(abs(est / se), df) if df > 0 and se > 0 else math.nan
         diffs.append({"a": a, "b": b, "diff": est, "se": se, "p": p})
@@ -86,7 +93,25 @@ def slopes(d: Design, x_key: str, group: str | None = MIXER, level: float = 0.95
             r.update(p_holm=float(h), ci=[r["diff"] - half, r["diff"] + half])
     return {"grid": d.index, "x": x_key.removeprefix("factor."), "per": what,
             "group": group.removeprefix("factor.") if group in d.keys else None,
-            "slopes": per, "differences": diffs}
+            "slopes": per, "differences": diffs, "not_estimable": lost}
+
+
+def _unit(n: int, i: int) -> np.ndarray:
+    v = np.zeros(n)
+    v[i] = 1.0
+    return v
+
+
+def estimable(xmat: np.ndarray, tol: float = 1e-8):
+    """A test of whether the linear combination v @ beta of an OLS on `xmat` is estimable
+    (v in the row space of the design): where it is not, a pseudo-inverse fit still returns a
+    number for it, one of infinitely many that fit equally well, with a meaningless interval."""
+    proj = np.linalg.pinv(xmat) @ xmat
+
+    def ok(v: np.ndarray) -> bool:
+        return bool(np.linalg.norm(v - proj @ v) <= tol * max(1.0, np.linalg.norm(v)))
+
+    return ok
 
 
 def cost_table(runs: pd.DataFrame, metric: str, cost: str = "gmacs", group: str = MIXER

@@ -209,6 +209,10 @@ def slope_clause(a: Analysis, key: str, grid: int) -> str:
     m = a.metric
     parts = [f"{g} gains {amount(v['slope'], m, signed=True)} {_ci(*v['ci'], m)}"
              for g, v in s["slopes"].items()]
+    lost = s.get("not_estimable") or []
+    if lost:  # not zero: unknown from the runs that finished
+        parts.append(f"no slope for {', '.join(lost)} (not estimable from its finished runs: "
+                     f"fewer than two levels of {s['x']}, or confounded with another factor)")
     text = "per " + s["per"] + ": " + ", ".join(parts)
     if s["differences"]:
         big = max(s["differences"], key=lambda r: abs(r["diff"]))
