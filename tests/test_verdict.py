@@ -401,3 +401,32 @@ def test_a_slope_the_finished_runs_cannot_estimate_is_named_not_reported_as_zero
         assert lo < 0.03 < hi and hi - lo > 0
     data = next(s for s in a.verdict if s.startswith("Data:"))
     assert "no slope for pool" in data and "pool gains" not in data
+
+
+def test_runs_pruned_by_asha_make_every_claim_inconclusive():
+    """ASHA cut the two weaker seeds of mlp and conv: their finished seed is their luckiest,
+    and on the survivors mlp beats attention (Holm p < 0.05) although on all seeds attention
+    is ahead. No claim may stand on survivors; tuning-phase pruned runs do not count."""
+    vals = {"attention": [0.700, 0.705, 0.710], "mlp": [0.640, 0.650, 0.750],
+            "conv": [0.630, 0.645, 0.700], "identity": [0.600, 0.610, 0.620]}
+    rows = []
+    for m, v in vals.items():
+        for s, y in enumerate(v):
+            rows.append({"run_id": f"{m}{s}", "cell_id": m, "grid": 0, "seed": s,
+                         "status": "finished", "factor.model.mixer": m, "test_acc": y})
+    full = pd.DataFrame(rows)
+    assert full.groupby("factor.model.mixer")["test_acc"].mean().idxmax() == "attention"
+    cut = full.copy()
+    lost = cut["factor.model.mixer"].isin(["mlp", "conv"]) & (cut["seed"] < 2)
+    cut.loc[lost, "status"] = "pruned"
+    cut.loc[lost, "test_acc"] = np.nan
+    a = analysis.analyse(cut, "test_acc", n_boot=200)
+    assert a.verdict[0].startswith("Attention: inconclusive: 4 run(s) were pruned")
+    assert "trails mixer=mlp" in a.verdict[0]  # what the survivors alone would claim
+    inter = next(s for s in a.verdict if s.startswith(("Largest interaction", "Interactions")))
+    assert "the effect of" not in inter
+    # pruned runs of a tuning phase are not the grid's: its claims are not touched
+    tuned = cut.assign(run_id="t" + cut["run_id"], phase="tune")
+    a = analysis.analyse(pd.concat([full.assign(phase="final"), tuned]), "test_acc",
+                         n_boot=200)
+    assert not any("pruned by the scheduler" in s for s in a.verdict)

@@ -239,9 +239,26 @@ def _question(a: Analysis, title: str, keys: tuple[str, ...]) -> str:
     if seeds < 2:
         return (f"{title}: inconclusive: {seeds} seed per cell (a claim needs at least 2 seeds); "
                 f"{body}.")
+    if pruned_clause(a):
+        return f"{title}: inconclusive: {pruned_clause(a)}; {body}."
     if not any(holds):
         return f"{title}: inconclusive: the decisive difference's CI includes 0; {body}."
     return f"{title}: {body}."
+
+
+def pruned_clause(a: Analysis) -> str:
+    """Why no claim holds where a scheduler (ASHA) pruned runs: the finished seeds of a
+    configuration are those that survived its early-epoch cut, the better ones, and the cut
+    took more seeds from some configurations than from others, so the means compare survivors,
+    not configurations (the pruned runs are left out of every mean, as they must be: their
+    numbers are of fewer epochs). Empty where nothing was pruned."""
+    ex = a.excluded
+    n = int((ex["reason"] == "pruned").sum()) if "reason" in ex else 0  # final phase only
+    if not n:
+        return ""
+    return (f"{n} run(s) were pruned by the scheduler (ASHA), so each configuration's mean is of "
+            "the seeds that survived its early cut (biased upward, unevenly); run the study "
+            "with scheduler: fifo for a verdict")
 
 
 def interaction_sentence(a: Analysis) -> str:
@@ -256,6 +273,8 @@ def interaction_sentence(a: Analysis) -> str:
     text = f"Largest interaction: {x} x {y}{grid}, {_share(t, seeds)}"
     if seeds < 2:
         return text + ": inconclusive with 1 seed."
+    if pruned_clause(a):
+        return text + f": inconclusive: {pruned_clause(a)}."
     sep = math.isfinite(t.p_value) and t.p_value < 0.05 and t.share_ci[0] > 0
     return text + (f": the effect of {x} depends on {y}." if sep else
                    ": not distinguishable from seed noise.")
