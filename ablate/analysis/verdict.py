@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ablate.analysis.anova import N_BOOT, GridFit, TermStats, fit_grid, pair, term_name
@@ -23,6 +24,7 @@ from ablate.analysis.seeds import (
     cell_keys,
     factor_columns,
     frontier,
+    holm,
     join_labels,
     labels,
     short,
@@ -266,7 +268,9 @@ def interaction_sentence(a: Analysis) -> str:
     if not inter:
         return "Interactions: none estimable (fewer than two factors in every grid, or " \
                "missing cells)."
-    f, t = max(inter, key=lambda ft: ft[1].share if math.isfinite(ft[1].share) else -1)
+    i = max(range(len(inter)),
+            key=lambda j: inter[j][1].share if math.isfinite(inter[j][1].share) else -1)
+    f, t = inter[i]
     seeds = f.design.typical_seeds
     grid = f" in grid {f.design.index}" if len(a.fits) > 1 else ""
     x, y = (short(k) for k in t.term)
@@ -275,9 +279,14 @@ def interaction_sentence(a: Analysis) -> str:
         return text + ": inconclusive with 1 seed."
     if pruned_clause(a):
         return text + f": inconclusive: {pruned_clause(a)}."
-    sep = math.isfinite(t.p_value) and t.p_value < 0.05 and t.share_ci[0] > 0
-    return text + (f": the effect of {x} depends on {y}." if sep else
-                   ": not distinguishable from seed noise.")
+    # the largest of k interactions is picked after looking: its p-value is Holm-adjusted over
+    # all of them (a bootstrap share of a sum of squares is never below 0, so its interval
+    # cannot serve as the test)
+    ps = np.array([u.p_value if math.isfinite(u.p_value) else 1.0 for _, u in inter])
+    p_holm = float(holm(ps)[i])
+    held = f" (Holm over {len(inter)} interactions: {_p(p_holm)})" if len(inter) > 1 else ""
+    return text + held + (f": the effect of {x} depends on {y}." if p_holm < 0.05 else
+                          ": not distinguishable from seed noise.")
 
 
 def sentences(a: Analysis) -> list[str]:
