@@ -250,6 +250,37 @@ def test_missing_cost_metrics_get_a_message(store, monkeypatch):
     assert any("no cost metrics" in w.value for w in at.warning)
 
 
+def test_an_edited_studys_older_configurations_stay_off_the_frontier(tmp_path, monkeypatch):
+    """The study ran, was edited (its lr) and ran again: the same factor levels under new
+    cell ids. Only the newest configurations make the frontier (as in the verdict's models),
+    and the dashboard says how many runs it left out."""
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker(uri, "edited")
+    for lr, bonus in (("1.0e-3", 0.10), ("2.0e-3", 0.0)):  # the older one scored higher
+        study = load_study(write(tmp_path / "edited.yaml", DEMO.replace("name: demo",
+                                 f"name: edited\ntrain: {{lr: {lr}}}")))
+        for t in study.trials:
+            if t.seed == 3:
+                continue
+            acc = VALS[(t.factors["model.mixer"], t.factors["dataset.fraction"])][t.seed]
+            rid = tr.start_run(t, study)
+            tr.log_metrics(rid, {"val_acc": acc + bonus, "test_acc": acc + bonus,
+                                 "gmacs": 2.0 if t.factors["model.mixer"] == "attention"
+                                 else 1.0}, step=1)
+            tr.end_run(rid, "finished")
+        time.sleep(0.05)  # the second study's runs start later
+    at = app(uri, monkeypatch)
+    assert not at.exception, [e.value for e in at.exception]
+    front = table(at, "frontier_table")
+    got = sorted(zip(front["model.mixer"], front["dataset.fraction"],
+                     front["mean"].round(6), strict=True))
+    assert got == [("attention", 1.0, 0.8), ("conv", 1.0, 0.72)]  # not 0.9 / 0.82
+    assert any("12 finished runs of configurations the study file has since changed"
+               in c.value for c in at.caption)
+
+
 def test_empty_store_says_what_to_run(tmp_path, monkeypatch):
     at = app(f"sqlite:///{tmp_path / 'none.db'}", monkeypatch)
     assert not at.exception

@@ -451,3 +451,24 @@ def test_the_largest_interaction_is_called_at_a_familywise_five_percent():
         assert "Holm over 3 interactions" in inter
         called += "depends on" in inter
     assert called <= 9
+
+
+def test_an_edited_studys_older_configuration_is_on_no_frontier_and_in_no_cost_table():
+    """The same levels under an older cell id (the study file was edited, say its lr, and run
+    again): the models keep the newest configuration's runs, and so do the frontiers and the
+    cost table (before, they showed the older, better-scoring runs under the same labels)."""
+    rows = []
+    for cid, t, bonus in (("old", 0, 0.10), ("new", 1, 0.0)):
+        for m, mu, g in (("attention", 0.70, 4.0), ("mlp", 0.66, 3.0)):
+            for s in range(3):
+                rows.append({"run_id": f"{cid}{m}{s}", "cell_id": f"{cid}-{m}", "grid": 0,
+                             "status": "finished", "seed": s, "start_time": t,
+                             "factor.model.mixer": m, "test_acc": mu + bonus + 0.005 * (s - 1),
+                             "gmacs": g})
+    a = analysis.analyse(pd.DataFrame(rows), "test_acc", n_boot=50)
+    assert a.fits[0].design.superseded == 6
+    front = a.frontiers["gmacs"]
+    assert sorted(front["mean"].round(6)) == [0.66, 0.70] and set(front["n"]) == {3}
+    assert a.cost["best"]["attention"]["attention"] == pytest.approx(0.70)
+    kept, old = analysis.newest_cells(pd.DataFrame(rows))
+    assert old == 6 and set(kept["cell_id"]) == {"new-attention", "new-mlp"}

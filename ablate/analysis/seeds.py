@@ -145,6 +145,27 @@ def cell_keys(df: pd.DataFrame, factors: Sequence[str]) -> pd.Series:
     return "cfg:" + by_levels
 
 
+def newest_cells(df: pd.DataFrame, factors: Sequence[str] | None = None
+                 ) -> tuple[pd.DataFrame, int]:
+    """(the runs of each configuration's newest cell id, how many runs were left out): two
+    cell ids with the same factor levels mean the study file was edited (say, its lr) and
+    run again; the older configuration's runs are neither extra seeds nor a configuration of
+    their own beside the new one, under the same label (the grids' models keep the newest
+    alone: design._build). Newest: the latest start_time among a cell id's runs."""
+    if df.empty or "cell_id" not in df or df["cell_id"].isna().all():
+        return df, 0
+    factors = list(factor_columns(df) if factors is None else factors)
+    if not factors:
+        return df, 0
+    levels = join_labels(pd.DataFrame({f: labels(df[f]) for f in factors}, index=df.index))
+    cid = cell_keys(df, factors)
+    t = df["start_time"] if "start_time" in df else pd.Series(0, index=df.index)
+    newest = (pd.DataFrame({"k": levels, "c": cid, "t": t}).groupby(["k", "c"])["t"].max()
+              .reset_index().sort_values("t", kind="stable").groupby("k")["c"].last())
+    keep = cid == levels.map(newest)
+    return df[keep], int((~keep).sum())
+
+
 def aggregate(df: pd.DataFrame, metric: str, factors: Sequence[str] | None = None,
               extra: Sequence[str] = COST_METRICS) -> pd.DataFrame:
     """One row per configuration (seeds grouped by `cell_id`): its factor levels, mean, std,

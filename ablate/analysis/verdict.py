@@ -27,6 +27,7 @@ from ablate.analysis.seeds import (
     holm,
     join_labels,
     labels,
+    newest_cells,
     short,
     split_status,
     status_counts,
@@ -102,7 +103,8 @@ def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | 
     if not fits:
         raise AnalysisError("every factor has one level among the finished runs: nothing to "
                             "compare; add levels to `factors` (or --factor with 2+ values)")
-    a = Analysis(metric, len(df), status_counts(df), excluded, fits, runs=ok)
+    a = Analysis(metric, len(df), status_counts(df), excluded, fits,
+                 runs=newest_cells(ok)[0])  # what the costs and frontiers show, as the fits
     a.pooled, a.pool_refused = pooled_views(ok, fits, metric, n_boot, seed)
     for f in fits:
         for key in (FRACTION, PATCH):
@@ -112,10 +114,10 @@ def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | 
     for p in a.pooled.values():
         p.scaling = [s for key in (FRACTION, PATCH)
                      if (s := slopes(p.fit.design, key)) is not None]
-    a.cost = cost_table(ok, metric)
-    agg = aggregate(ok, metric, factor_columns(ok))
+    a.cost = cost_table(a.runs, metric)
+    agg = aggregate(a.runs, metric, factor_columns(a.runs))
     alone = (ALONE in agg and len(agg) > 0 and bool(agg[ALONE].notna().all())
-             and not timed_mixed(ok))
+             and not timed_mixed(a.runs))
     for c in FRONTIER_COSTS:
         if c == ALONE and not alone:
             continue

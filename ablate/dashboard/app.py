@@ -262,6 +262,14 @@ def main() -> None:
                    + ", ".join(f"{v} {k}" for k, v in left_out.items())
                    + "): only finished runs have a final number; see the Runs tab.")
     factors = analysis.factor_columns(df)
+    # an edited study's older configuration under the same levels: not on the frontier beside
+    # the new one, as the verdict's models leave it out
+    fin, old = analysis.newest_cells(df[df["status"] == analysis.FINISHED]
+                                     if "status" in df else df, factors)
+    if old:
+        st.caption(f"{old} finished runs of configurations the study file has since changed "
+                   "(the same factor levels under an older cell id) are left out of the "
+                   "frontier and the averages; see the Runs tab.")
     missing = [m for m in (metric,) if m not in df or df[m].isna().all()]
     a = analysed(df, metric) if not missing else f"no run here has `{metric}` yet"
     tabs = st.tabs(["Verdict", "Frontier", "Effects", "Explore", "Importance", "Compare",
@@ -273,12 +281,11 @@ def main() -> None:
             st.warning(f"No run here has `{metric}` yet: runs that finish log it; pick "
                        "another metric or wait for trials to finish.")
         else:
-            frontier_tab(df[df["status"] == analysis.FINISHED] if "status" in df else df,
-                         metric, factors)
+            frontier_tab(fin, metric, factors)
     with tabs[2]:
         effects_tab(a, metric)
     with tabs[3]:
-        explore_tab(df, metric, factors)
+        explore_tab(fin, metric, factors)
     with tabs[4]:
         importance_tab(df, a, uri)
     with tabs[5]:
