@@ -43,6 +43,12 @@ class Design:
     interactions: list[tuple[str, str]] = field(default_factory=list)
     dropped_interactions: list[tuple[str, str]] = field(default_factory=list)
     superseded: int = 0
+    # key -> the factors it changes together with in the finished runs (wholly or in part):
+    # its effect cannot be told from theirs, whatever numbers the model gives it
+    confounded: dict[str, list[str]] = field(default_factory=dict)
+    # factor columns left out as functions of the keys though no level of theirs is 'off':
+    # not attributes of a key (as kernel size 'off' is of the mixer) but confounded with it
+    aliased: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def n_runs(self) -> int:
@@ -92,21 +98,51 @@ def _determinant(lab: pd.DataFrame, col: str, keys: list[str]) -> list[str]:
     return list(keys)
 
 
-def _varying_keys(lab: pd.DataFrame) -> list[str]:
-    """Factor columns that vary in a grid's own runs, minus those that are functions of the
-    others (kernel size 'off' for every mixer but conv is the mixer, not a factor)."""
+def _varying_keys(lab: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]]:
+    """(factor columns that vary in a grid's own runs, minus those that are functions of the
+    others; the dropped ones with no 'off' level, each with the keys it is a function of).
+    Kernel size 'off' for every mixer but conv is the mixer, not a factor; a patch size that
+    changes only together with the mixer (a zipped design, or the crossed cells that did not
+    finish) is confounded with it."""
     varying = [c for c in lab.columns if lab[c].nunique() > 1]
     keys = list(varying)
     # Try to drop first: columns with an 'off' level (a parameter only some levels of
     # another factor have), then those with fewer levels, then later columns.
     order = sorted(varying, key=lambda c: (OFF not in set(lab[c]), lab[c].nunique(),
                                            -varying.index(c)))
+    dropped = []
     for c in order:
         rest = [k for k in keys if k != c]
         if rest and lab.groupby(rest)[c].nunique().max() <= 1 \
                 and len(lab[rest].drop_duplicates()) > 1:
             keys = rest
-    return [k for k in varying if k in keys]
+            dropped.append(c)
+    kept = [k for k in varying if k in keys]
+    aliased = {c: _determinant(lab, c, kept) for c in dropped if OFF not in set(lab[c])}
+    return kept, aliased
+
+
+def _confounded(data: pd.DataFrame, keys: list[str], levels: dict[str, list[str]]
+                ) -> dict[str, list[str]]:
+    """Keys whose main effect the finished runs cannot estimate apart from the others' (the
+    rank a key's dummies add to the main-effects model falls short of its levels - 1), each
+    with the keys it is confounded with: those beside which alone it already falls short,
+    else all the others."""
+    def dummies(k: str) -> np.ndarray:
+        return np.column_stack([(data[k] == lv).to_numpy(float) for lv in levels[k][1:]])
+
+    def short_of(k: str, others: list[str]) -> bool:
+        base = [np.ones((len(data), 1)), *(dummies(o) for o in others)]
+        r0 = np.linalg.matrix_rank(np.column_stack(base))
+        r1 = np.linalg.matrix_rank(np.column_stack([*base, dummies(k)]))
+        return r1 - r0 < len(levels[k]) - 1
+
+    out = {}
+    for k in keys:
+        others = [o for o in keys if o != k]
+        if others and short_of(k, others):
+            out[k] = [o for o in others if short_of(k, [o])] or others
+    return out
 
 
 def _select(lab: pd.DataFrame, own: pd.Index, keys: list[str],
@@ -172,7 +208,8 @@ def _build(index: int, sub: pd.DataFrame, lab: pd.DataFrame, keys: list[str], y:
     n_inter = sum((len(levels[a]) - 1) * (len(levels[b]) - 1) for a, b in inter)
     if len(data) - n_main - n_inter <= 0:  # no residual left to test against (one seed)
         dropped, inter = dropped + inter, []
-    return Design(index, keys, levels, data, cells, fixed, inter, dropped, superseded)
+    return Design(index, keys, levels, data, cells, fixed, inter, dropped, superseded,
+                  _confounded(cells, keys, levels))
 
 
 def designs(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | None = None
@@ -202,9 +239,13 @@ def designs(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | N
     groups = sorted(df["grid"].dropna().unique()) if has_grid else [None]
     for gi in groups:
         own = df.index[df["grid"] == gi] if gi is not None else df.index
-        keys = _varying_keys(lab.loc[own])
+        keys, aliased = _varying_keys(lab.loc[own])
         mask, fixed = _select(lab, own, keys, None)
         d = _build(int(gi) if gi is not None else 0, df[mask], lab[mask], keys, metric, fixed)
         if d is not None:
+            d.aliased = aliased
+            for c, det in aliased.items():
+                for k in det:
+                    d.confounded.setdefault(k, []).append(c)
             out.append(d)
     return out

@@ -106,7 +106,7 @@ def _try(df: pd.DataFrame, lab: pd.DataFrame, key: str, group: list[GridFit], me
         if keep.isin(r).all():
             return None, None, f"every pooled run is in grid {g}: nothing to add to it"
     sub = lab.loc[keep, [key, *others]]
-    keys = _varying_keys(sub)
+    keys, _ = _varying_keys(sub)  # a pooled design is checked for confounding by rank
     if key not in keys:
         keys = [key, *[k for k in keys if sub.groupby(key)[k].nunique().max() > 1]]
     keys = [key, *[k for k in keys if k != key]]

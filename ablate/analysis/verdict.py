@@ -180,6 +180,12 @@ def _share(t: TermStats, seeds: int) -> str:
 def factor_clause(fit: GridFit, key: str, metric: str, grid_note: str) -> tuple[str, bool]:
     """'<name> explains S% of the variance [CI]; A beats B by X [CI]' and whether it holds."""
     seeds = fit.design.typical_seeds
+    conf = fit.design.confounded.get(key)
+    if conf:  # the model's split of the effect between them is arbitrary: no numbers
+        return (f"{NAMES.get(key, short(key))} ({short(key)}{grid_note}) is not identified: "
+                f"in the finished runs it changes together with "
+                f"{' and '.join(short(c) for c in conf)}, so its effect cannot be told from "
+                "theirs"), False
     t = fit.main[key]
     a, b = decisive(fit, key)
     d = pair(fit, key, a, b)
@@ -230,6 +236,13 @@ def _question(a: Analysis, title: str, keys: tuple[str, ...]) -> str:
     present = [(k, *choose(a, k)) for k in keys]
     present = [(k, f, note) for k, f, note in present if f is not None]
     if not present:
+        aliased = [(k, f.design.aliased[k]) for k in keys for f in a.fits
+                   if k in f.design.aliased]
+        if aliased:
+            k, det = aliased[0]
+            return (f"{title}: not identified: {short(k)} changes only together with "
+                    f"{' and '.join(short(c) for c in det)} in the finished runs (no run varies "
+                    "it alone), so its effect cannot be told from theirs.")
         names = " and ".join(short(k) for k in keys)
         return f"{title}: not tested: {names} {'is' if len(keys) == 1 else 'are'} not a " \
                "factor of this study."
@@ -246,6 +259,8 @@ def _question(a: Analysis, title: str, keys: tuple[str, ...]) -> str:
     if pruned_clause(a):
         return f"{title}: inconclusive: {pruned_clause(a)}; {body}."
     if not any(holds):
+        if all(k in f.design.confounded for k, f, _ in present):
+            return f"{title}: inconclusive: {body}."
         return f"{title}: inconclusive: the decisive difference's CI includes 0; {body}."
     return f"{title}: {body}."
 
