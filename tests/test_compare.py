@@ -76,3 +76,30 @@ def test_no_ratio_of_a_training_cost_timed_by_two_ablates_profiles():
     cost = cost.set_index("cost")
     assert math.isnan(cost.loc["train_img_s", "b / a"])
     assert cost.loc["gmacs", "b / a"] == 0.5  # counted, not timed: unchanged
+
+
+def test_training_settings_the_two_cells_differ_in_are_named():
+    """attention trained at fp32 and mlp at bf16 (auto per architecture); the same cell of a
+    second study at 30 epochs instead of 10: A - B carries those differences, and compare
+    names them (the factors alone say 'mixer' and nothing)."""
+    rows = []
+    for m, prec, mu in (("attention", "fp32", 0.70), ("mlp", "bf16", 0.66)):
+        for s, e in enumerate((-0.005, 0.0, 0.005)):
+            rows.append({"run_id": f"{m}{s}", "cell_id": m, "status": "finished", "seed": s,
+                         "factor.model.mixer": m, "params.train.precision": "auto",
+                         "params.train.precision_resolved": prec, "params.train.epochs": "10",
+                         "params.train.budget": "epochs", "test_acc": mu + e})
+    a = pd.DataFrame(rows)
+    b = a.assign(**{"params.train.epochs": "30", "test_acc": a["test_acc"] + 0.03})
+    out = compare(a, "attention", a, "mlp", "test_acc")
+    assert out["differing_factors"] == ["factor.model.mixer"]
+    assert out["settings_differ"] == [{"setting": "train.precision", "a": "fp32", "b": "bf16"}]
+    out = compare(a, "attention", b, "attention", "test_acc")
+    assert out["differing_factors"] == []
+    assert out["settings_differ"] == [{"setting": "train.epochs", "a": "10", "b": "30"}]
+    same = a.assign(**{"params.train.precision_resolved": "fp32"})
+    assert compare(same, "attention", same, "mlp", "test_acc")["settings_differ"] == []
+    # precision as a factor of the study: a differing factor, not a setting
+    fac = same.assign(**{"factor.train.precision": a["params.train.precision_resolved"]})
+    out = compare(fac, "attention", fac, "mlp", "test_acc")
+    assert out["settings_differ"] == [] and "factor.train.precision" in out["differing_factors"]

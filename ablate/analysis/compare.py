@@ -85,11 +85,44 @@ def _runs_of(df: pd.DataFrame, key: str, metric: str) -> pd.DataFrame:
     return d[cell_keys(d, factor_columns(d)).to_numpy() == key]
 
 
+def _setting(runs: pd.DataFrame, name: str) -> set[str]:
+    """The values one side's runs logged for a training setting (`train.precision`: what
+    `auto` resolved to, else what was asked); empty where none logged it."""
+    cols = ([f"params.{name}_resolved"] if name == "train.precision" else []) + [f"params.{name}"]
+    vals: pd.Series = pd.Series(None, index=runs.index, dtype=object)
+    for c in cols:
+        if c in runs:
+            v = runs[c].astype(object)
+            vals = vals.fillna(v.where(v.notna() & (v != "auto")))
+    if name == "train.budget" and "params.train.epochs" in runs:
+        vals = vals.fillna("epochs")  # runs from before train.budget trained by epochs
+    return {str(v) for v in vals.dropna()}
+
+
+# the settings the dashboard loads for every run (tracking.ALWAYS_PARAMS) that change what a
+# cell's number means: a difference across them is also theirs
+SETTINGS = ("train.precision", "train.epochs", "train.budget")
+
+
+def settings_differ(ra: pd.DataFrame, rb: pd.DataFrame) -> list[dict[str, str]]:
+    """The training settings the two sides ran with where they differ (and neither side is a
+    factor of it): {"setting", "a", "b"} each, the values '/'-joined."""
+    out = []
+    for name in SETTINGS:
+        if f"factor.{name}" in ra or f"factor.{name}" in rb:
+            continue  # a factor: listed among the differing factors
+        a, b = _setting(ra, name), _setting(rb, name)
+        if a and b and a != b:
+            out.append({"setting": name, "a": "/".join(sorted(a)), "b": "/".join(sorted(b))})
+    return out
+
+
 def compare(df_a: pd.DataFrame, key_a: str, df_b: pd.DataFrame, key_b: str, metric: str,
             costs: Sequence[str] = COST_METRICS) -> dict[str, Any]:
     """Cell `key_a` of runs `df_a` against cell `key_b` of `df_b` (the same study's runs, or
     two studies'): each side's seed values, the difference a - b with its Welch 95% CI, the
-    factors both sides have and where their levels differ, and each cost's mean per side
+    factors both sides have and where their levels differ, the training settings they differ
+    in (precision, epochs, budget: `settings_differ`), and each cost's mean per side
     with the ratio b / a (none where a training-step cost mixes an older ablate's profile with
     today's: `timed_mixed`)."""
     ra, rb = _runs_of(df_a, key_a, metric), _runs_of(df_b, key_b, metric)
@@ -108,4 +141,5 @@ def compare(df_a: pd.DataFrame, key_a: str, df_b: pd.DataFrame, key_b: str, metr
             "run_ids_b": rb["run_id"].tolist() if "run_id" in rb else [],
             "difference": difference(ra[metric], rb[metric]),
             "shared_factors": shared, "differing_factors": differ,
+            "settings_differ": settings_differ(ra, rb),
             "costs": pd.DataFrame(rows, columns=["cost", "a", "b", "b / a"])}

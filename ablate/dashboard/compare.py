@@ -84,6 +84,10 @@ def compare_tab(study: str, metric: str, df: pd.DataFrame, studies: list[str],
                f"not assumed equal{p}); {sig}.")
     if out["differing_factors"]:
         st.caption("They differ in " + ", ".join(short(f) for f in out["differing_factors"]))
+    if out["settings_differ"]:
+        st.warning("A and B also trained with different settings: " + "; ".join(
+            f"{r['setting']} {r['a']} (A) vs {r['b']} (B)" for r in out["settings_differ"])
+            + ". A - B includes their effect, not only the factors'.")
     if not out["costs"].empty:
         st.dataframe(out["costs"], hide_index=True, key="compare_costs")
         apart = out["costs"].loc[out["costs"]["b / a"].isna() & out["costs"]["cost"].isin(
