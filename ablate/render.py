@@ -35,7 +35,13 @@ def _pct_ci(s: analysis.TermStats) -> str:
 
 
 def anova_rows(f: GridFit) -> list[list[str]]:
-    return [[term_name(t), _pct_ci(s), f"{s.omega2:.2f}" if math.isfinite(s.omega2) else "n/a",
+    """One row per term; a term of a factor the finished runs confound with another has no
+    share, F or p (the model's split between them is arbitrary): 'not identified'."""
+    conf = f.design.confounded
+    return [[term_name(t), "not identified (confounded with "
+             + ", ".join(sorted({short(c) for k in t for c in conf.get(k, [])})) + ")",
+             "", f"{s.df:g}", "", ""] if set(t) & set(conf) else
+            [term_name(t), _pct_ci(s), f"{s.omega2:.2f}" if math.isfinite(s.omega2) else "n/a",
              f"{s.df:g}", _fmt(s.f, 3), _pval(s.p_value)] for t, s in f.terms.items()]
 
 

@@ -103,3 +103,18 @@ def test_training_settings_the_two_cells_differ_in_are_named():
     fac = same.assign(**{"factor.train.precision": a["params.train.precision_resolved"]})
     out = compare(fac, "attention", fac, "mlp", "test_acc")
     assert out["settings_differ"] == [] and "factor.train.precision" in out["differing_factors"]
+
+
+def test_a_setting_that_is_a_factor_on_one_side_only_is_still_compared():
+    """Study A varies train.precision (this cell at bf16); study B does not (fp32): the
+    factor is not shared, so the difference must be named as a setting."""
+    base = {"status": "finished", "factor.model.mixer": "mlp", "params.train.epochs": "10"}
+    a = pd.DataFrame([{**base, "run_id": f"a{s}", "cell_id": "a", "seed": s,
+                       "factor.train.precision": "bf16", "params.train.precision": "bf16",
+                       "test_acc": 0.70 + 0.01 * s} for s in range(3)])
+    b = pd.DataFrame([{**base, "run_id": f"b{s}", "cell_id": "b", "seed": s,
+                       "params.train.precision": "fp32", "test_acc": 0.68 + 0.01 * s}
+                      for s in range(3)])
+    out = compare(a, "a", b, "b", "test_acc")
+    assert out["differing_factors"] == []
+    assert out["settings_differ"] == [{"setting": "train.precision", "a": "bf16", "b": "fp32"}]

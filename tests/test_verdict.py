@@ -507,3 +507,71 @@ def test_factors_that_change_together_in_the_finished_runs_are_not_identified():
     assert a.fits[0].design.confounded == {}
     assert next(s for s in a.verdict if s.startswith("Attention:")).startswith(
         "Attention: the token mixer (model.mixer) explains")
+
+
+def test_a_pooled_view_and_interactions_of_confounded_factors_claim_nothing():
+    """Each grid finished only its diagonal ((attention, 2) and mlp or conv at patch 8), and
+    only the patch matters (+10 points at 2): pooled over the grids, the mixer is still
+    confounded with the patch (it was 'attention beats mlp by 10 points'), and an interaction
+    or slope difference of the mixer is the patch's as much."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for g, cells in ((0, [("attention", 2), ("mlp", 8)]), (1, [("attention", 2), ("conv", 8)])):
+        for (m, p), f, s in itertools.product(cells, [0.25, 1.0], range(3)):
+            rows.append({"run_id": f"{g}{m}{p}{f}{s}", "cell_id": f"{m}{p}{f}", "grid": g,
+                         "seed": s, "status": "finished", "factor.model.mixer": m,
+                         "factor.model.patch_size": p, "factor.dataset.fraction": f,
+                         "test_acc": 0.6 + (0.10 if p == 2 else 0.0) * f
+                         + 0.005 * rng.standard_normal()})
+    df = pd.DataFrame(rows)
+    grids = [{"model.mixer": ["attention", "mlp"], "model.patch_size": [2, 8],
+              "dataset.fraction": [0.25, 1.0]},
+             {"model.mixer": ["attention", "conv"], "model.patch_size": [2, 8],
+              "dataset.fraction": [0.25, 1.0]}]
+    for g in (grids, None):
+        a = analysis.analyse(df, "test_acc", g, n_boot=50)
+        att = next(s for s in a.verdict if s.startswith("Attention:"))
+        assert "not identified" in att and "beats" not in att, att
+        inter = next(s for s in a.verdict if s.startswith(("Largest", "Interactions")))
+        assert inter.startswith("Interactions: none identified"), inter
+        data = next(s for s in a.verdict if s.startswith("Data:"))
+        assert "slope difference" not in data and "slopes are not compared" in data
+
+
+def test_a_mixer_specific_parameter_is_an_attribute_not_a_confound():
+    """conv at kernel 9 and pool at window 3 (the dashboard filtered to these two mixers: no
+    mixer without a kernel, so no 'off' level): the kernel is part of what each mixer level
+    is, and conv vs pool is a claim the verdict makes."""
+    rng = np.random.default_rng(0)
+    rows = [{"run_id": f"{m}{s}", "cell_id": m, "grid": 0, "seed": s, "status": "finished",
+             "factor.model.mixer": m, "factor.model.kernel_size": k,
+             "test_acc": mu + 0.005 * rng.standard_normal()}
+            for m, k, mu in (("conv", 9, 0.72), ("pool", 3, 0.68)) for s in range(3)]
+    a = analysis.analyse(pd.DataFrame(rows), "test_acc", None, n_boot=50)
+    assert a.fits[0].design.confounded == {} and a.fits[0].design.aliased == {}
+    assert "mixer=conv beats mixer=pool" in a.verdict[0]
+    # a backbone argument every mixer has (depth) changing with the mixer is a confound
+    zipped = pd.DataFrame(rows).rename(columns={"factor.model.kernel_size": "factor.model.depth"})
+    a = analysis.analyse(zipped, "test_acc", None, n_boot=50)
+    assert "not identified" in a.verdict[0]
+
+
+def test_the_report_tables_show_no_share_for_a_factor_that_is_not_identified():
+    from ablate.render import anova_rows
+
+    grids = [{"model.mixer": ["attention", "mlp"], "model.patch_size": [2, 8]}]
+    a = analysis.analyse(_mixer_patch([("attention", 2, 0.70), ("mlp", 8, 0.60)]), "test_acc",
+                         grids, n_boot=50)
+    rows = {r[0]: r for r in anova_rows(a.fits[0])}
+    assert rows["model.mixer"][1] == "not identified (confounded with model.patch_size)"
+    assert rows["model.mixer"][5] == ""  # no p
+    grid = analysis.to_dict(a)["grids"][0]
+    assert grid["factors"]["model.mixer"]["confounded_with"] == ["model.patch_size"]
+
+
+def test_a_cell_with_an_unknown_start_time_is_not_taken_for_the_newest():
+    rows = [{"run_id": f"{c}{s}", "cell_id": c, "status": "finished", "seed": s,
+             "start_time": t, "factor.model.mixer": "mlp", "test_acc": 0.5}
+            for c, t in (("old", np.nan), ("new", 5.0)) for s in range(2)]
+    kept, old = analysis.newest_cells(pd.DataFrame(rows))
+    assert set(kept["cell_id"]) == {"new"} and old == 2

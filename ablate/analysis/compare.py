@@ -105,12 +105,13 @@ SETTINGS = ("train.precision", "train.epochs", "train.budget")
 
 
 def settings_differ(ra: pd.DataFrame, rb: pd.DataFrame) -> list[dict[str, str]]:
-    """The training settings the two sides ran with where they differ (and neither side is a
-    factor of it): {"setting", "a", "b"} each, the values '/'-joined."""
+    """The training settings the two sides ran with where they differ (unless both sides have
+    it as a factor, which differing_factors lists): {"setting", "a", "b"} each, the values
+    '/'-joined."""
     out = []
     for name in SETTINGS:
-        if f"factor.{name}" in ra or f"factor.{name}" in rb:
-            continue  # a factor: listed among the differing factors
+        if f"factor.{name}" in ra and f"factor.{name}" in rb:
+            continue  # a factor of both: listed among the differing factors
         a, b = _setting(ra, name), _setting(rb, name)
         if a and b and a != b:
             out.append({"setting": name, "a": "/".join(sorted(a)), "b": "/".join(sorted(b))})

@@ -24,6 +24,9 @@ from ablate.analysis.seeds import (
     labels,
     order_levels,
 )
+from ablate.archs import MIXER_FIELDS
+
+MIXER_KEY = "factor.model.mixer"
 
 
 @dataclass
@@ -118,8 +121,23 @@ def _varying_keys(lab: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]]:
             keys = rest
             dropped.append(c)
     kept = [k for k in varying if k in keys]
-    aliased = {c: _determinant(lab, c, kept) for c in dropped if OFF not in set(lab[c])}
+    aliased = {}
+    for c in dropped:
+        det = _determinant(lab, c, kept)
+        if not attribute_of(c, set(lab[c]), det):
+            aliased[c] = det
     return kept, aliased
+
+
+def attribute_of(col: str, values: set[str], det: list[str]) -> bool:
+    """Whether `col`, a function of the keys `det` in some runs, is an attribute of their
+    levels rather than a factor confounded with them: a parameter some levels do not have
+    ('off' among its values), or a mixer-specific one (archs.MIXER_FIELDS: conv's kernel 9
+    beside pool's window 3, with no mixer that has none in the runs) of the mixer."""
+    if OFF in values:
+        return True
+    field_ = col.removeprefix("factor.model.")
+    return col.startswith("factor.model.") and field_ in MIXER_FIELDS and MIXER_KEY in det
 
 
 def _confounded(data: pd.DataFrame, keys: list[str], levels: dict[str, list[str]]
@@ -180,7 +198,8 @@ def _build(index: int, sub: pd.DataFrame, lab: pd.DataFrame, keys: list[str], y:
         cid = sub["cell_id"].astype(object).where(sub["cell_id"].notna(), "cfg:" + key_lab)
         t = sub["start_time"] if "start_time" in sub else pd.Series(0, index=sub.index)
         newest = (pd.DataFrame({"k": key_lab, "c": cid, "t": t}).groupby(["k", "c"])["t"]
-                  .max().reset_index().sort_values("t").groupby("k")["c"].last())
+                  .max().reset_index().sort_values("t", na_position="first")
+                  .groupby("k")["c"].last())  # an unknown start time: not the newest
         keep = cid == key_lab.map(newest)
         superseded = int((~keep).sum())
         sub, lab, key_lab = sub[keep], lab[keep], key_lab[keep]

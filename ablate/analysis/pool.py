@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from ablate.analysis.anova import GridFit, fit_grid
-from ablate.analysis.design import _build, _varying_keys
+from ablate.analysis.design import _build, _varying_keys, attribute_of
 from ablate.analysis.seeds import factor_columns, labels, short
 
 
@@ -119,6 +119,11 @@ def _try(df: pd.DataFrame, lab: pd.DataFrame, key: str, group: list[GridFit], me
     d = _build(-1, df.loc[keep], lab.loc[keep], keys, metric, fixed)
     if d is None or key not in d.keys:
         return None, None, f"{short(key)} has one level where the other factors match"
+    # an "attribute" that is another factor changing with `key` (the patch size on each
+    # grid's finished diagonal): `key` is confounded with it in the pooled runs too
+    for c in sorted(attrs):
+        if not attribute_of(c, set(sub[c]) if c in sub else set(lab.loc[keep, c]), [key]):
+            d.confounded.setdefault(key, []).append(c)
     return d, where, ""
 
 

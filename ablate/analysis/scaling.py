@@ -75,7 +75,9 @@ def slopes(d: Design, x_key: str, group: str | None = MIXER, level: float = 0.95
         per[name] = {"slope": float(beta[i]),
                      "ci": [float(beta[i] - tq * se), float(beta[i] + tq * se)]}
     diffs = []
-    pairs = list(itertools.combinations(groups, 2)) if group in d.keys else []
+    # groups that also differ in another factor: a slope difference would be of both
+    mixed = d.confounded.get(group, []) if group in d.keys else []
+    pairs = list(itertools.combinations(groups, 2)) if group in d.keys and not mixed else []
     for a, b in pairs:
         v = np.zeros(len(beta))
         v[names.index(f"slope[{a}]")], v[names.index(f"slope[{b}]")] = 1.0, -1.0
@@ -93,7 +95,8 @@ def slopes(d: Design, x_key: str, group: str | None = MIXER, level: float = 0.95
             r.update(p_holm=float(h), ci=[r["diff"] - half, r["diff"] + half])
     return {"grid": d.index, "x": x_key.removeprefix("factor."), "per": what,
             "group": group.removeprefix("factor.") if group in d.keys else None,
-            "slopes": per, "differences": diffs, "not_estimable": lost}
+            "slopes": per, "differences": diffs, "not_estimable": lost,
+            "group_confounded": mixed}
 
 
 def _unit(n: int, i: int) -> np.ndarray:

@@ -161,7 +161,8 @@ def newest_cells(df: pd.DataFrame, factors: Sequence[str] | None = None
     cid = cell_keys(df, factors)
     t = df["start_time"] if "start_time" in df else pd.Series(0, index=df.index)
     newest = (pd.DataFrame({"k": levels, "c": cid, "t": t}).groupby(["k", "c"])["t"].max()
-              .reset_index().sort_values("t", kind="stable").groupby("k")["c"].last())
+              .reset_index().sort_values("t", kind="stable", na_position="first")
+              .groupby("k")["c"].last())  # an unknown start time: not the newest
     keep = cid == levels.map(newest)
     return df[keep], int((~keep).sum())
 

@@ -224,7 +224,11 @@ def slope_clause(a: Analysis, key: str, grid: int) -> str:
         parts.append(f"no slope for {', '.join(lost)} (not estimable from its finished runs: "
                      f"fewer than two levels of {s['x']}, or confounded with another factor)")
     text = "per " + s["per"] + ": " + ", ".join(parts)
-    if s["differences"]:
+    if s.get("group_confounded"):
+        text += (f" (the {s['group']} levels also differ in "
+                 f"{' and '.join(short(c) for c in s['group_confounded'])}: their slopes are "
+                 "not compared)")
+    elif s["differences"]:
         big = max(s["differences"], key=lambda r: abs(r["diff"]))
         text += (f"; slope difference {big['a']} - {big['b']}: "
                  f"{amount(big['diff'], m, signed=True)} {_ci(*big['ci'], m)}, "
@@ -276,13 +280,19 @@ def pruned_clause(a: Analysis) -> str:
     if not n:
         return ""
     return (f"{n} run(s) were pruned by the scheduler (ASHA), so each configuration's mean is of "
-            "the seeds that survived its early cut (biased upward, unevenly); run the study "
-            "with scheduler: fifo for a verdict")
+            "the seeds that survived its early cut (biased upward, unevenly); for a verdict, "
+            "run the study again without it into a new experiment (--set scheduler.name=fifo "
+            "--set tracking.experiment=NEW_NAME: pruned trials count as done in this one)")
 
 
 def interaction_sentence(a: Analysis) -> str:
-    inter = [(f, t) for f in a.fits for t in f.interactions.values()]
+    # an interaction of a factor that is not identified is as confounded as the factor
+    every = [(f, t) for f in a.fits for t in f.interactions.values()]
+    inter = [(f, t) for f, t in every if not set(t.term) & set(f.design.confounded)]
     if not inter:
+        if every:
+            return "Interactions: none identified (each involves a factor that changes " \
+                   "together with another in the finished runs)."
         return "Interactions: none estimable (fewer than two factors in every grid, or " \
                "missing cells)."
     i = max(range(len(inter)),
@@ -425,7 +435,9 @@ def _term_dict(t: TermStats) -> dict[str, Any]:
 
 def _factor_dict(f: GridFit, k: str) -> dict[str, Any]:
     em = f.emms[k]
-    return {**_term_dict(f.main[k]),
+    conf = f.design.confounded.get(k, [])
+    # not identified: its share is the model's arbitrary split with the factors named here
+    return {**_term_dict(f.main[k]), "confounded_with": [short(c) for c in conf],
             "levels": {str(r.level): {"mean": _num(r.mean), "ci": [_num(r.ci_low),
                                       _num(r.ci_high)], "n": int(r.n)}
                        for r in em.itertuples()},
@@ -457,7 +469,8 @@ def to_dict(a: Analysis) -> dict[str, Any]:
             "superseded_runs": d.superseded, "bootstrap_resamples": f.n_boot,
             "residual_df": _num(f.resid_df), "factors": factors,
             "interactions": {term_name(t): _term_dict(s) for t, s in f.interactions.items()},
-            "interactions_not_estimable": [term_name(t) for t in d.dropped_interactions]})
+            "interactions_not_estimable": [term_name(t) for t in d.dropped_interactions],
+            "aliased": {short(c): [short(k) for k in det] for c, det in d.aliased.items()}})
     ex = a.excluded
     return {
         "metric": a.metric, "n_runs": a.n_runs, "n_analysed": a.n_used, "counts": a.counts,
