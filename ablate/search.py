@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from ablate.errors import AblateError, mask_url
 from ablate.spec import (
     NESTED,
+    NOT_A_FACTOR,
     SECTION_MODELS,
     did_you_mean,
     drop_scope,
@@ -78,6 +79,9 @@ def check_search(spec: StudySpec) -> list[tuple[str, str]]:
             problems.append((path, f"unknown dotted key: {where}"))
             continue
         section, name = where
+        if key in NOT_A_FACTOR:
+            problems.append((path, f"cannot be a search dimension: {NOT_A_FACTOR[key]}"))
+            continue
         if key == "train.precision_scope":  # a profile is looked up by architecture, not scope
             problems.append((path, "is the study's choice, not a dimension: set "
                                    "train.precision_scope once (study or architecture)"))

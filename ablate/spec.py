@@ -199,6 +199,19 @@ def did_you_mean(word: str, options: list[str]) -> str:
 NESTED: dict[tuple[str, str], type[Strict]] = {("model", "match"): MatchSpec}
 
 
+# dataset fields that cannot be a factor or a search dimension: their levels would differ in
+# more than the field (their reason, one line, ends with the fix)
+NOT_A_FACTOR: dict[str, str] = {
+    "dataset.train_size": "each size is a synthetic set of its own (other training images, "
+    "another validation and test set), so its levels differ in more than their size; vary "
+    "dataset.fraction for a data axis (nested subsets, one validation and test set)",
+    "dataset.test_size": "each level scores on another test set; keep it fixed",
+    "dataset.max_train": "the cap applies before the validation hold-out and sets the steps "
+    "budget, so its levels differ in their validation set and steps too; vary "
+    "dataset.fraction for a data axis (nested subsets, one validation and test set)",
+}
+
+
 def split_key(key: str) -> tuple[str, str] | str:
     """(section, field) of a dotted key, or the reason it names no field. A field of a nested
     section (`model.match.gmacs`) comes back as (`model`, `match.gmacs`)."""

@@ -30,6 +30,7 @@ from ablate.match import Matched, match_cell, match_problems
 from ablate.overrides import apply_sets, label
 from ablate.search import check_search
 from ablate.spec import (  # noqa: F401 - re-exported: the schema's public home is ablate.study
+    NOT_A_FACTOR,
     SECTION_MODELS,
     DatasetSpec,
     FailuresSpec,
@@ -203,6 +204,9 @@ def _check_factors(spec: StudySpec, problems: list[tuple[str, str]]) -> None:
                 problems.append((path, where))
                 continue
             section, name = where
+            if key in NOT_A_FACTOR and len(levels) > 1:
+                problems.append((path, f"cannot be a factor: {NOT_A_FACTOR[key]}"))
+                continue
             if not levels:
                 problems.append((path, "has no levels: list at least one value"))
                 continue

@@ -68,6 +68,10 @@ BAD = {
     "cmaes_two_objectives": ("model.mixer: [mlp, conv, identity]\n", "\n",
                              "cmaes is single-objective"),
     "asha_two_objectives": ("{name: fifo}", "{name: asha}", "cannot serve a multi-objective"),
+    "train_size_searched": ("model.mixer: [mlp, conv, identity]",
+                            "model.mixer: [mlp, conv]\n    dataset.max_train: "
+                            "{low: 100, high: 400}",
+                            "search.space.dataset.max_train: cannot be a search dimension"),
     "precision_scope_searched": ("model.mixer: [mlp, conv, identity]",
                                  "model.mixer: [mlp, conv]\n    train.precision_scope: "
                                  "[study, architecture]",
