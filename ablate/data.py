@@ -192,7 +192,12 @@ class Batches:
     def __init__(self, split: Split, mean: tuple[float, ...], std: tuple[float, ...],
                  batch_size: int, device: str | torch.device = "cpu", *, shuffle: bool = False,
                  augment: tuple[str, ...] = (), padding: int = 4, seed: int = 0,
-                 channels_last: bool = False, drop_last: bool = False) -> None:
+                 channels_last: bool = False, drop_last: bool = False,
+                 fill: bool = False) -> None:
+        """`fill`: a split smaller than one batch still gives full batches, each its images
+        in a new order, then the first of another order's, up to `batch_size` (a `steps`
+        budget: every fraction takes the same steps of the same batch size); else such a
+        split is one smaller batch."""
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -201,18 +206,24 @@ class Batches:
         self.inv_std = 1 / (torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, tuple(augment)
         self.padding, self.channels_last, self.drop_last = padding, channels_last, drop_last
+        self.fill = fill and 0 < len(self.labels) < batch_size
         gdev = "cuda" if self.device.type == "cuda" else "cpu"
         self.gen = torch.Generator(device=gdev).manual_seed(seed)
         self.cpu_gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         n = len(self.labels)
+        if self.fill:
+            return 1
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
-        order = (torch.randperm(n, generator=self.cpu_gen).to(self.device) if self.shuffle
-                 else torch.arange(n, device=self.device))
+        orders = math.ceil(self.batch_size / n) if self.fill else 1
+        order = torch.cat([torch.randperm(n, generator=self.cpu_gen) if self.shuffle
+                           else torch.arange(n) for _ in range(orders)])
+        order = order[:self.batch_size] if self.fill else order
+        order = order.to(self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = augment(self.images[idx], self.padding, "crop" in self.augment,

@@ -242,7 +242,10 @@ def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
     train_batches = Batches(data.train, data.mean, data.std, cfg.batch_size, device,
                             shuffle=True, augment=cfg.augment, padding=cfg.crop_padding,
                             seed=seed, channels_last=cfg.channels_last,
-                            drop_last=len(data.train) >= cfg.batch_size)
+                            drop_last=len(data.train) >= cfg.batch_size,
+                            # a `steps` budget: a subset smaller than a batch still takes full
+                            # batches, so every fraction sees the same images per step
+                            fill=cfg.budget == "steps")
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                             fused=device.type == "cuda" or None)
     steps_per_epoch = round_steps(cfg, len(train_batches), data.n_train_full or len(data.train))

@@ -226,6 +226,38 @@ def test_steps_budget_gives_every_fraction_the_same_steps_and_lr_curve():
     assert quarter["train_images"] < full["train_images"] / 3
 
 
+def test_steps_budget_gives_a_subset_smaller_than_a_batch_full_batches():
+    """A 5% subset (18 images) with batch 32: each step takes all 18 in a new order and 14 of
+    another, so it sees as many images per step as the full data (before: one batch of 18,
+    same steps but 40% fewer images and another batch size); under `epochs` one pass is
+    still one smaller batch."""
+    full, _ = _steps_and_lrs(1.0, "steps")
+    tiny, _ = _steps_and_lrs(0.05, "steps")
+    assert tiny["train_images"] < 32
+    assert tiny["train_steps"] == full["train_steps"]
+    assert tiny["train_images_seen"] == 32 * tiny["train_steps"] == full["train_images_seen"]
+    pass_, _ = _steps_and_lrs(0.05, "epochs")
+    assert pass_["train_images_seen"] == 3 * pass_["train_images"]
+
+
+def test_a_filled_batch_holds_every_image_of_the_small_split():
+    from ablate.data import Batches
+
+    data = load_dataset(DatasetSpec(image_size=16, train_size=400, test_size=40,
+                                    fraction=0.05))
+    n = len(data.train)
+    batches = Batches(data.train, data.mean, data.std, 32, shuffle=True, seed=3, fill=True)
+    assert len(batches) == 1
+    for _ in range(2):  # each pass a new order
+        (x, y), = list(batches)
+        assert x.shape[0] == 32
+        # every image of the split once, then some again: no label less often than in it
+        have = torch.bincount(y, minlength=data.num_classes)
+        need = torch.bincount(data.train.labels, minlength=data.num_classes)
+        assert (have >= need).all() and have.sum() == 32
+    assert n < 32
+
+
 def test_epochs_budget_gives_a_smaller_fraction_proportionally_fewer_steps():
     full, _ = _steps_and_lrs(1.0, "epochs")
     quarter, _ = _steps_and_lrs(0.25, "epochs")
