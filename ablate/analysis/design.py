@@ -147,7 +147,8 @@ def _confounded(data: pd.DataFrame, keys: list[str], levels: dict[str, list[str]
     with the keys it is confounded with: those beside which alone it already falls short,
     else all the others."""
     def dummies(k: str) -> np.ndarray:
-        return np.column_stack([(data[k] == lv).to_numpy(float) for lv in levels[k][1:]])
+        cols = [(data[k] == lv).to_numpy(float) for lv in levels[k][1:]]
+        return np.column_stack(cols) if cols else np.zeros((len(data), 0))
 
     def short_of(k: str, others: list[str]) -> bool:
         base = [np.ones((len(data), 1)), *(dummies(o) for o in others)]
