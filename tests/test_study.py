@@ -136,16 +136,11 @@ BAD_CASES = {
     "val_fraction_zero_with_asha": (GOOD.replace(
         "image_size: 32", "image_size: 32, val_fraction: 0, allow_no_val: true")
         + "scheduler: {name: asha}\n", "but scheduler.metric val_acc selects on it"),
-    # levels that would differ in more than the field: another synthetic set, another
-    # validation split and steps budget
-    "train_size_factor": (add_factor("dataset.train_size: [100, 200]"),
-                          "factors.dataset.train_size: cannot be a factor: each size is a "
-                          "synthetic set of its own"),
-    "max_train_factor": (add_factor("dataset.max_train: [100, 200]"),
-                         "factors.dataset.max_train: cannot be a factor: the cap applies "
-                         "before the validation hold-out"),
-    "test_size_factor": (add_factor("dataset.test_size: [100, 200]"),
-                         "factors.dataset.test_size: cannot be a factor"),
+    # levels that would differ in more than the field (another synthetic set, another
+    # validation split and steps budget): refused, one case per field
+    **{f"{k}_factor": (add_factor(f"dataset.{k}: [100, 200]"),
+                       f"factors.dataset.{k}: cannot be a factor")
+       for k in ("train_size", "max_train", "test_size")},
     "odd_depth_dual": (GOOD.replace("[attention, mlp]", "[dual]").replace("depth: 2",
                                                                           "depth: 3"),
                        "must be even"),
