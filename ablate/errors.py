@@ -53,6 +53,12 @@ class ProfileFailed(AblateError):
     exit_code = 1
 
 
+class NoCudaDevice(RuntimeError):
+    """A trial or profile was given a GPU (resources.gpus_per_trial > 0) that torch cannot
+    use in its process. Raised rather than train or time on the CPU under a GPU study's
+    name, where every cost and every hour would be the CPU's."""
+
+
 class DivergedError(RuntimeError):
     """Training produced a non-finite loss. Not a user error: the trial fails, the study goes on."""
 

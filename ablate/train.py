@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ablate.data import Batches, DataBundle, Split
-from ablate.errors import DivergedError, compile_failures
+from ablate.errors import DivergedError, NoCudaDevice, compile_failures
 from ablate.models import create_model
 from ablate.models.backbone import DropPath
 from ablate.study import TrainSpec, TrialSpec
@@ -84,10 +84,28 @@ def build_model(trial: TrialSpec, image_size: int, channels: int, num_classes: i
 
 
 def pick_device(gpus: float = 0.0) -> torch.device:
-    """CUDA when the trial was given a GPU and one is visible, else the CPU."""
-    if gpus > 0 and torch.cuda.is_available():
+    """CUDA when the trial was given a GPU, else the CPU. A trial given a GPU that torch
+    cannot use fails (NoCudaDevice) instead of training on the CPU."""
+    if gpus > 0:
+        require_cuda(f"resources.gpus_per_trial is {gpus:g}")
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def require_cuda(why: str) -> None:
+    """Raise NoCudaDevice, saying `why` a GPU was expected, unless torch sees a CUDA device
+    in this process (Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gave it)."""
+    if torch.cuda.is_available():
+        return
+    import os
+    import socket
+
+    build = f"torch {torch.__version__}" + ("" if torch.version.cuda else " (built without CUDA)")
+    raise NoCudaDevice(
+        f"{why}, but {build} sees no CUDA device on {socket.gethostname()} "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): the node declares "
+        "a GPU to Ray that this process cannot use; fix its NVIDIA driver or CUDA install, or "
+        "set resources.gpus_per_trial: 0 to run on CPUs")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

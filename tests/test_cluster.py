@@ -130,6 +130,29 @@ failures: {{max_retries: 3}}
 
 
 
+def _head(port: int, temp: str, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    """`ray start --head --block` on 127.0.0.2 with 1 CPU (and `extra`), in `temp`."""
+    return subprocess.Popen(
+        [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.2", "--port",
+         str(port), "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
+         "--temp-dir", temp, *extra],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_nodes(port: int, env: dict[str, str], n: int, head: subprocess.Popen) -> None:
+    deadline = time.time() + 90
+    while True:  # wait for the nodes to join
+        probe = subprocess.run(
+            [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.2:{port}', "
+             "logging_level='ERROR', log_to_driver=False); "
+             "print(len([n for n in ray.nodes() if n['Alive']]))"],
+            env=env, capture_output=True, text=True)
+        if probe.stdout.strip().endswith(str(n)):
+            return
+        assert time.time() < deadline and head.poll() is None, probe.stderr
+        time.sleep(1)
+
+
 @pytest.fixture
 def two_nodes(tmp_path):
     """A head (127.0.0.2) and a worker (127.0.0.3) started by this test with `--block`, in
@@ -138,28 +161,14 @@ def two_nodes(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     temp = tempfile.mkdtemp(prefix="rt")  # short: Ray's socket paths have a length limit
-    head = subprocess.Popen(
-        [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.2", "--port",
-         str(port), "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats",
-         "--temp-dir", temp],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = _head(port, temp, env)
     worker = None
     try:
         worker = subprocess.Popen(
             [str(RAY), "start", "--address", f"127.0.0.2:{port}", "--node-ip-address",
              "127.0.0.3", "--num-cpus", "1", "--block", "--disable-usage-stats"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 90
-        while True:  # wait for the second node to join
-            probe = subprocess.run(
-                [sys.executable, "-c", f"import ray; ray.init(address='127.0.0.2:{port}', "
-                 "logging_level='ERROR', log_to_driver=False); "
-                 "print(len([n for n in ray.nodes() if n['Alive']]))"],
-                env=env, capture_output=True, text=True)
-            if probe.stdout.strip().endswith("2"):
-                break
-            assert time.time() < deadline and head.poll() is None, probe.stderr
-            time.sleep(1)
+        _wait_nodes(port, env, 2, head)
         yield {"address": f"127.0.0.2:{port}", "env": env, "worker": worker}
     finally:
         for proc in (worker, head):
@@ -279,3 +288,54 @@ def test_image_gets_the_git_revision_as_a_build_argument():
             "print(s.git_revision())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.stdout.strip() == "abc123", out.stderr
+
+
+GPU_STUDY = """\
+name: gpu
+dataset: {name: synthetic, image_size: 16, num_classes: 4, train_size: 128, test_size: 64}
+model: {dim: 32, depth: 1, heads: 2, patch_size: 4}
+train: {epochs: 1, batch_size: 32, profile_seconds: 0.05}
+factors:
+  model.mixer: [mlp, conv]
+seeds: [0]
+resources: {cpus_per_trial: 1, gpus_per_trial: 0.5, max_concurrent: 2}
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_study_on_a_node_whose_gpu_torch_cannot_use_stops_instead_of_using_the_cpu(
+        tmp_path):
+    """A node that declares a GPU to Ray (`--num-gpus 1`) where torch sees no CUDA device (a
+    broken driver; here a CPU machine): a GPU study used to profile and train on the CPU
+    and store it all as a GPU study's. The profile now stops the run in one line (exit 2)
+    before any trial; without a profile (--smoke) every trial fails, naming the cause."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="rt")
+    head = _head(port, temp, env, "--num-gpus", "1")
+    try:
+        _wait_nodes(port, env, 1, head)
+        path = write(tmp_path / "g.yaml", GPU_STUDY)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        addr = ["--address", f"127.0.0.2:{port}"]
+        res = subprocess.run([str(ABLATE), "run", str(path), *addr, "--tracking-uri", uri],
+                             env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                             timeout=300)
+        assert res.returncode == 2, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{path}: resources.gpus_per_trial"), \
+            res.stderr
+        assert "sees no CUDA device" in lines[0] and "gpus_per_trial: 0" in lines[0]
+        assert load_runs("gpu", uri).empty  # no trial ran, on the CPU or anywhere
+        smoke = subprocess.run([str(ABLATE), "run", str(path), "--smoke", *addr], env=env,
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                               timeout=300)
+        assert smoke.returncode == 1, smoke.stdout + smoke.stderr
+        failed = [ln for ln in smoke.stdout.splitlines() if ln.startswith("failed mixer=")]
+        assert len(failed) == 2 and all("NoCudaDevice: resources.gpus_per_trial is 0.5" in ln
+                                        for ln in failed), smoke.stdout
+        assert "2 of 2 cells failed" in smoke.stdout
+    finally:
+        stop_tree(head.pid, timeout=5)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -57,12 +57,18 @@ def code_fingerprint(root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+PROFILE_GPU = "resources.gpus_per_trial > 0 and Ray gave the profile task a whole GPU"
+
+
 def identity(device_type: str, threads: int) -> dict[str, str]:
     """The device name, torch version, thread count, profile method and profiled code
     (`code_fingerprint`) a profile is only reused on, as the profile node has them."""
     import torch
 
-    if device_type == "cuda" and torch.cuda.is_available():
+    if device_type == "cuda":  # never the CPU's name and timings under a GPU study's key
+        from ablate.train import require_cuda
+
+        require_cuda(PROFILE_GPU)
         name = torch.cuda.get_device_name()
     else:
         name = platform.processor() or platform.machine()

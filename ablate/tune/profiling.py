@@ -40,6 +40,7 @@ from rich.console import Console
 from ablate.errors import (
     AblateError,
     CompileError,
+    NoCudaDevice,
     ProfileFailed,
     ProfileOutOfMemory,
     out_of_memory,
@@ -51,6 +52,7 @@ from ablate.tune.profile_store import (  # noqa: F401 - a profile's identity, re
     IDENTITY_TAGS,
     KEY_TAG,
     PHASE,
+    PROFILE_GPU,
     PROFILE_METHOD,
     code_fingerprint,
     identity,
@@ -205,15 +207,16 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     import torch
 
     from ablate.cost import candidates_for, probe_settings, profile
-    from ablate.train import DTYPES, build_model, is_auto
+    from ablate.train import DTYPES, build_model, is_auto, require_cuda
     from ablate.tune.trainable import take_fault
 
     if take_fault(fault_file, "profile", 1):
         raise RuntimeError("injected fault in a cost profile (ABLATE_FAULT_FILE)")
     start = int(time.time() * 1000)
     torch.set_num_threads(threads)
-    device = torch.device("cuda" if device_type == "cuda" and torch.cuda.is_available()
-                          else "cpu")
+    if device_type == "cuda":
+        require_cuda(PROFILE_GPU)
+    device = torch.device(device_type)
     spec = TrialSpec.from_dict(trial)
     cfg = spec.train
     model = build_model(spec, *shape)
@@ -343,7 +346,12 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
     node, cpus = _profile_node(device_type)
     opts = dict(num_cpus=cpus, num_gpus=1 if device_type == "cuda" else 0, max_retries=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-    ident = _wait(ray.remote(**opts)(identity).remote(device_type, cpus))
+    try:
+        ident = _wait(ray.remote(**opts)(identity).remote(device_type, cpus))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, NoCudaDevice):  # before any profile or trial runs on a CPU
+            raise AblateError(f"{study.path}: {e.cause}") from None
+        raise
     stale: set[str] = set()
     found = {} if study.reprofile else stored_profiles(tracker, ident, set(keys), stale)
     missing = [k for k in keys if k not in found]
