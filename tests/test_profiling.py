@@ -451,6 +451,30 @@ def test_a_compiled_trial_is_profiled_compiled_even_in_a_reused_worker(tmp_path)
         torch.set_num_threads(threads)
 
 
+def test_a_compiled_profile_with_drop_path_times_the_graph_breaks_its_trials_have(tmp_path):
+    """Training gives each DropPath the seed's own generator, and dynamo breaks the graph at
+    every draw from one; a profile of a model without them timed one whole graph, a faster
+    program than the trials run (helper-33's review). The profile now breaks where they do."""
+    from torch._dynamo.utils import counters
+
+    from ablate.tune.profiling import measure
+
+    text = STUDY.format(name="d", mixers='["conv"]', seeds="[0]", train=", compile: true")
+    # depth 2: the rates rise from 0 at the first block to drop_path at the last
+    text = text.replace("depth: 1", "depth: 2").replace("patch_size: 4}",
+                                                        "patch_size: 4, drop_path: 0.1}")
+    (t,) = load_study(write(tmp_path / "d.yaml", text)).trials
+    assert t.model.drop_path == 0.1
+    threads = __import__("torch").get_num_threads()
+    try:
+        counters.clear()
+        measure(t.to_dict(), (16, 3, 10), "cpu", 1)
+        breaks = {k: v for k, v in counters["graph_break"].items() if "Generator" in k}
+        assert sum(breaks.values()) > 0, dict(counters["graph_break"])
+    finally:
+        __import__("torch").set_num_threads(threads)
+
+
 def test_a_compiled_trial_trains_compiled_in_a_reused_worker(tmp_path):
     """Ray Tune reuses a trial's worker for the next trial: past dynamo's recompile limit the
     next compiled trial would train eager, silently, so `train_cell` resets dynamo first (a
