@@ -357,6 +357,10 @@ def validate_study(raw: dict[str, Any], file: str, file_hash: str = "") -> Study
     if uses_fp16 and spec.resources.gpus_per_trial == 0:
         problems.append(("train.precision", "fp16 needs a GPU (resources.gpus_per_trial > 0); "
                                             "use bf16 or fp32 on the CPU"))
+    if spec.resources.gpus_per_trial > 1:
+        problems.append(("resources.gpus_per_trial", f"is {spec.resources.gpus_per_trial:g}, but "
+                         "a trial trains on one GPU (no data parallelism): use at most 1 (a "
+                         "fraction packs several trials on one GPU)"))
     problems += check_tune(spec)
     if spec.search.method == "optuna":
         problems += check_search(spec)

@@ -88,6 +88,10 @@ def test_default_concurrency_comes_from_the_cluster_not_the_driver():
     assert _concurrency(ResourcesSpec(cpus_per_trial=4), {"CPU": 64.0}) == 16
     assert _concurrency(ResourcesSpec(gpus_per_trial=0.5), {"CPU": 64.0, "GPU": 2.0}) == 4
     assert _concurrency(ResourcesSpec(gpus_per_trial=1), {"CPU": 64.0}) == 1  # at least one
+    # as Ray packs fractions (in floats, 1 // 0.2 is 4.0 and 1 // 0.1 is 9.0)
+    assert _concurrency(ResourcesSpec(gpus_per_trial=0.2), {"CPU": 64.0, "GPU": 1.0}) == 5
+    assert _concurrency(ResourcesSpec(gpus_per_trial=0.1), {"CPU": 64.0, "GPU": 1.0}) == 10
+    assert _concurrency(ResourcesSpec(cpus_per_trial=0.1), {"CPU": 1.0}) == 10
     assert _concurrency(ResourcesSpec(max_concurrent=5), {"CPU": 1.0}) == 5
 
 

@@ -101,6 +101,8 @@ BAD_CASES = {
                       "did you mean 'mlp'"),
     "fp16_without_gpu": (GOOD.replace("epochs: 1", "epochs: 1, precision: fp16"),
                          "fp16 needs a GPU"),
+    "two_gpus_per_trial": (GOOD + "resources: {gpus_per_trial: 2}\n",
+                           "resources.gpus_per_trial: is 2, but a trial trains on one GPU"),
     "cpe_on_identity": (GOOD.replace("[attention, mlp]", "[identity]").replace(
         "patch_size: 4", "patch_size: 4, pos_embed: cpe"), "model.pos_embed: cpe is a convolution"),
     "cpe_with_tokens": (GOOD.replace("patch_size: 4", "patch_size: 4, tokens: 4, pos_embed: cpe"),

@@ -96,9 +96,10 @@ def _concurrency(res, total: dict[str, float] | None = None) -> int:
 
         total = (ray.cluster_resources() if ray.is_initialized()
                  else {"CPU": float(os.cpu_count() or 1)})
-    fits = [total.get("CPU", 0.0) // res.cpus_per_trial]
+    # a small tolerance: in floats 1 // 0.2 is 4.0, where Ray packs 5 trials of 0.2 GPU
+    fits = [total.get("CPU", 0.0) / res.cpus_per_trial + 1e-9]
     if res.gpus_per_trial:
-        fits.append(total.get("GPU", 0.0) // res.gpus_per_trial)
+        fits.append(total.get("GPU", 0.0) / res.gpus_per_trial + 1e-9)
     return max(1, int(min(fits)))
 
 
