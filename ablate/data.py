@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,22 @@ from ablate.study import DatasetSpec
 class Split:
     images: torch.Tensor  # (N, C, H, W) uint8
     labels: torch.Tensor  # (N,) int64
+    _on: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False)  # copies on other devices, by device
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) on `device`: on a GPU, one copy per split, which every seed of a
+        cell and every evaluation shares (a copy per `Batches` was a train split per seed and
+        new val and test splits each epoch); on the CPU, the split's own tensors."""
+        if device.type == "cpu":
+            return self.images, self.labels
+        key = str(device)
+        if key not in self._on:
+            self._on[key] = (self.images.to(device), self.labels.to(device))
+        return self._on[key]
 
 
 @dataclass
@@ -199,8 +212,7 @@ class Batches:
         budget: every fraction takes the same steps of the same batch size); else such a
         split is one smaller batch."""
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
+        self.images, self.labels = split.on(self.device)
         c = self.images.shape[1]
         self.mean = torch.tensor(mean, device=self.device).view(1, c, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255)

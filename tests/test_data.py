@@ -278,6 +278,23 @@ def test_augment_matches_per_image_reference(crop, flip):
         assert 0 < int(coin.sum()) < 6  # both kinds occurred, so the check saw both
 
 
+def test_a_split_goes_to_a_gpu_once_for_every_seed_and_evaluation():
+    """On a GPU every Batches copied its split there: one train split per lock-step seed and
+    new val and test splits at every evaluation (helper-33's review). The device "meta"
+    stands in for a CUDA device, which this machine has not: any device but the CPU."""
+    src = synthetic_source(16, 4, 3, 64, 8, seed=0)
+    split = Split(torch.from_numpy(src.train_x), torch.from_numpy(src.train_y))
+    stats = ((0.5,) * 3, (0.25,) * 3)
+    seeds = [Batches(split, *stats, 16, "meta", shuffle=True, seed=s) for s in (0, 1, 2)]
+    assert seeds[0].images.device.type == "meta"
+    assert all(b.images is seeds[0].images and b.labels is seeds[0].labels for b in seeds)
+    again = Batches(split, *stats, 32, "meta")  # the next evaluation of the same split
+    assert again.images is seeds[0].images
+    other = Split(split.images.clone(), split.labels.clone())  # another split: its own copy
+    assert Batches(other, *stats, 16, "meta").images is not seeds[0].images
+    assert Batches(split, *stats, 16).images is split.images  # the CPU: no copy at all
+
+
 def test_batches_normalize_augment_deterministically():
     src = synthetic_source(16, 4, 3, 256, 8, seed=0)
     split = Split(torch.from_numpy(src.train_x), torch.from_numpy(src.train_y))
