@@ -219,7 +219,10 @@ def _train_step(model: nn.Module, x: torch.Tensor, num_classes: int, device: tor
     """(one AdamW training step at lr 0 as the trainer takes it, its optimizer: `opt`, or a
     new one)."""
     y = torch.randint(0, num_classes, (x.shape[0],), device=device)
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=0.0)
+    # fused on CUDA, as the trainer's (the default there, foreach, holds a parameter-sized
+    # temporary through the step: another peak memory and another speed)
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=0.0,
+                                   fused=device.type == "cuda" or None)
 
     def step() -> None:
         with _autocast(device, dtype):
@@ -286,7 +289,8 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
             lat, iqr["latency_ms_iqr"] = median_iqr(
                 [1000 * t for t in _time_calls(lambda: run(x1), device, warmup, 2,
                                                min_seconds / 2, repeats)])
-        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # on the host: a copy on a GPU would count in its peak below, weights twice over
+        saved = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         try:
             xt = x if train_batch_size in (None, batch_size) else _input(
                 train_batch_size, in_chans, image_size, device, channels_last)
@@ -324,7 +328,7 @@ def supported_candidates(device: str | torch.device) -> list[tuple[str, bool]]:
     torch's oneDNN check: elsewhere bf16 is emulated, ten times slower and not worth a probe)."""
     device = torch.device(device)
     if device.type == "cuda":
-        ok_bf16 = torch.cuda.is_bf16_supported()
+        ok_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # not V100/T4
     else:
         check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
         try:

@@ -101,6 +101,8 @@ def train_cell(config: dict[str, Any], report) -> None:
     if any(t.train.compile for t in todo):  # a reused worker compiled other trials' models:
         torch._dynamo.reset()  # past dynamo's recompile limit (8) this one would run eager
     device = pick_device(ctx.get("gpus", 0.0))
+    if device.type == "cuda":  # a reused worker's cache still holds the last trial's blocks:
+        torch.cuda.empty_cache()  # give them back to the trials sharing this GPU
     first = todo[0]
     data = load_dataset(first.dataset, Path(ctx["root"]) if ctx.get("root") else None)
     arch = ctx.get("arch") or {}
