@@ -328,7 +328,10 @@ def supported_candidates(device: str | torch.device) -> list[tuple[str, bool]]:
     torch's oneDNN check: elsewhere bf16 is emulated, ten times slower and not worth a probe)."""
     device = torch.device(device)
     if device.type == "cuda":
-        ok_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # not V100/T4
+        try:  # native only, not V100/T4's emulation (the argument is torch >= 2.4's)
+            ok_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:
+            ok_bf16 = torch.cuda.is_bf16_supported()
     else:
         check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
         try:
