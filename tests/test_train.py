@@ -78,22 +78,28 @@ def test_schedules_warm_up_then_decay(schedule):
     assert lrs[0] < 0.2 and lrs[-1] < 0.05 and math.isclose(max(lrs), 1.0, rel_tol=0.02)
 
 
-def test_a_seed_trains_the_same_alone_and_beside_another_seed():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_seed_trains_the_same_alone_and_beside_another_seed(compiled):
     """Lock-step training (a search's seeds in one process) must not let seeds share random
-    numbers: DropPath and augmentation draw from each seed's own generators."""
+    numbers: DropPath and augmentation draw from each seed's own generators. Compiled,
+    DropPath draws from the global RNG (the seed's own, swapped in per turn): a draw from a
+    generator broke the graph at every block, a slower program."""
     import json
+
+    from torch._dynamo.utils import counters
 
     from ablate.study import load_study
     from ablate.tune.trainable import train_cell
 
-    study_text = """\
+    study_text = f"""\
 name: lockstep
-dataset: {name: synthetic, image_size: 16, train_size: 128, test_size: 32}
-model: {mixer: attention, dim: 16, depth: 2, heads: 2, patch_size: 4, drop_path: 0.2}
-train: {epochs: 2, batch_size: 32, profile_batch_size: 4, profile_seconds: 0.01,
-        augment: [crop, flip]}
+dataset: {{name: synthetic, image_size: 16, train_size: 128, test_size: 32}}
+model: {{mixer: attention, dim: 16, depth: 2, heads: 2, patch_size: 4, drop_path: 0.2}}
+train: {{epochs: 2, batch_size: 32, profile_batch_size: 4, profile_seconds: 0.01,
+        augment: [crop, flip], compile: {str(compiled).lower()}}}
 seeds: [0, 1]
 """
+    counters.clear()
     import tempfile
     from pathlib import Path
 
@@ -103,15 +109,19 @@ seeds: [0, 1]
         t0, t1 = load_study(path).trials
     ctx = {"root": None, "cpus": 1, "gpus": 0}
 
-    def losses(cell):
+    def losses(cell, of=t0):
         reports = []
         train_cell({"context": ctx, "cell": [t.to_dict() for t in cell]}, reports.append)
-        return [json.loads(r["per_seed"])[t0.trial_id]["train_loss"] for r in reports]
+        return [json.loads(r["per_seed"])[of.trial_id]["train_loss"] for r in reports]
 
     alone = losses([t0])
     assert len(alone) == 2
     assert losses([t1, t0]) == alone  # bit-identical, seed 1 trained first in every epoch
     assert losses([t0, t1]) == alone
+    assert losses([t1], t1) != alone  # the other seed: other numbers
+    if compiled:
+        assert counters["stats"]["unique_graphs"] > 0  # it did compile
+        assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_a_profiled_cell_logs_each_seeds_training_time_alone_from_its_profile(tmp_path):

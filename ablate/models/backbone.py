@@ -21,7 +21,10 @@ from ablate.models.tokenlearner import TokenFuser, TokenLearner
 
 class DropPath(nn.Module):
     """Stochastic depth: drop the residual branch per sample while training. Draws from
-    `generator` when one is set (the trainer gives each seed its own), else the global RNG."""
+    `generator` when one is set (the trainer gives each seed its own), else the global RNG;
+    compiled, always the global RNG, which is the seed's own while it trains (the trainer's
+    SeedRNG): dynamo cannot trace a draw from a torch.Generator and would break the graph at
+    every block."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
@@ -31,8 +34,9 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(
-            1 - self.p, generator=self.generator)
+        gen = None if torch.compiler.is_compiling() else self.generator
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p,
+                                                                       generator=gen)
         return x * keep / (1 - self.p)
 
 
