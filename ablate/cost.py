@@ -215,21 +215,29 @@ class Profile:
 
 
 def _train_step(model: nn.Module, x: torch.Tensor, num_classes: int, device: torch.device,
-                dtype: torch.dtype, opt: torch.optim.Optimizer | None = None):
+                dtype: torch.dtype, opt: torch.optim.Optimizer | None = None,
+                grad_clip: float | None = None):
     """(one AdamW training step at lr 0 as the trainer takes it, its optimizer: `opt`, or a
-    new one)."""
+    new one): fp16's loss scaling on CUDA, and the gradients clipped to norm `grad_clip`
+    (`train.grad_clip`: a pass over every gradient that the trials pay each step)."""
     y = torch.randint(0, num_classes, (x.shape[0],), device=device)
     # fused on CUDA, as the trainer's (the default there, foreach, holds a parameter-sized
     # temporary through the step: another peak memory and another speed)
     opt = opt or torch.optim.AdamW(model.parameters(), lr=0.0,
                                    fused=device.type == "cuda" or None)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16
+                                  and device.type == "cuda")
 
     def step() -> None:
         with _autocast(device, dtype):
             loss = nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)  # as the trainer does
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(opt)
+        scaler.update()
 
     return step, opt
 
@@ -246,7 +254,7 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
             dtype: torch.dtype = torch.float32, timing: bool = True, channels_last: bool = False,
             min_seconds: float = 1.0, warmup: int = 3, repeats: int = REPEATS,
             compile_: bool = False, train_batch_size: int | None = None,
-            train_threads: int | None = None) -> Profile:
+            train_threads: int | None = None, grad_clip: float | None = None) -> Profile:
     """Measure a model's cost on `device`: params and MACs counted exactly; every timing
     metric the median of `repeats` timed blocks after warm-up, with its IQR. The model's
     weights are left unchanged.
@@ -260,7 +268,8 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
 
     `train_batch_size` / `train_threads`: the batch and (CPU) thread count of the training
     step behind `train_img_s` and `peak_mem_mb`, the trials' own (default: `batch_size` and the
-    caller's threads); throughput and latency are timed at `batch_size` with the caller's."""
+    caller's threads); throughput and latency are timed at `batch_size` with the caller's.
+    `grad_clip`: the trials' `train.grad_clip`, which their step pays for (None: no clipping)."""
     device = torch.device(device)
     repeats = max(REPEATS, repeats)
     model = model.to(device)
@@ -295,16 +304,16 @@ def profile(model: nn.Module, image_size: int, in_chans: int = 3, num_classes: i
             xt = x if train_batch_size in (None, batch_size) else _input(
                 train_batch_size, in_chans, image_size, device, channels_last)
             x = x1 = None  # a GPU's peak below counts what is allocated: the step's own only
-            step, opt = _train_step(run, xt, num_classes, device, dtype)
+            step, opt = _train_step(run, xt, num_classes, device, dtype, grad_clip=grad_clip)
             with _train_mode(model, True), _threads(train_threads):
                 if compile_:
                     compile_s += _first_call(step, device, lambda: _train_step(
-                        model, xt, num_classes, device, dtype, opt)[0]())
+                        model, xt, num_classes, device, dtype, opt, grad_clip)[0]())
                 train, iqr["train_img_s_iqr"] = median_iqr(
                     [len(xt) / t for t in _time_calls(step, device, warmup, 1, min_seconds,
                                                       repeats)])
                 if compile_ and device.type != "cuda":  # the heap sampler sees aten ops only
-                    step = _train_step(model, xt, num_classes, device, dtype, opt)[0]
+                    step = _train_step(model, xt, num_classes, device, dtype, opt, grad_clip)[0]
                 peak = _peak_train_memory(model, opt, step, device)
         except Exception as e:
             with contextlib.suppress(AttributeError):  # which batch: what a caller names
@@ -355,7 +364,7 @@ def probe_settings(model: nn.Module, image_size: int, in_chans: int = 3,
                    num_classes: int = 10, batch_size: int = 64,
                    device: str | torch.device = "cpu",
                    candidates: list[tuple[str, bool]] | None = None,
-                   min_seconds: float = 0.3, warmup: int = 2
+                   min_seconds: float = 0.3, warmup: int = 2, grad_clip: float | None = None
                    ) -> tuple[tuple[str, bool], dict[str, float]]:
     """The fastest training setting (precision, channels_last) of `candidates` (default:
     all the device supports) by a short timed probe, and each one's training img/s (median
@@ -386,7 +395,7 @@ def probe_settings(model: nn.Module, image_size: int, in_chans: int = 3,
             use(c)
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[c[0]]
             x = _input(batch_size, in_chans, image_size, device, c[1])
-            steps[c], _ = _train_step(model, x, num_classes, device, dtype, opt)
+            steps[c], _ = _train_step(model, x, num_classes, device, dtype, opt, grad_clip)
             times[c] += _time_calls(steps[c], device, warmup, 1, block, repeats=1)
         first = max(batch_size / t[0] for t in times.values())
         live = [c for c in candidates if batch_size / times[c][0] > first / 2]

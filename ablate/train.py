@@ -132,7 +132,7 @@ def resolve_auto(cfg: TrainSpec, model: nn.Module, data: DataBundle, device: tor
         cands = candidates_for(cfg.precision, cfg.channels_last, device)
         choice, _ = probe_settings(model, data.image_size, data.channels, data.num_classes,
                                    cfg.batch_size, device, cands,  # the batch it trains at
-                                   min_seconds=cfg.profile_seconds)
+                                   min_seconds=cfg.profile_seconds, grad_clip=cfg.grad_clip)
     precision = choice[0] if cfg.precision == "auto" else cfg.precision
     channels_last = choice[1] if cfg.channels_last == "auto" else cfg.channels_last
     return cfg.model_copy(update={"precision": precision, "channels_last": channels_last})

@@ -292,6 +292,46 @@ def test_search_architectures_enumerates_only_finite_model_dimensions(tmp_path):
     assert search_architectures(load_study(write(tmp_path / "d.yaml", big))) is None
 
 
+@pytest.mark.parametrize("clip", [None, 1e-6])
+def test_the_profiled_training_step_clips_gradients_as_the_trials_do(tmp_path, clip):
+    """train.grad_clip (1.0 by default) makes every trial's step clip its gradients; the
+    profile's step did not, so train_img_s timed less work than the trials do (helper-33's
+    review). Each optimizer step of the profile and of the probe sees the clipped norm, and
+    the clip is part of the architecture key."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from ablate.tune.profiling import arch_config, arch_key, measure
+
+    clip_text = "null" if clip is None else clip
+    text = STUDY.format(name="g", mixers='["mlp"]', seeds="[0]",
+                        train=f", grad_clip: {clip_text}, channels_last: auto")
+    (t,) = load_study(write(tmp_path / "g.yaml", text)).trials
+    norms: list[float] = []
+
+    def record(opt, args, kwargs) -> None:
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads]))))
+
+    hook = register_optimizer_step_pre_hook(record)
+    threads = torch.get_num_threads()
+    try:
+        measure(t.to_dict(), (16, 3, 10), "cpu", 1, 1)  # the probe, then the profile
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+    assert len(norms) > 10
+    if clip is None:
+        assert min(norms) > 1e-3  # unclipped: the loss's own gradients
+    else:
+        assert max(norms) <= clip * (1 + 1e-3)
+    other = load_study(write(tmp_path / "h.yaml", text.replace(
+        f"grad_clip: {clip_text}", "grad_clip: 0.5"))).trials[0]
+    assert arch_key(arch_config(t, (16, 3, 10), "cpu", 1)) != arch_key(
+        arch_config(other, (16, 3, 10), "cpu", 1))
+
+
 def test_a_profile_is_keyed_by_the_training_batch_and_threads_it_times(tmp_path):
     """A profile times the training step (and the `auto` probe) at train.batch_size and, on
     CPU, with the trials' threads (resources.cpus_per_trial), so both are part of every

@@ -174,7 +174,8 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str,
     precision and memory layout asked for, the device type, the profile's batch size (its
     throughput), the training batch size (its training speed and memory, and the `auto`
     probe) and, on CPU, the threads a trial trains with (`cpus`: resources.cpus_per_trial);
-    with `train.compile`, that the model is timed compiled."""
+    with `train.compile`, that the model is timed compiled; with `train.grad_clip`, the
+    clipping its training step pays for."""
     t = trial.train
     out = {"model": {k: v for k, v in trial.config["model"].items() if k != "match"},
            "image_size": shape[0], "channels": shape[1], "num_classes": shape[2],
@@ -185,6 +186,8 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str,
         out["train_threads"] = trial_threads(cpus)
     if t.compile:  # a compiled model's speed is not the eager model's (either way)
         out["compile"] = True
+    if t.grad_clip is not None:  # the training step clips every gradient: more work
+        out["grad_clip"] = t.grad_clip
     return out
 
 
@@ -233,7 +236,8 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
             with _out_of_memory_at("train.batch_size", cfg.batch_size):
                 choice, speeds = probe_settings(model, shape[0], shape[1], shape[2],
                                                 cfg.batch_size, device, cands,
-                                                min_seconds=cfg.profile_seconds)
+                                                min_seconds=cfg.profile_seconds,
+                                                grad_clip=cfg.grad_clip)
         finally:
             torch.set_num_threads(threads)
     precision, channels_last = choice
@@ -244,7 +248,8 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
                     batch_size=cfg.profile_batch_size, device=device, dtype=dtype,
                     channels_last=bool(channels_last), min_seconds=cfg.profile_seconds,
                     warmup=3, compile_=cfg.compile, train_batch_size=cfg.batch_size,
-                    train_threads=train_threads if device.type == "cpu" else None)
+                    train_threads=train_threads if device.type == "cpu" else None,
+                    grad_clip=cfg.grad_clip)
     return {"metrics": {**p.metrics(), "profile_batch_size": float(p.batch_size),
                         "profile_train_batch_size": float(p.train_batch_size)},
             "precision": precision, "channels_last": bool(channels_last),

@@ -134,7 +134,8 @@ def train_cell(config: dict[str, Any], report) -> None:
                            num_classes=data.num_classes, batch_size=cfg.profile_batch_size,
                            device=device, dtype=DTYPES[precision],
                            channels_last=cfg.channels_last, min_seconds=cfg.profile_seconds,
-                           warmup=2, compile_=cfg.compile, train_batch_size=cfg.batch_size)
+                           warmup=2, compile_=cfg.compile, train_batch_size=cfg.batch_size,
+                           grad_clip=cfg.grad_clip)
             extra = {**cost.metrics(), "profile_batch_size": float(cost.batch_size),
                      "profile_train_batch_size": float(cost.train_batch_size)}
         runs[trial.trial_id] = fit_epochs(model, data, cfg, trial.seed, device,
