@@ -39,8 +39,12 @@ def run_once(study_path: str, experiment: str, share: float, sets: list[str]) ->
                *[a for s in sets for a in ("--set", s)]]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}  # one GPU: the rate is per GPU
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env)
+        rc = subprocess.run(cmd, env=env).returncode
         wall = time.perf_counter() - t0
+        if rc != 0:  # its own one-line error is above
+            print(f"bench_gpu_packing: ablate run at gpus_per_trial {share:g} exited {rc}; "
+                  "nothing measured")
+            raise SystemExit(rc)
         runs = load_runs(experiment, uri)
         done = runs[runs["status"] == "finished"]
         c = MlflowClient(uri)
