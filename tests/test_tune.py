@@ -203,8 +203,10 @@ def test_ctrl_c_marks_running_trials_killed_and_rerun_resumes(tmp_path):
     import signal
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # epochs enough that neither trial can finish before the signal: at 60 the identity trial
+    # (about 50 ms an epoch here) once finished while the other actor was still starting
     text = SMOKE.replace("[attention, mlp, conv, dual, pool, identity]", "[mlp, identity]"
-                         ).replace("epochs: 2,", "epochs: 60,")
+                         ).replace("epochs: 2,", "epochs: 5000,")
     path = write(tmp_path / "k.yaml", text)
     exe = Path(sys.executable).with_name("ablate")
     proc = subprocess.Popen([str(exe), "run", str(path), "--tracking-uri", uri],
