@@ -246,20 +246,13 @@ def fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
         yield metrics
 
 
-def seed_drop_path(model: nn.Module, seed: int, device: torch.device) -> None:
-    """Give the model's DropPath layers the seed's own generator, as training does; a cost
-    profile does too, so that a compiled model is timed as its trials run it (dynamo breaks
-    the graph at each generator draw: without them a profile would time one whole graph)."""
+def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
+                device: torch.device, final_extra: dict[str, float] | None
+                ) -> Iterator[dict[str, float]]:
     drop_gen = torch.Generator(device=device).manual_seed(stream_seed(seed, "drop_path"))
     for m in model.modules():
         if isinstance(m, DropPath):
             m.generator = drop_gen
-
-
-def _fit_epochs(model: nn.Module, data: DataBundle, cfg: TrainSpec, seed: int,
-                device: torch.device, final_extra: dict[str, float] | None
-                ) -> Iterator[dict[str, float]]:
-    seed_drop_path(model, seed, device)
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -491,31 +491,6 @@ def test_a_compiled_trial_is_profiled_compiled_even_in_a_reused_worker(tmp_path)
         torch.set_num_threads(threads)
 
 
-def test_a_compiled_profile_with_drop_path_times_one_graph_as_its_trials_train(tmp_path):
-    """Training gives each DropPath the seed's own generator; a draw from one broke dynamo's
-    graph at every block, where the profile's model (without them) was timed as one graph
-    (helper-33's review). Compiled, DropPath now draws from the global RNG: the trials train
-    one graph (tests/test_train.py) and the profile, given the generators too, times it."""
-    from torch._dynamo.utils import counters
-
-    from ablate.tune.profiling import measure
-
-    text = STUDY.format(name="d", mixers='["conv"]', seeds="[0]", train=", compile: true")
-    # depth 2: the rates rise from 0 at the first block to drop_path at the last
-    text = text.replace("depth: 1", "depth: 2").replace("patch_size: 4}",
-                                                        "patch_size: 4, drop_path: 0.1}")
-    (t,) = load_study(write(tmp_path / "d.yaml", text)).trials
-    assert t.model.drop_path == 0.1
-    threads = __import__("torch").get_num_threads()
-    try:
-        counters.clear()
-        res = measure(t.to_dict(), (16, 3, 10), "cpu", 1)
-        assert res["metrics"]["compile_s"] > 0 and counters["stats"]["unique_graphs"] > 0
-        assert not counters["graph_break"], dict(counters["graph_break"])
-    finally:
-        __import__("torch").set_num_threads(threads)
-
-
 def test_a_compiled_trial_trains_compiled_in_a_reused_worker(tmp_path):
     """Ray Tune reuses a trial's worker for the next trial: past dynamo's recompile limit the
     next compiled trial would train eager, silently, so `train_cell` resets dynamo first (a

@@ -210,7 +210,7 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     import torch
 
     from ablate.cost import candidates_for, probe_settings, profile
-    from ablate.train import DTYPES, build_model, is_auto, require_cuda, seed_drop_path
+    from ablate.train import DTYPES, build_model, is_auto, require_cuda
     from ablate.tune.trainable import take_fault
 
     if take_fault(fault_file, "profile", 1):
@@ -223,7 +223,6 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
     spec = TrialSpec.from_dict(trial)
     cfg = spec.train
     model = build_model(spec, *shape)
-    seed_drop_path(model, spec.seed, device)  # what its trials train: the same compiled graph
     choice, speeds, used = (cfg.precision, cfg.channels_last), {}, None
     if is_auto(cfg):
         cands = candidates_for(cfg.precision, cfg.channels_last, device)

@@ -80,15 +80,7 @@ def train_cell(config: dict[str, Any], report) -> None:
 
     from ablate.cost import profile
     from ablate.data import load_dataset
-    from ablate.train import (
-        DTYPES,
-        build_model,
-        fit_epochs,
-        is_auto,
-        pick_device,
-        resolve_auto,
-        seed_drop_path,
-    )
+    from ablate.train import DTYPES, build_model, fit_epochs, is_auto, pick_device, resolve_auto
     from ablate.tune.profiling import keyed, trial_threads
 
     todo, stored = cell_trials(config)
@@ -129,7 +121,6 @@ def train_cell(config: dict[str, Any], report) -> None:
         elif not extra and ctx.get("profile", True) and ctx.get("self_profile"):
             precision = "fp32" if cfg.precision == "fp16" and device.type != "cuda" \
                 else cfg.precision
-            seed_drop_path(model, trial.seed, device)  # timed as it trains (fit re-seeds it)
             cost = profile(model, data.image_size, in_chans=data.channels,
                            num_classes=data.num_classes, batch_size=cfg.profile_batch_size,
                            device=device, dtype=DTYPES[precision],
