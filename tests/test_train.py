@@ -500,3 +500,27 @@ def test_compile_false_keeps_trial_ids_compile_true_changes_them(tmp_path):
     on = validate_study({**base, "train": {"compile": True}}, "ids.yaml").trials[0]
     assert "compile" not in off.config["train"] and on.config["train"]["compile"] is True
     assert off.trial_id != on.trial_id
+
+
+def test_a_cpu_evaluates_in_training_size_batches_with_the_same_result():
+    """On a CPU the forward of eval_batch_size images at once runs slower per image than
+    the training batch (the caches); `evaluate` takes at most `batch_size` there, and the
+    loss and accuracy are those of one big batch."""
+    from ablate.train import evaluate
+
+    data = load_dataset(DATA)
+    torch.manual_seed(0)
+    m = model()
+    sizes: list[int] = []
+    m.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    cpu = torch.device("cpu")
+    n = len(data.test)
+    whole = evaluate(m, data.test, data, TrainSpec(batch_size=n, eval_batch_size=512), cpu)
+    assert sizes == [n]
+    sizes.clear()
+    chunked = evaluate(m, data.test, data, TrainSpec(batch_size=16, eval_batch_size=512), cpu)
+    assert sizes == [16] * (n // 16) + ([n % 16] if n % 16 else [])
+    assert chunked[1] == whole[1] and chunked[0] == pytest.approx(whole[0], rel=1e-5)
+    sizes.clear()  # a smaller eval_batch_size still bounds it
+    evaluate(m, data.test, data, TrainSpec(batch_size=16, eval_batch_size=8), cpu)
+    assert max(sizes) == 8 and sum(sizes) == n
