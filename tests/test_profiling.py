@@ -326,10 +326,44 @@ def test_the_profiled_training_step_clips_gradients_as_the_trials_do(tmp_path, c
         assert min(norms) > 1e-3  # unclipped: the loss's own gradients
     else:
         assert max(norms) <= clip * (1 + 1e-3)
-    other = load_study(write(tmp_path / "h.yaml", text.replace(
-        f"grad_clip: {clip_text}", "grad_clip: 0.5"))).trials[0]
-    assert arch_key(arch_config(t, (16, 3, 10), "cpu", 1)) != arch_key(
-        arch_config(other, (16, 3, 10), "cpu", 1))
+    def key(grad_clip: str) -> str:
+        other = load_study(write(tmp_path / "h.yaml", text.replace(
+            f"grad_clip: {clip_text}", f"grad_clip: {grad_clip}"))).trials[0]
+        return arch_key(arch_config(other, (16, 3, 10), "cpu", 1))
+
+    # whether the step clips is in the key; by how much is not (the same work for any norm)
+    assert key("null") != key("0.5") == key("2.0")
+
+
+def test_a_search_over_grad_clip_profiles_each_clipping_state_up_front(tmp_path):
+    """helper-35: train.grad_clip was in the architecture key but not among a search's
+    architecture dimensions, so a sampled clip other than the study's found no profile and
+    its trial measured its own costs beside the others (and had no train_time_alone_s). Now
+    the key holds whether it clips, and the search profiles each state it samples."""
+    from ablate.tune.profiling import arch_config, arch_key, search_architectures
+
+    text = SEARCH.replace("STORAGE", str(tmp_path / "o.db"))
+
+    def profiled(space: str) -> tuple[list[tuple[str, float | None]], set[str]]:
+        study = load_study(write(tmp_path / "s.yaml", text.replace(
+            "model.mixer: [mlp, conv]", f"model.mixer: [mlp, conv]\n    {space}")))
+        archs = search_architectures(study)
+        keys = {arch_key(arch_config(t, (16, 3, 10), "cpu", 1)) for t in archs}
+        return sorted(((t.model.mixer, t.train.grad_clip) for t in archs), key=str), keys
+
+    def sampled(mixer: str, clip: float | None) -> str:
+        t = load_study(write(tmp_path / "t.yaml", STUDY.format(
+            name="t", mixers=f'["{mixer}"]', seeds="[0]",
+            train=f", grad_clip: {'null' if clip is None else clip}"))).trials[0]
+        return arch_key(arch_config(t, (16, 3, 10), "cpu", 1))
+
+    archs, keys = profiled("train.grad_clip: [0.5, 1.0, 2.0]")
+    assert [m for m, _ in archs] == ["conv", "mlp"]  # one profile per model: all clip
+    assert {sampled("mlp", 2.0), sampled("conv", 0.5)} <= keys
+    archs, keys = profiled("train.grad_clip: [null, 1.0]")
+    assert len(archs) == 4 and {sampled("mlp", None), sampled("mlp", 1.0)} <= keys
+    archs, keys = profiled("train.grad_clip: {low: 0.1, high: 5.0, log: true}")
+    assert len(archs) == 2 and sampled("conv", 0.37) in keys  # continuous: still profiled
 
 
 def test_a_profile_is_keyed_by_the_training_batch_and_threads_it_times(tmp_path):

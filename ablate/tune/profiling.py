@@ -65,7 +65,8 @@ SEARCH_ARCH_CAP = 64  # most architectures a search's profile phase measures up 
 # the search dimensions `arch_config` depends on (the rest do not change a profile)
 ARCH_DIMS = ("model.", "dataset.name", "dataset.root", "dataset.image_size", "dataset.channels",
              "dataset.num_classes", "train.precision", "train.channels_last",
-             "train.profile_batch_size", "train.batch_size", "train.compile")
+             "train.profile_batch_size", "train.batch_size", "train.compile",
+             "train.grad_clip")
 
 
 def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[TrialSpec] | None:
@@ -84,7 +85,9 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
     for key, dist in dists.items():
         if not key.startswith(dims):
             continue
-        if isinstance(dist, od.CategoricalDistribution):
+        if key == "train.grad_clip":  # the key holds whether it clips: one value of each
+            levels[key] = _clip_levels(dist)
+        elif isinstance(dist, od.CategoricalDistribution):
             levels[key] = list(dist.choices)
         elif isinstance(dist, od.IntDistribution) and (dist.high - dist.low) // dist.step < cap:
             levels[key] = list(range(dist.low, dist.high + 1, dist.step))
@@ -102,6 +105,16 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
         except ValueError:  # a combination that cannot run: the search's trial fails too
             continue
     return out
+
+
+def _clip_levels(dist: Any) -> list[Any]:
+    """A value of `train.grad_clip` for each clipping state a search samples (no clipping,
+    clipping): its cost is a pass over the gradients whatever the norm, so the profiles of
+    0.5 and 2.0 are one (`arch_config`), continuous or not."""
+    import optuna.distributions as od
+
+    values = list(dist.choices) if isinstance(dist, od.CategoricalDistribution) else [dist.high]
+    return ([None] if None in values else []) + [v for v in values if v is not None][:1]
 
 
 def check_alone_objective(study: Study) -> None:
@@ -174,8 +187,8 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str,
     precision and memory layout asked for, the device type, the profile's batch size (its
     throughput), the training batch size (its training speed and memory, and the `auto`
     probe) and, on CPU, the threads a trial trains with (`cpus`: resources.cpus_per_trial);
-    with `train.compile`, that the model is timed compiled; with `train.grad_clip`, the
-    clipping its training step pays for."""
+    with `train.compile`, that the model is timed compiled; with `train.grad_clip`, that its
+    training step clips (a pass over every gradient, whatever the norm: not the norm)."""
     t = trial.train
     out = {"model": {k: v for k, v in trial.config["model"].items() if k != "match"},
            "image_size": shape[0], "channels": shape[1], "num_classes": shape[2],
@@ -187,7 +200,7 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str,
     if t.compile:  # a compiled model's speed is not the eager model's (either way)
         out["compile"] = True
     if t.grad_clip is not None:  # the training step clips every gradient: more work
-        out["grad_clip"] = t.grad_clip
+        out["grad_clip"] = True
     return out
 
 
