@@ -105,3 +105,39 @@ def test_tuning_per_level_then_grid_on_best_values_then_resume(tmp_path):
     again = run_study(load_study(path), uri)
     assert again.finished == 0 and again.skipped == 2 and not again.interrupted
     assert len(load_runs("tuned", uri, phase=None)) == n_runs
+
+
+def test_reprofile_measures_every_architecture_of_a_tuned_study_again_and_once(tmp_path):
+    """`--reprofile` reached only the study itself (helper-35): its tuning levels' searches
+    were built without it, so the architectures only they run (here the tuned batch of 16)
+    reused the stored profiles, and under `precision: auto` the grid's were measured twice in
+    one run (before the levels, to fix the study's precision, and again by the tuned grid)."""
+    import dataclasses
+    import time
+    from collections import Counter
+
+    text = STUDY.format(storage=tmp_path / "optuna.db").replace(
+        "    train.weight_decay: {low: 0.01, high: 0.1, log: true}",
+        "    train.batch_size: [16, 32]").replace("n_trials: 3", "n_trials: 2").replace(
+        "warmup_epochs: 0.2", "warmup_epochs: 0.2, precision: auto")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert run_study(load_study(study_file(tmp_path, text)), uri).finished == 2
+    again = text.replace("name: tuned", "name: tuned2").replace("optuna.db", "optuna2.db")
+    study = dataclasses.replace(load_study(write(tmp_path / "tuned2.yaml", again)),
+                                reprofile=True)
+    t0 = int(time.time() * 1000)
+    assert run_study(study, uri).finished == 2
+
+    c = MlflowClient(uri)
+    exps = [e.experiment_id for e in c.search_experiments()]
+    profiles = c.search_runs(exps, "tags.`ablate.phase` = 'profile'")
+    new = Counter(p.data.tags["ablate.arch_key"] for p in profiles if p.info.start_time >= t0)
+    old = {p.data.tags["ablate.arch_key"] for p in profiles if p.info.start_time < t0}
+    runs = c.search_runs([c.get_experiment_by_name("tuned2").experiment_id],
+                         "tags.`ablate.phase` != 'profile'")
+    used = {r.data.tags["ablate.arch_key"] for r in runs if "ablate.arch_key" in r.data.tags}
+    batches = {r.data.params["train.batch_size"] for r in runs}
+    assert batches == {"16", "32"}  # the levels sampled both batches: keys only they run
+    assert len(used) >= 3 and used <= old  # the first study had profiled each of them
+    assert used <= set(new), "a profile of the first study was reused under --reprofile"
+    assert set(new.values()) == {1}, f"measured more than once in one run: {new}"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ablate.tracking import Tracker, flatten
+from ablate.tracking.lease import DRIVER_TAG
 
 if TYPE_CHECKING:  # pragma: no cover
     from ablate.study import Study
@@ -86,10 +87,12 @@ def identity(device_type: str, threads: int) -> dict[str, str]:
 
 
 def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],
-                    stale: set[str] | None = None) -> dict[str, dict[str, Any]]:
+                    stale: set[str] | None = None, driver: str | None = None
+                    ) -> dict[str, dict[str, Any]]:
     """The newest finished profile of each key in the whole store (any study) taken on the
     same device name, torch version, thread count, method and profiled code (`identity`).
-    `stale` collects the keys found only as profiles of other code (the rest the same)."""
+    `stale` collects the keys found only as profiles of other code (the rest the same).
+    `driver`: only the profiles that driver took (`ablate.driver`, the run's lease id)."""
     from ablate.tracking.store import _search_all
 
     c = tracker.client
@@ -100,7 +103,8 @@ def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],
     for r in sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True):
         tags = r.data.tags
         key = tags.get(KEY_TAG)
-        if key not in keys or key in out:
+        if key not in keys or key in out or (driver is not None
+                                              and tags.get(DRIVER_TAG) != driver):
             continue
         differ = {k for k, tag in IDENTITY_TAGS.items() if tags.get(tag) != ident[k]}
         if differ:
@@ -115,6 +119,17 @@ def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],
                     "probe": {k: v for k, v in r.data.metrics.items()
                               if k.startswith("probe_img_s.")}}
     return out
+
+
+def reusable_profiles(study: Study, tracker: Tracker, ident: dict[str, Any], keys: set[str],
+                      stale: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The stored profiles of `keys` this run may reuse: any in the store; with `--reprofile`
+    only those this run's driver measured already (a tuning level's profile, reused by the
+    next level and the tuned grid: every architecture measured again, and once)."""
+    if not study.reprofile:
+        return stored_profiles(tracker, ident, keys, stale)
+    driver = tracker.run_tags.get(DRIVER_TAG)
+    return stored_profiles(tracker, ident, keys, driver=driver) if driver else {}
 
 
 def log_profile(tracker: Tracker, study: Study, key: str, config: dict[str, Any],

@@ -57,6 +57,7 @@ from ablate.tune.profile_store import (  # noqa: F401 - a profile's identity, re
     code_fingerprint,
     identity,
     log_profile,
+    reusable_profiles,
     stored_profiles,
 )
 
@@ -85,8 +86,10 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
     for key, dist in dists.items():
         if not key.startswith(dims):
             continue
-        if key == "train.grad_clip":  # the key holds whether it clips: one value of each
-            levels[key] = _clip_levels(dist)
+        if key == "train.grad_clip":  # its cost is whether it clips, whatever the norm
+            # (`arch_config`): one value per clipping state sampled, continuous or not
+            vals = list(getattr(dist, "choices", [getattr(dist, "high", None)]))
+            levels[key] = ([None] if None in vals else []) + [v for v in vals if v is not None][:1]
         elif isinstance(dist, od.CategoricalDistribution):
             levels[key] = list(dist.choices)
         elif isinstance(dist, od.IntDistribution) and (dist.high - dist.low) // dist.step < cap:
@@ -105,16 +108,6 @@ def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[Trial
         except ValueError:  # a combination that cannot run: the search's trial fails too
             continue
     return out
-
-
-def _clip_levels(dist: Any) -> list[Any]:
-    """A value of `train.grad_clip` for each clipping state a search samples (no clipping,
-    clipping): its cost is a pass over the gradients whatever the norm, so the profiles of
-    0.5 and 2.0 are one (`arch_config`), continuous or not."""
-    import optuna.distributions as od
-
-    values = list(dist.choices) if isinstance(dist, od.CategoricalDistribution) else [dist.high]
-    return ([None] if None in values else []) + [v for v in values if v is not None][:1]
 
 
 def check_alone_objective(study: Study) -> None:
@@ -371,7 +364,7 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
             raise AblateError(f"{study.path}: {e.cause}") from None
         raise
     stale: set[str] = set()
-    found = {} if study.reprofile else stored_profiles(tracker, ident, set(keys), stale)
+    found = reusable_profiles(study, tracker, ident, set(keys), stale)
     missing = [k for k in keys if k not in found]
     stale &= set(missing)
     console.print(f"{study.spec.name}: {len(keys)} architecture(s); profiling {len(missing)} "
@@ -385,8 +378,7 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
                            shapes, ident, console, root)
     if plan:  # the architectures whose own pick was another precision: profiled at the study's
         fixed = {fk: (config, t) for fk, config, t in plan.values()}
-        if not study.reprofile:
-            found.update(stored_profiles(tracker, ident, set(fixed) - set(found)))
+        found.update(reusable_profiles(study, tracker, ident, set(fixed) - set(found)))
         again = [fk for fk in fixed if fk not in found]
         if again:
             console.print(f"{study.spec.name}: profiling {len(again)} architecture(s) again at "

@@ -27,7 +27,8 @@ def level_study(study: Study, values: dict[str, Any], precision: str | None = No
     if precision:
         spec = spec.model_copy(update={"train": spec.train.model_copy(
             update={"precision": precision})})
-    return Study(spec, study.path, study.file_hash, [], list(spec.search.space))
+    return Study(spec, study.path, study.file_hash, [], list(spec.search.space),
+                 profile=study.profile, reprofile=study.reprofile)
 
 
 def study_precision_for_tuning(study: Study, tracker: Tracker, console: Console) -> str | None:
