@@ -258,15 +258,28 @@ class _Budget:
         return data
 
 
+def _folder_files(root: Path) -> list[Path]:
+    """Every regular file under a folder, in path order, through linked folders too
+    (`ln -s /data/imagenet/train/n01440764 subset/train/`: how a subset is made); a link
+    that leads nowhere, or back up its own tree, is left out."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        rel = here.relative_to(root).parts
+        chain = {os.path.realpath(root.joinpath(*rel[:i])) for i in range(len(rel) + 1)}
+        dirnames[:] = [d for d in dirnames if os.path.realpath(here / d) not in chain]
+        out += [here / n for n in filenames if (here / n).is_file()]
+    return sorted(out)
+
+
 def _iter_files(root: Path) -> Iterator[tuple[str, bytes]]:
     """(relative path, bytes) of every regular file in a folder or a safe archive."""
     budget = _Budget(root)
     if root.is_dir():
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(root).as_posix()
-                with open(p, "rb") as f:
-                    yield rel, budget.read(rel, f)
+        for p in _folder_files(root):
+            rel = p.relative_to(root).as_posix()
+            with open(p, "rb") as f:
+                yield rel, budget.read(rel, f)
         return
     name = root.name.lower()
     if name.endswith(".zip"):
@@ -378,23 +391,26 @@ def imagefolder_source(root: Path, size: int | None) -> Source:
 # ---------------------------------------------------------------- cache
 
 def _cache_path(root: Path, size: int | None) -> Path:
-    st = root.stat()
-    if root.is_dir():  # a folder: its newest file decides
-        mtimes = [p.stat().st_mtime_ns for p in root.rglob("*")]
-        mtime, nbytes = max(mtimes, default=st.st_mtime_ns), len(mtimes)
-    else:
-        mtime, nbytes = st.st_mtime_ns, st.st_size
-    key = json.dumps([str(root.resolve()), nbytes, mtime, size, CACHE_VERSION])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / f"{root.name}-{digest}.npz"
+    """The cache file of a folder or an archive decoded at `size`: keyed by the path and, per
+    file, its name, size, modification and status-change times. The change time moves
+    whenever a file is written, even when a copy keeps its old modification time
+    (`cp -p`, `rsync -a`, `tar x`)."""
+    h = hashlib.sha256(json.dumps([str(root.resolve()), size, CACHE_VERSION]).encode())
+    for p in _folder_files(root) if root.is_dir() else [root]:
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix() if p != root else ''}\0{st.st_size}\0"
+                 f"{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    return cache_dir() / f"{root.name}-{h.hexdigest()[:16]}.npz"
 
 
 def _load_cached(path: Path) -> Source | None:
+    """The cached source, or None where the file cannot be read whole (truncated by a crash,
+    empty, not a cache file): decoding again is the fix, never a failed trial."""
     try:
         with np.load(path, allow_pickle=False) as z:
             return Source(z["train_x"], z["train_y"], z["test_x"], z["test_y"],
                           [str(c) for c in z["classes"]])
-    except (OSError, KeyError, ValueError):
+    except Exception:  # zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError, ...
         return None
 
 
@@ -406,6 +422,8 @@ def _save_cached(path: Path, src: Source) -> None:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, train_x=src.train_x, train_y=src.train_y, test_x=src.test_x,
                      test_y=src.test_y, classes=np.asarray(src.classes))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before its name is: a crash leaves no short file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -449,3 +449,48 @@ def test_driver_expands_the_root_and_trial_ids_keep_it_as_written(tmp_path, monk
     monkeypatch.setenv("MYDATA", str(tmp_path / "d"))
     assert [t.trial_id for t in load_study(tmp_path / "s.yaml").trials] == \
         [t.trial_id for t in s.trials]
+
+
+def test_a_linked_class_folder_is_read_and_a_dangling_link_skipped(tmp_path):
+    """helper-36: a class folder linked into train/ and test/ (how a subset of a big dataset
+    is made) was silently left out, and one dangling link failed every load."""
+    full = make_folder(tmp_path / "full")
+    sub = tmp_path / "subset"
+    for split in ("train", "test"):
+        for c in CLASSES:
+            (sub / split).mkdir(parents=True, exist_ok=True)
+            (sub / split / c).symlink_to(full / split / c, target_is_directory=True)
+    (sub / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (sub / "train" / "loop").symlink_to(sub / "train", target_is_directory=True)  # no class
+    a, b = load_dataset(spec(full)), load_dataset(spec(sub))
+    assert b.classes == list(CLASSES) and len(b.train) == 18 and len(b.test) == 6
+    assert torch.equal(a.train.images, b.train.images)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_cache_file_is_decoded_again(tmp_path, damage):
+    """A cache file cut short (a crash before the data reached the disk) raised BadZipFile
+    or EOFError in every trial instead of counting as no cache (helper-36)."""
+    folder = make_folder(tmp_path / f"d{damage}")
+    first = load_dataset(spec(folder))
+    (entry,) = [p for p in cache_dir().glob(f"d{damage}-*") if p.suffix == ".npz"]
+    raw = entry.read_bytes()
+    entry.write_bytes(raw[:len(raw) // 2] if damage == "truncated" else b"")
+    assert torch.equal(load_dataset(spec(folder)).train.images, first.train.images)
+    with np.load(entry) as z:  # and the cache is whole again
+        assert z["train_x"].shape == tuple(first.train.images.shape)
+
+
+def test_an_image_rewritten_with_its_old_timestamp_is_decoded_again(tmp_path):
+    """`cp -p` (or rsync -a, tar x) restores a file with its old modification time: the
+    cache key, the folder's newest mtime and file count, stayed the same and trials trained
+    on the old pixels (helper-36)."""
+    folder = make_folder(tmp_path / "t")
+    before = load_dataset(spec(folder))
+    img = folder / "train" / "cat" / "000.png"
+    st = img.stat()
+    img.write_bytes(png(np.full((8, 8, 3), 200, np.uint8)))
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = load_dataset(spec(folder))
+    assert not torch.equal(before.train.images, after.train.images)
+    assert (after.train.images == 200).all(dim=(1, 2, 3)).sum() == 1
