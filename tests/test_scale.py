@@ -191,3 +191,29 @@ def test_holm_gives_statsmodels_numbers():
         assert np.array_equal(holm(p), multipletests(p, method="holm")[1])
     p = np.array([0.01, np.nan, 0.2])
     assert np.array_equal(holm(p), multipletests(p, method="holm")[1], equal_nan=True)
+
+
+def test_a_store_file_replaced_under_the_same_path_is_read_anew(tmp_path):
+    """The pooled engine kept the first file's connections open, so after `rm -rf mlruns`
+    and a new run the dashboard went on reading the deleted store (and its change token
+    never moved, so every cache hit) until it restarted (helper-36)."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    old = load_study(write(tmp_path / "scale.yaml", STUDY))
+    Tracker(uri, "scale").start_run(old.trials[0], old)
+    assert study_summary(uri)["name"].tolist() == ["scale"]
+    token = change_token("scale", uri)
+    for f in tmp_path.glob("mlflow.db*"):  # rm -rf mlruns
+        f.unlink()
+    write(tmp_path / "fresh.yaml", STUDY.replace("name: scale", "name: fresh"))
+    subprocess.run([sys.executable, "-c", (  # the next `ablate run`, into the same path
+        "import sys; from ablate.study import load_study; from ablate.tracking import Tracker\n"
+        "s = load_study(sys.argv[1]); tr = Tracker(sys.argv[2], 'fresh')\n"
+        "for t in s.trials[:3]: tr.start_run(t, s)"), str(tmp_path / "fresh.yaml"), uri],
+        check=True)
+    assert study_summary(uri)["name"].tolist() == ["fresh"]
+    assert len(_load_runs_sql("fresh", uri, False, None)) == 3
+    assert change_token("scale", uri) != token

@@ -5,6 +5,8 @@ and file stores; both paths give the same frames (tests/test_tune.py, tests/test
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +28,24 @@ def is_database(uri: str) -> bool:
 
 
 def engine(uri: str):
+    """One pooled engine per store; for a SQLite file, per file: a store deleted and created
+    again under the same path (`rm -rf mlruns`, a new run) gets a new engine, where the
+    pooled connections would keep reading the deleted file (and every cache keyed by its
+    change token would keep hitting) until the dashboard restarts."""
     import sqlalchemy as sa
 
-    if uri not in _ENGINES:
-        _ENGINES[uri] = sa.create_engine(uri)
-    return _ENGINES[uri]
+    ident = None
+    if uri.startswith("sqlite"):
+        db = sa.engine.make_url(uri).database
+        with contextlib.suppress(OSError, TypeError):
+            st = os.stat(db)  # type: ignore[arg-type]
+            ident = (st.st_dev, st.st_ino)
+    held = _ENGINES.get(uri)
+    if held is None or held[1] != ident:
+        if held is not None:
+            held[0].dispose()
+        _ENGINES[uri] = (sa.create_engine(uri), ident)
+    return _ENGINES[uri][0]
 
 
 def read(uri: str, fn: Callable[[Any], Any]) -> Any:
