@@ -117,17 +117,28 @@ def test_factor_levels_and_optuna_tags_are_typed(store):
 
 
 def test_study_summary_is_the_clients_view(store):
+    """The picker counts the runs a study's pages show (the final phase: not its tuning or
+    profile runs), and a run RUNNING while no live driver holds the study as not running
+    (the pages show it killed); helper-36 found both counted."""
+    from ablate.tracking.lease import StudyLease
+
     summary = study_summary(store)
     c = client(store)
     exps = [e for e in c.search_experiments(order_by=["last_update_time DESC"])
             if e.name != "Default"]
     assert summary["name"].tolist() == [e.name for e in exps]
     for e in exps:
-        found = c.search_runs([e.experiment_id])
+        found = [r for r in c.search_runs([e.experiment_id])
+                 if r.data.tags.get("ablate.phase", "final") == "final"]
         row = summary.set_index("name").loc[e.name]
         assert row["runs"] == len(found)
-        assert row["running"] == sum(r.info.status == "RUNNING" for r in found)
-    assert summary.set_index("name").loc["scale", "running"] == 1
+        assert row["running"] == 0  # no driver holds it: its running run is an orphan
+    scale = c.get_experiment_by_name("scale")
+    assert len(c.search_runs([scale.experiment_id])) == summary.set_index("name").loc[
+        "scale", "runs"] + 1  # the tuning-phase run
+    with StudyLease(c, scale.experiment_id, "scale"):  # a live driver: it is running
+        assert study_summary(store).set_index("name").loc["scale", "running"] == 1
+    assert study_summary(store).set_index("name").loc["scale", "running"] == 0
 
 
 def test_change_token_moves_only_when_runs_change(tmp_path):

@@ -55,9 +55,14 @@ def holder_alive(lease: dict[str, Any] | None, now: float | None = None) -> bool
 
 
 def read_lease(client, experiment_id: str) -> dict[str, Any] | None:
-    raw = client.get_experiment(experiment_id).tags.get(LEASE_TAG)
+    return parse_lease(client.get_experiment(experiment_id).tags.get(LEASE_TAG))
+
+
+def parse_lease(raw: object) -> dict[str, Any] | None:
+    """The lease tag's value; None where there is none (None, a SQL NULL read as NaN) or it
+    is not a lease's JSON."""
     try:
-        return json.loads(raw) if raw else None
+        return json.loads(raw) if isinstance(raw, str) and raw else None
     except ValueError:
         return None
 

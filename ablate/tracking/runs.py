@@ -32,13 +32,20 @@ BULK_STEPS = 2500  # points per run and metric a bulk call returns (the server's
 
 def study_summary(uri: str) -> pd.DataFrame:
     """The studies (experiments but MLflow's 'Default') of a store, last updated first:
-    name, runs, running, last_update (ms). One grouped query on a database store; a server
-    lists names only (runs and running are left empty: counting would read every run)."""
+    name, runs (those its pages show: the final phase), running, last_update (ms). One
+    grouped query on a database store; a study whose driver died counts no run as running
+    (its pages show them killed: `without_orphans`). A server lists names only (runs and
+    running are left empty: counting would read every run)."""
+    from ablate.tracking.lease import holder_alive, parse_lease
+
     cols = ["name", "runs", "running", "last_update"]
     if not sqlite_store_exists(uri):
         return pd.DataFrame(columns=cols)
     if sqlread.is_database(uri):
-        return sqlread.study_summary(uri)
+        df = sqlread.study_summary(uri)
+        dead = [not holder_alive(parse_lease(v)) for v in df.pop("lease")]
+        df.loc[dead, "running"] = 0
+        return df
     exps = client(uri).search_experiments(order_by=["last_update_time DESC"])
     return pd.DataFrame([(e.name, None, None, e.last_update_time) for e in exps
                          if e.name != "Default"], columns=cols)

@@ -191,18 +191,22 @@ def load_runs(study: str, uri: str, params: bool | Sequence[str], metrics: Seque
 
 
 def study_summary(uri: str) -> pd.DataFrame:
-    """One grouped query: name, runs, running, last_update (ms) per active experiment but
-    MLflow's 'Default', in MLflow's order (last update first). The runs are counted in one
-    pass over the runs table (a join would build an index on experiment_id every time)."""
+    """One grouped query: name, runs, running, last_update (ms), lease (the `ablate.lease`
+    tag's JSON, or None) per active experiment but MLflow's 'Default', in MLflow's order (last
+    update first). Counted are the runs a study's pages show: its final phase (a grid's or a
+    search's trials; not its profiles nor its tuning searches), in one pass over the runs
+    table (a join would build an index on experiment_id every time)."""
     import sqlalchemy as sa
 
     q = sa.text(
         "SELECT e.name AS name, c.n AS runs, c.running AS running, "
-        "e.last_update_time AS last_update FROM experiments e LEFT JOIN ("
+        "e.last_update_time AS last_update, l.value AS lease FROM experiments e LEFT JOIN ("
         "SELECT experiment_id, COUNT(*) AS n, "
         "SUM(CASE WHEN status = 'RUNNING' THEN 1 ELSE 0 END) AS running FROM runs "
-        "WHERE lifecycle_stage = 'active' GROUP BY experiment_id) c "
-        "ON c.experiment_id = e.experiment_id "
+        "WHERE lifecycle_stage = 'active' AND run_uuid NOT IN (SELECT run_uuid FROM tags "
+        "WHERE key = 'ablate.phase' AND value <> 'final') GROUP BY experiment_id) c "
+        "ON c.experiment_id = e.experiment_id LEFT JOIN experiment_tags l "
+        "ON l.experiment_id = e.experiment_id AND l.key = 'ablate.lease' "
         "WHERE e.lifecycle_stage = 'active' AND e.name <> 'Default' "
         "ORDER BY e.last_update_time DESC, e.experiment_id DESC")
     df = read(uri, lambda con: pd.read_sql(q, con))
