@@ -89,6 +89,11 @@ def test_two_architectures_three_seeds_profile_twice_alone_and_reuse(ray_session
         assert run.data.params["train.channels_last_resolved"] == "False"
     # the seeds of one architecture share one measurement
     assert trials.groupby("factor.model.mixer")["throughput_img_s"].nunique().max() == 1
+    # ... and every run names the machine and code its timing costs come from
+    [ident] = set(trials["profile_identity"])
+    p = profiles[0].data.tags
+    assert ident.startswith(f"{p['ablate.device_name']}, torch {p['ablate.torch_version']},")
+    assert p["ablate.profile_code"] in ident
     # ... whose training step was timed as the trials train: their batch, their threads
     for p in profiles:
         assert p.data.params["train_batch_size"] == "32"

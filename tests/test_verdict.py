@@ -371,9 +371,38 @@ def test_an_alone_time_from_an_older_profile_is_never_put_on_one_frontier_with_t
     assert "train_time_alone_s" not in m.frontiers and "gmacs" in m.frontiers
     [line] = [s for s in m.verdict if s.startswith("Training time alone")]
     assert f"{int(attention.sum())} of {len(df)} runs" in line and "not comparable" in line
-    from ablate.analysis.verdict import timed_mixed
+    from ablate.analysis.seeds import timed_mixed
 
     assert timed_mixed(mixed, "train_img_s") is False  # these runs have no train_img_s
+
+
+def test_timing_costs_of_profiles_from_two_machines_share_no_frontier_nor_ratio():
+    """helper-37: a study resumed on another machine (or torch, CPU count, cost code) keeps
+    its finished runs' costs, and the cells' means and the frontiers mixed the two machines'
+    timings in silence. Runs name their profile's identity; under two, no timing cost is put
+    on a frontier or in a ratio, the verdict says why, and GMACs still are."""
+    from ablate.analysis.compare import compare
+
+    df = planted()
+    one = df.assign(train_time_alone_s=df["gmacs"] * 10.0, profile_train_batch_size=64.0,
+                    throughput_img_s=1000.0 / df["gmacs"],
+                    profile_identity="AMD EPYC, torch 2.14.1, 2 CPU(s), profile code a (method 2)")
+    a = analysis.analyse(one, "test_acc", n_boot=50)
+    assert "train_time_alone_s" in a.frontiers
+    assert not any(s.startswith("Timing costs") for s in a.verdict)
+    attention = df["factor.model.mixer"] == "attention"  # finished first, on another machine
+    two = one.assign(profile_identity=one["profile_identity"].where(
+        ~attention, "Intel Xeon, torch 2.14.1, 32 CPU(s), profile code a (method 2)"))
+    m = analysis.analyse(two, "test_acc", n_boot=50)
+    assert "train_time_alone_s" not in m.frontiers and "gmacs" in m.frontiers
+    [line] = [s for s in m.verdict if s.startswith("Timing costs")]
+    assert "2 identities" in line and "Intel Xeon" in line and "AMD EPYC" in line
+    keys = analysis.cell_keys(two, analysis.factor_columns(two))
+    att, other = keys[attention].iloc[0], keys[~attention].iloc[0]
+    costs = compare(two, att, two, other, "test_acc")["costs"].set_index("cost")["b / a"]
+    assert np.isnan(costs["throughput_img_s"]) and np.isfinite(costs["gmacs"])
+    same = compare(one, att, one, other, "test_acc")["costs"].set_index("cost")["b / a"]
+    assert np.isfinite(same["throughput_img_s"])
 
 
 def test_a_slope_the_finished_runs_cannot_estimate_is_named_not_reported_as_zero():

@@ -13,13 +13,12 @@ import pandas as pd
 from scipy import stats
 
 from ablate.analysis.seeds import (
-    AS_TRAINED,
     COST_METRICS,
     cell_keys,
     factor_columns,
     label,
     short,
-    timed_mixed,
+    timing_apart,
 )
 
 
@@ -124,8 +123,8 @@ def compare(df_a: pd.DataFrame, key_a: str, df_b: pd.DataFrame, key_b: str, metr
     two studies'): each side's seed values, the difference a - b with its Welch 95% CI, the
     factors both sides have and where their levels differ, the training settings they differ
     in (precision, epochs, budget: `settings_differ`), and each cost's mean per side
-    with the ratio b / a (none where a training-step cost mixes an older ablate's profile with
-    today's: `timed_mixed`)."""
+    with the ratio b / a (none where a timing cost comes from profiles that are not
+    comparable: `timing_apart`)."""
     ra, rb = _runs_of(df_a, key_a, metric), _runs_of(df_b, key_b, metric)
     shared = [f for f in factor_columns(ra) if f in rb]
     differ = [f for f in shared if set(ra[f].map(label)) != set(rb[f].map(label))]
@@ -133,7 +132,7 @@ def compare(df_a: pd.DataFrame, key_a: str, df_b: pd.DataFrame, key_b: str, metr
     for c in costs:
         if c in ra and c in rb and (ra[c].notna().any() or rb[c].notna().any()):
             ma, mb = float(ra[c].mean()), float(rb[c].mean())
-            apart = c in AS_TRAINED and timed_mixed(pd.concat([ra, rb]), c)
+            apart = timing_apart(pd.concat([ra, rb]), c)
             rows.append({"cost": c, "a": ma, "b": mb,
                          "b / a": mb / ma if ma and math.isfinite(ma) and not apart
                          else float("nan")})

@@ -256,3 +256,50 @@ def timed_mixed(runs: pd.DataFrame, metric: str = ALONE) -> bool:
     has = runs[metric].notna()
     new = runs[TIMED_AS_TRAINED].notna() if TIMED_AS_TRAINED in runs else has & False
     return bool((has & new).any() and (has & ~new).any())
+
+
+IDENTITY = "profile_identity"  # the machine and code behind a run's timing costs (its profile)
+# the costs a profile times (machine-dependent); GMACs and params are counted, exactly
+TIMED = ("throughput_img_s", "latency_ms", "train_img_s", "peak_mem_mb", ALONE)
+
+
+def profile_identities(runs: pd.DataFrame) -> list[str]:
+    """The profile identities (device, torch, CPUs, cost code) the runs' timing costs were
+    measured under, the most runs' first; runs that carry none (an older ablate's, a trial
+    that measured its own costs) are not counted."""
+    if IDENTITY not in runs:
+        return []
+    return [str(i) for i in runs[IDENTITY].dropna().value_counts().index]
+
+
+def timing_apart(runs: pd.DataFrame, metric: str) -> bool:
+    """Whether the runs' `metric` cannot share one frontier, mean or ratio: a timing cost
+    measured under more than one profile identity (a study resumed on another machine, torch
+    or CPU count, or after the cost code changed, keeps its finished runs' costs), or one of
+    AS_TRAINED mixing an older ablate's profile with today's (`timed_mixed`)."""
+    if metric not in TIMED or metric not in runs:
+        return False
+    has = runs[runs[metric].notna()]
+    return len(profile_identities(has)) > 1 or (metric in AS_TRAINED and timed_mixed(runs, metric))
+
+
+def timing_sentences(runs: pd.DataFrame) -> list[str]:
+    """What the verdict says where the runs' timing costs are not comparable."""
+    out = []
+    ids = profile_identities(runs)
+    if len(ids) > 1:
+        out.append(f"Timing costs: the runs' profiles were measured under {len(ids)} "
+                   f"identities ({'; '.join(ids[:3])}{'; ...' if len(ids) > 3 else ''}), so "
+                   "throughput, latency, training speed, memory and training time alone are "
+                   "not comparable across the runs and no frontier is drawn against them "
+                   "(GMACs and params are counted, exactly; to compare timings, run the study "
+                   "again into a new experiment on one machine).")
+    if timed_mixed(runs):
+        has = runs[ALONE].notna()
+        old = int((has & runs[TIMED_AS_TRAINED].isna()).sum())
+        out.append(f"Training time alone: {old} of {int(has.sum())} runs carry a "
+                   "train_time_alone_s from an older ablate's profile (timed with the whole "
+                   "node's threads at train.profile_batch_size), the rest at their own batch "
+                   "and threads; the two are not comparable, so no frontier is drawn against "
+                   "it (to compare, run the study again into a new experiment).")
+    return out

@@ -19,7 +19,6 @@ from ablate.analysis.scaling import FRACTION, MIXER, PATCH, cost_table, slopes
 from ablate.analysis.seeds import (
     ALONE,
     COST_METRICS,
-    TIMED_AS_TRAINED,
     aggregate,
     cell_keys,
     factor_columns,
@@ -31,7 +30,8 @@ from ablate.analysis.seeds import (
     short,
     split_status,
     status_counts,
-    timed_mixed,
+    timing_apart,
+    timing_sentences,
 )
 from ablate.errors import AnalysisError
 
@@ -117,7 +117,7 @@ def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | 
     a.cost = cost_table(a.runs, metric)
     agg = aggregate(a.runs, metric, factor_columns(a.runs))
     alone = (ALONE in agg and len(agg) > 0 and bool(agg[ALONE].notna().all())
-             and not timed_mixed(a.runs))
+             and not timing_apart(a.runs, ALONE))
     for c in FRONTIER_COSTS:
         if c == ALONE and not alone:
             continue
@@ -333,15 +333,7 @@ def sentences(a: Analysis) -> list[str]:
     precision = precision_sentence(a)
     if precision:
         out.append(precision)
-    if timed_mixed(a.runs):
-        has = a.runs[ALONE].notna()
-        old = int((has & a.runs[TIMED_AS_TRAINED].isna()).sum())
-        out.append(f"Training time alone: {old} of {int(has.sum())} runs carry a "
-                   "train_time_alone_s from an older ablate's profile (timed with the whole "
-                   "node's threads at train.profile_batch_size), the rest at their own batch "
-                   "and threads; the two are not comparable, so no frontier is drawn against "
-                   "it (to compare, run the study again into a new experiment).")
-    return out
+    return out + timing_sentences(a.runs)
 
 
 def precision_sentence(a: Analysis) -> str:

@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 
 from ablate import analysis, plots, report, tracking
-from ablate.analysis.seeds import AS_TRAINED, timed_mixed
+from ablate.analysis.seeds import AS_TRAINED, TIMED, profile_identities, timed_mixed
 from ablate.dashboard.compare import compare_tab
 from ablate.dashboard.data import ACC_METRICS, TTL_S, curves, frontier, runs, studies, token
 from ablate.dashboard.importance import importance_tab
@@ -117,7 +117,12 @@ def frontier_tab(df: pd.DataFrame, metric: str, factors: list[str]) -> None:
                           index=opts.index("factor.model.patch_size")
                           if "factor.model.patch_size" in opts else 0)
     log_x = c4.toggle("log x", value=cost in ("gmacs", "params"), key="logx")
-    if cost in AS_TRAINED and timed_mixed(df[df[metric].notna()], cost):
+    shown = df[df[metric].notna()]
+    if cost in TIMED and len(ids := profile_identities(shown[shown[cost].notna()])) > 1:
+        st.warning(f"The runs' {cost} was measured under {len(ids)} profile identities ("
+                   + "; ".join(ids) + "): not comparable on one frontier; run the study again "
+                   "into a new experiment on one machine to compare.")
+    if cost in AS_TRAINED and timed_mixed(shown, cost):
         st.warning(f"Some runs carry a {cost} from an older ablate's profile (training timed "
                    "with the whole node's threads at train.profile_batch_size), the rest at "
                    "their own batch and threads: not comparable on one frontier; run the "

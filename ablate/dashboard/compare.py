@@ -12,7 +12,7 @@ import streamlit as st
 from ablate import plots
 from ablate.analysis import short
 from ablate.analysis.compare import cells, compare
-from ablate.analysis.seeds import AS_TRAINED
+from ablate.analysis.seeds import TIMED
 
 NO_CI = "n/a (needs 2+ seeds each)"
 
@@ -91,11 +91,11 @@ def compare_tab(study: str, metric: str, df: pd.DataFrame, studies: list[str],
     if not out["costs"].empty:
         st.dataframe(out["costs"], hide_index=True, key="compare_costs")
         apart = out["costs"].loc[out["costs"]["b / a"].isna() & out["costs"]["cost"].isin(
-            AS_TRAINED), "cost"].tolist()
+            TIMED), "cost"].tolist()
         if apart:
-            st.caption(f"No b / a for {', '.join(apart)}: some of these runs carry it from an "
-                       "older ablate's profile (training timed with the whole node's threads at "
-                       "train.profile_batch_size), the rest at their own batch and threads.")
+            st.caption(f"No b / a for {', '.join(apart)}: these runs' profiles are not "
+                       "comparable (measured on other machines, torch, CPUs or cost code, or "
+                       "an older ablate's profile timed with the whole node's threads).")
     # one colour per level: the cells take their level's colour on the first factor they
     # differ in (attention is the same colour here as on the frontier and the effects)
     colors = {}

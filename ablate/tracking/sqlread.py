@@ -16,7 +16,9 @@ import pandas as pd
 
 # the tags load_runs turns into columns; the others (mlflow.*, ablate.driver, ...) stay unread
 PROVENANCE_TAGS = {"ablate.hostname": "hostname", "ablate.git_revision": "git_revision",
-                   "ablate.study_file_hash": "study_file_hash"}
+                   "ablate.study_file_hash": "study_file_hash",
+                   # the machine and code behind a run's timing costs (its profile's)
+                   "ablate.profile_identity": "profile_identity"}
 RUN_TAGS = ("ablate.trial_id", "ablate.cell_id", "ablate.grid", "ablate.status", "ablate.seed",
             "ablate.phase", "ablate.error", *PROVENANCE_TAGS)
 TAG_PREFIXES = ("factor.", "optuna.")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 PHASE = "profile"
 KEY_TAG = "ablate.arch_key"
+PROFILE_IDENTITY_TAG = "ablate.profile_identity"  # on trial runs: `identity_label`
 IDENTITY_TAGS = {"device_name": "ablate.device_name", "torch_version": "ablate.torch_version",
                  "threads": "ablate.profile_threads", "method": "ablate.profile_method",
                  "code": "ablate.profile_code"}
@@ -84,6 +85,13 @@ def identity(device_type: str, threads: int) -> dict[str, str]:
     # torch (3 s of a 2-core node's start-up, while the profile node waits)
     return {"device_name": name, "torch_version": str(torch.__version__),
             "threads": str(threads), "method": PROFILE_METHOD, "code": code_fingerprint()}
+
+
+def identity_label(ident: dict[str, str]) -> str:
+    """A profile's identity in one line, as trial runs carry it (`ablate.profile_identity`):
+    timing costs measured under two such lines are not comparable."""
+    return (f"{ident['device_name']}, torch {ident['torch_version']}, {ident['threads']} "
+            f"CPU(s), profile code {ident['code']} (method {ident['method']})")
 
 
 def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],

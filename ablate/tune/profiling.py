@@ -53,9 +53,11 @@ from ablate.tune.profile_store import (  # noqa: F401 - a profile's identity, re
     KEY_TAG,
     PHASE,
     PROFILE_GPU,
+    PROFILE_IDENTITY_TAG,
     PROFILE_METHOD,
     code_fingerprint,
     identity,
+    identity_label,
     log_profile,
     reusable_profiles,
     stored_profiles,
@@ -395,7 +397,8 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
         if use in found:
             info = {k: v for k, v in found[use].items() if k != "probe"}
             # arch_key: the profile the trial carries; trial_key: what `keyed` looks it up by
-            out[t.trial_id] = {**info, "arch_key": use, "trial_key": key}
+            out[t.trial_id] = {**info, "arch_key": use, "trial_key": key,
+                               "identity": identity_label(ident)}
     return out
 
 
@@ -490,5 +493,7 @@ def _wait(ref) -> Any:
 def trial_params(info: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
     """(tags, params) a trial's run gets from its profile."""
     tags = {KEY_TAG: info["arch_key"], "ablate.profile_run_id": info["run_id"]}
+    if info.get("identity"):  # the machine and code its timing costs were measured with
+        tags[PROFILE_IDENTITY_TAG] = info["identity"]
     return tags, {f"train.{k}_resolved": str(info[k]) for k in RESOLVED}
 
