@@ -65,7 +65,7 @@ def _cold() -> None:
 
     st.cache_data.clear()
     st.cache_resource.clear()
-    for eng in sqlread._ENGINES.values():
+    for eng, _file in sqlread._ENGINES.values():
         eng.dispose()
     sqlread._ENGINES.clear()
 
