@@ -198,7 +198,9 @@ def evaluate(model: nn.Module, split: Split, data: DataBundle, cfg: TrainSpec,
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in Batches(split, data.mean, data.std, eval_batch(cfg, device), device,
                         channels_last=cfg.channels_last):
-        with autocast(device, cfg.precision):
+        # compiled, evaluation compiles graphs of its own (no grad; a second batch size): a
+        # compiler failure there is the same one line as in the first training step
+        with compile_failures(cfg.compile), autocast(device, cfg.precision):
             logits = model(x)
         total_loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()

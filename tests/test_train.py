@@ -524,3 +524,28 @@ def test_a_cpu_evaluates_in_training_size_batches_with_the_same_result():
     sizes.clear()  # a smaller eval_batch_size still bounds it
     evaluate(m, data.test, data, TrainSpec(batch_size=16, eval_batch_size=8), cpu)
     assert max(sizes) == 8 and sum(sizes) == n
+
+
+def test_a_compile_failure_met_first_in_evaluation_is_the_same_one_line(monkeypatch):
+    """A compiled model compiles graphs of its own for evaluation (no grad, then a dynamic
+    batch); only the first training step was guarded, so a compiler failure there came out
+    as dynamo's multi-line BackendCompilerFailed after a whole epoch (helper-38)."""
+    from ablate.errors import CompileError
+
+    def backend(gm, example_inputs):
+        if not torch.is_grad_enabled():  # training compiles; evaluation fails to
+            raise RuntimeError("cc1plus: not found\nmore")
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend=backend))
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(CompileError) as failed:
+            fit(model(), load_dataset(DATA), TrainSpec(epochs=1, batch_size=32, compile=True),
+                seed=0)
+    finally:
+        torch._dynamo.reset()
+    msg = str(failed.value)
+    assert "RuntimeError: cc1plus: not found" in msg and "\n" not in msg
+    assert msg.endswith("set train.compile: false")
