@@ -413,7 +413,8 @@ def probe_settings(model: nn.Module, image_size: int, in_chans: int = 3,
 
 
 def _peak_train_memory(model: nn.Module, opt, step, device: torch.device) -> float | None:
-    """Peak MB held during one training step: weights, grads, optimizer state, activations."""
+    """Peak MiB (2^20 bytes; the metric keeps its name peak_mem_mb) held during one training
+    step: weights, grads, optimizer state, activations."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
