@@ -405,6 +405,19 @@ def test_timing_costs_of_profiles_from_two_machines_share_no_frontier_nor_ratio(
     assert np.isfinite(same["throughput_img_s"])
 
 
+def test_configurations_without_cost_metrics_are_named_not_dropped_in_silence():
+    """An architecture whose profile failed runs without cost metrics: its cells left every
+    frontier and the cost table and nothing said so (helper-37)."""
+    df = planted()
+    a = analysis.analyse(df, "test_acc", n_boot=50)
+    assert not any(s.startswith("Costs:") for s in a.verdict)
+    conv = df["factor.model.mixer"] == "conv"
+    m = analysis.analyse(df.assign(gmacs=df["gmacs"].where(~conv)), "test_acc", n_boot=50)
+    [line] = [s for s in m.verdict if s.startswith("Costs:")]
+    assert line.startswith("Costs: 4 of 16 configurations") and "model.mixer=conv" in line
+    assert "conv" not in set(m.frontiers["gmacs"]["factor.model.mixer"])
+
+
 def test_a_slope_the_finished_runs_cannot_estimate_is_named_not_reported_as_zero():
     """pool finished at fraction 1 only: its slope per doubling of data is unknown, not 0
     with a zero-width interval (what a pseudo-inverse fit returns for it), and no slope

@@ -303,3 +303,18 @@ def timing_sentences(runs: pd.DataFrame) -> list[str]:
                    "and threads; the two are not comparable, so no frontier is drawn against "
                    "it (to compare, run the study again into a new experiment).")
     return out
+
+
+def unpriced_sentences(agg: pd.DataFrame, factors: Sequence[str]) -> list[str]:
+    """Where some configurations carry no cost metrics while others do (their architecture's
+    profile failed, e.g. compiling, and its trials ran without one): they are on no frontier
+    and in no cost table, and the verdict names them rather than leave them out in silence."""
+    if "gmacs" not in agg or agg["gmacs"].notna().all() or agg["gmacs"].isna().all():
+        return []
+    gone = agg[agg["gmacs"].isna()]
+    names = [" ".join(f"{short(f)}={label(r[f])}" for f in factors) or "one configuration"
+             for _, r in gone.iterrows()]
+    return [f"Costs: {len(gone)} of {len(agg)} configurations carry no cost metrics (their "
+            "profile failed) and are on no frontier and in no cost table: "
+            f"{'; '.join(names[:5])}{'; ...' if len(names) > 5 else ''}."]
+

@@ -32,6 +32,7 @@ from ablate.analysis.seeds import (
     status_counts,
     timing_apart,
     timing_sentences,
+    unpriced_sentences,
 )
 from ablate.errors import AnalysisError
 
@@ -123,7 +124,7 @@ def _analyse(df: pd.DataFrame, metric: str, grids: list[dict[str, list[Any]]] | 
             continue
         if c in agg and agg[c].notna().any():
             a.frontiers[c] = frontier(agg[agg[c].notna()], c).drop(columns="run_ids")
-    a.verdict = sentences(a)
+    a.verdict = sentences(a) + unpriced_sentences(agg, factor_columns(a.runs))
     return a
 
 
