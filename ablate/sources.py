@@ -1,9 +1,8 @@
 """Where images come from: synthetic data, CIFAR pickles and image folders/archives.
 
 Each reader returns a `Source` (uint8 arrays, whole splits in memory); decoded image folders are
-cached as .npz keyed by path, mtime and size.
+cached as .npz keyed by each file's path, size, mtime and ctime (`_cache_path`).
 """
-
 
 import contextlib
 import fcntl
@@ -258,25 +257,31 @@ class _Budget:
         return data
 
 
-def _folder_files(root: Path) -> list[Path]:
-    """Every regular file under a folder, in path order, through linked folders too
-    (`ln -s /data/imagenet/train/n01440764 subset/train/`: how a subset is made); a link
-    that leads nowhere, or back up its own tree, is left out."""
+def _folder_files(root: Path) -> list[tuple[Path, os.stat_result]]:
+    """Every regular file under a folder with its stat, in path order, through linked folders
+    (`ln -s /data/imagenet/train/n01440764 subset/`: how a subset is made); a link that leads
+    nowhere, or back up its own tree, is left out."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        rel = here.relative_to(root).parts
-        chain = {os.path.realpath(root.joinpath(*rel[:i])) for i in range(len(rel) + 1)}
-        dirnames[:] = [d for d in dirnames if os.path.realpath(here / d) not in chain]
-        out += [here / n for n in filenames if (here / n).is_file()]
-    return sorted(out)
+
+    def walk(folder: str, chain: frozenset[str]) -> None:
+        with os.scandir(folder) as entries:
+            for e in entries:
+                if e.is_dir():  # through a link too
+                    real = os.path.realpath(e.path)
+                    if real not in chain:
+                        walk(e.path, chain | {real})
+                elif e.is_file():  # a dangling link is neither
+                    out.append((Path(e.path), e.stat()))
+
+    walk(str(root), frozenset({os.path.realpath(root)}))
+    return sorted(out, key=lambda f: f[0])
 
 
 def _iter_files(root: Path) -> Iterator[tuple[str, bytes]]:
     """(relative path, bytes) of every regular file in a folder or a safe archive."""
     budget = _Budget(root)
     if root.is_dir():
-        for p in _folder_files(root):
+        for p, _ in _folder_files(root):
             rel = p.relative_to(root).as_posix()
             with open(p, "rb") as f:
                 yield rel, budget.read(rel, f)
@@ -389,23 +394,19 @@ def imagefolder_source(root: Path, size: int | None) -> Source:
 
 
 # ---------------------------------------------------------------- cache
-
 def _cache_path(root: Path, size: int | None) -> Path:
-    """The cache file of a folder or an archive decoded at `size`: keyed by the path and, per
-    file, its name, size, modification and status-change times. The change time moves
-    whenever a file is written, even when a copy keeps its old modification time
-    (`cp -p`, `rsync -a`, `tar x`)."""
+    """The cache file of a folder or archive decoded at `size`, keyed by the path and each
+    file's name, size, mtime and ctime (which moves on every write, even where a copy keeps
+    the old mtime: `cp -p`, `rsync -a`, `tar x`)."""
     h = hashlib.sha256(json.dumps([str(root.resolve()), size, CACHE_VERSION]).encode())
-    for p in _folder_files(root) if root.is_dir() else [root]:
-        st = p.stat()
+    for p, st in _folder_files(root) if root.is_dir() else [(root, root.stat())]:
         h.update(f"{p.relative_to(root).as_posix() if p != root else ''}\0{st.st_size}\0"
                  f"{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return cache_dir() / f"{root.name}-{h.hexdigest()[:16]}.npz"
 
 
 def _load_cached(path: Path) -> Source | None:
-    """The cached source, or None where the file cannot be read whole (truncated by a crash,
-    empty, not a cache file): decoding again is the fix, never a failed trial."""
+    """The cached source; None where it cannot be read whole (cut short by a crash): decode."""
     try:
         with np.load(path, allow_pickle=False) as z:
             return Source(z["train_x"], z["train_y"], z["test_x"], z["test_y"],

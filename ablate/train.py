@@ -180,8 +180,10 @@ def eval_batch(cfg: TrainSpec, device: torch.device) -> int:
     too. A CPU runs the forward of a large batch slower per image once its activations
     outgrow the caches (the quickstart's models, one thread: 1.7x to 1.8x the time per image
     at 512 as at 64); the trial's own training batch is a size it already runs well. The
-    result is the same up to float rounding (no layer mixes images in eval mode)."""
-    if device.type == "cuda":
+    result is the same up to float rounding (no layer mixes images in eval mode). A compiled
+    model keeps `eval_batch_size`: at the training batch its evaluation would compile one more
+    graph (a static one, then a dynamic one for the last batch), seconds each."""
+    if device.type == "cuda" or cfg.compile:
         return cfg.eval_batch_size
     return min(cfg.eval_batch_size, cfg.batch_size)
 

@@ -524,6 +524,10 @@ def test_a_cpu_evaluates_in_training_size_batches_with_the_same_result():
     sizes.clear()  # a smaller eval_batch_size still bounds it
     evaluate(m, data.test, data, TrainSpec(batch_size=16, eval_batch_size=8), cpu)
     assert max(sizes) == 8 and sum(sizes) == n
+    # compiled, it keeps eval_batch_size: the training batch would compile one more graph
+    from ablate.train import eval_batch
+
+    assert eval_batch(TrainSpec(batch_size=16, eval_batch_size=512, compile=True), cpu) == 512
 
 
 def test_a_compile_failure_met_first_in_evaluation_is_the_same_one_line(monkeypatch):

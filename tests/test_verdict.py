@@ -399,10 +399,16 @@ def test_timing_costs_of_profiles_from_two_machines_share_no_frontier_nor_ratio(
     assert "2 identities" in line and "Intel Xeon" in line and "AMD EPYC" in line
     keys = analysis.cell_keys(two, analysis.factor_columns(two))
     att, other = keys[attention].iloc[0], keys[~attention].iloc[0]
-    costs = compare(two, att, two, other, "test_acc")["costs"].set_index("cost")["b / a"]
+    out = compare(two, att, two, other, "test_acc")
+    costs = out["costs"].set_index("cost")["b / a"]
     assert np.isnan(costs["throughput_img_s"]) and np.isfinite(costs["gmacs"])
-    same = compare(one, att, one, other, "test_acc")["costs"].set_index("cost")["b / a"]
-    assert np.isfinite(same["throughput_img_s"])
+    assert "throughput_img_s" in out["costs_apart"] and "gmacs" not in out["costs_apart"]
+    same = compare(one, att, one, other, "test_acc")
+    assert np.isfinite(same["costs"].set_index("cost")["b / a"]["throughput_img_s"])
+    assert same["costs_apart"] == []
+    # a side without costs (its profile failed) has no ratio, and no false "not comparable"
+    bare = one.assign(throughput_img_s=one["throughput_img_s"].where(~attention))
+    assert compare(bare, att, bare, other, "test_acc")["costs_apart"] == []
 
 
 def test_configurations_without_cost_metrics_are_named_not_dropped_in_silence():
@@ -415,6 +421,7 @@ def test_configurations_without_cost_metrics_are_named_not_dropped_in_silence():
     m = analysis.analyse(df.assign(gmacs=df["gmacs"].where(~conv)), "test_acc", n_boot=50)
     [line] = [s for s in m.verdict if s.startswith("Costs:")]
     assert line.startswith("Costs: 4 of 16 configurations") and "model.mixer=conv" in line
+    assert "on no frontier but that of the training time each trial measured" in line
     assert "conv" not in set(m.frontiers["gmacs"]["factor.model.mixer"])
 
 

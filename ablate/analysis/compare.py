@@ -128,11 +128,13 @@ def compare(df_a: pd.DataFrame, key_a: str, df_b: pd.DataFrame, key_b: str, metr
     ra, rb = _runs_of(df_a, key_a, metric), _runs_of(df_b, key_b, metric)
     shared = [f for f in factor_columns(ra) if f in rb]
     differ = [f for f in shared if set(ra[f].map(label)) != set(rb[f].map(label))]
-    rows = []
+    rows, apart_costs = [], []
     for c in costs:
         if c in ra and c in rb and (ra[c].notna().any() or rb[c].notna().any()):
             ma, mb = float(ra[c].mean()), float(rb[c].mean())
             apart = timing_apart(pd.concat([ra, rb]), c)
+            if apart:
+                apart_costs.append(c)
             rows.append({"cost": c, "a": ma, "b": mb,
                          "b / a": mb / ma if ma and math.isfinite(ma) and not apart
                          else float("nan")})
@@ -142,4 +144,5 @@ def compare(df_a: pd.DataFrame, key_a: str, df_b: pd.DataFrame, key_b: str, metr
             "difference": difference(ra[metric], rb[metric]),
             "shared_factors": shared, "differing_factors": differ,
             "settings_differ": settings_differ(ra, rb),
-            "costs": pd.DataFrame(rows, columns=["cost", "a", "b", "b / a"])}
+            "costs": pd.DataFrame(rows, columns=["cost", "a", "b", "b / a"]),
+            "costs_apart": apart_costs}  # timing costs whose profiles are not comparable

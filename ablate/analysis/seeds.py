@@ -307,14 +307,16 @@ def timing_sentences(runs: pd.DataFrame) -> list[str]:
 
 def unpriced_sentences(agg: pd.DataFrame, factors: Sequence[str]) -> list[str]:
     """Where some configurations carry no cost metrics while others do (their architecture's
-    profile failed, e.g. compiling, and its trials ran without one): they are on no frontier
-    and in no cost table, and the verdict names them rather than leave them out in silence."""
+    profile failed, e.g. compiling, and its trials ran without one): they are in no cost table
+    and on no frontier but train_time_s (measured by the trials), and the verdict names them
+    rather than leave them out in silence."""
     if "gmacs" not in agg or agg["gmacs"].notna().all() or agg["gmacs"].isna().all():
         return []
     gone = agg[agg["gmacs"].isna()]
     names = [" ".join(f"{short(f)}={label(r[f])}" for f in factors) or "one configuration"
              for _, r in gone.iterrows()]
     return [f"Costs: {len(gone)} of {len(agg)} configurations carry no cost metrics (their "
-            "profile failed) and are on no frontier and in no cost table: "
+            "profile failed), so they are in no cost table and on no frontier but that of the "
+            "training time each trial measured itself (train_time_s): "
             f"{'; '.join(names[:5])}{'; ...' if len(names) > 5 else ''}."]
 

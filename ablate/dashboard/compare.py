@@ -12,7 +12,6 @@ import streamlit as st
 from ablate import plots
 from ablate.analysis import short
 from ablate.analysis.compare import cells, compare
-from ablate.analysis.seeds import TIMED
 
 NO_CI = "n/a (needs 2+ seeds each)"
 
@@ -90,8 +89,7 @@ def compare_tab(study: str, metric: str, df: pd.DataFrame, studies: list[str],
             + ". A - B includes their effect, not only the factors'.")
     if not out["costs"].empty:
         st.dataframe(out["costs"], hide_index=True, key="compare_costs")
-        apart = out["costs"].loc[out["costs"]["b / a"].isna() & out["costs"]["cost"].isin(
-            TIMED), "cost"].tolist()
+        apart = out["costs_apart"]
         if apart:
             st.caption(f"No b / a for {', '.join(apart)}: these runs' profiles are not "
                        "comparable (measured on other machines, torch, CPUs or cost code, or "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ RUN_TAGS = ("ablate.trial_id", "ablate.cell_id", "ablate.grid", "ablate.status",
             "ablate.phase", "ablate.error", *PROVENANCE_TAGS)
 TAG_PREFIXES = ("factor.", "optuna.")
 _ENGINES: dict[str, Any] = {}
+_ENGINES_LOCK = threading.Lock()
 
 
 def is_database(uri: str) -> bool:
@@ -42,12 +44,13 @@ def engine(uri: str):
         with contextlib.suppress(OSError, TypeError):
             st = os.stat(db)  # type: ignore[arg-type]
             ident = (st.st_dev, st.st_ino)
-    held = _ENGINES.get(uri)
-    if held is None or held[1] != ident:
-        if held is not None:
-            held[0].dispose()
-        _ENGINES[uri] = (sa.create_engine(uri), ident)
-    return _ENGINES[uri][0]
+    with _ENGINES_LOCK:  # the dashboard's script threads: one engine per file, the old disposed
+        held = _ENGINES.get(uri)
+        if held is None or held[1] != ident:
+            if held is not None:
+                held[0].dispose()
+            _ENGINES[uri] = held = (sa.create_engine(uri), ident)
+        return held[0]
 
 
 def read(uri: str, fn: Callable[[Any], Any]) -> Any:
