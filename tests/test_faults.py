@@ -287,3 +287,33 @@ def test_force_unlock_takes_a_lease_that_looks_alive(tmp_path):
         assert json.loads(t.client.get_experiment(t.experiment_id).tags[LEASE_TAG])["id"] \
             == held.id
     assert LEASE_TAG not in t.client.get_experiment(t.experiment_id).tags
+
+
+def test_sigterm_stops_a_driver_whose_sigint_is_ignored_while_it_profiles(tmp_path):
+    """A job a script starts with `&` inherits SIGINT ignored; SIGTERM was relayed as SIGINT,
+    so during the profiles (before Tune installs its own handler) it was lost: the run went
+    on to the end and exited 0, and a scheduler would SIGKILL it later (helper-40)."""
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    slow = STUDY.replace("EPOCHS", "1").replace("profile_seconds: 0.02", "profile_seconds: 8")
+    path = write(tmp_path / "f.yaml", slow)
+    proc = subprocess.Popen([str(EXE), "run", str(path), "--tracking-uri", uri],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines = []
+    try:
+        for line in proc.stdout:  # the profiles (4 x several seconds) have begun
+            lines.append(line)
+            if "alone on" in line:
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(lines) + output
+    assert proc.returncode == 143, output
+    assert "finished mixer" not in output and "Traceback" not in output
+    assert lease(uri) is None

@@ -129,7 +129,11 @@ def _sigterm_stops_like_ctrl_c() -> Iterator[dict[str, bool]]:
 
     def on_term(signum, frame):
         got["term"] = True
-        os.kill(os.getpid(), signal.SIGINT)
+        if not callable(signal.getsignal(signal.SIGINT)):
+            # SIGINT ignored (a job a script started with `&` inherits SIG_IGN for it): the
+            # relayed signal would be lost and the run go on; stop as Ctrl-C does here
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)  # Tune's graceful stop, or KeyboardInterrupt
 
     global _on_term
     try:
