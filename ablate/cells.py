@@ -4,6 +4,8 @@ that are one trial). Below `study`, which expands the grids and reports these pr
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +61,14 @@ def check_validation_split(spec: StudySpec, problems: list[tuple[str, str]]) -> 
                                    "selects on it: use a fraction such as 0.1"))
 
 
+@functools.cache
+def _timm_models() -> frozenset[str]:
+    """timm's model names (importing timm, and torch: only a study that names a timm model)."""
+    import timm
+
+    return frozenset(timm.list_models())
+
+
 def check_cell(ds: DatasetSpec, ms: ModelSpec, factor_keys: Iterable[str] = ()) -> list[str]:
     """Reasons a (dataset, model) cell cannot run, or would not run what its factors say
     (`factor_keys`: the dotted keys the study varies in this cell); empty when it can."""
@@ -68,6 +78,11 @@ def check_cell(ds: DatasetSpec, ms: ModelSpec, factor_keys: Iterable[str] = ()) 
         if ms.arch not in REFERENCE_NAMES and not ms.arch.startswith("timm:"):
             reasons.append(f"model.arch: unknown architecture {ms.arch!r}; use backbone, "
                            f"timm:<name> or one of {', '.join(REFERENCE_NAMES)}")
+        elif ms.arch.startswith("timm:") and (name := ms.arch[5:]) not in _timm_models():
+            close = difflib.get_close_matches(name, _timm_models(), n=1, cutoff=0.6)
+            reasons.append(f"model.arch: timm has no model {name!r}; "
+                           + (f"did you mean 'timm:{close[0]}'?" if close
+                              else "see timm.list_models()"))
         return reasons
     mixer = ms.mixer or BACKBONE_DEFAULTS["mixer"]
     if mixer not in MIXERS:

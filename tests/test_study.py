@@ -128,6 +128,10 @@ BAD_CASES = {
     "dim_factor_on_timm": ("name: t\nmodel: {arch: 'timm:resnet18'}\n"
                            "factors: {model.dim: [64, 128]}\n",
                            "model.dim: is a factor but model.arch 'timm:resnet18' ignores it"),
+    # helper-40: passed validation, then its profile stopped the whole run with exit 1
+    "unknown_timm_model": ("name: t\nmodel: {arch: 'timm:resnet18x'}\n",
+                           "model.arch: timm has no model 'resnet18x'; did you mean "
+                           "'timm:resnet18'?"),
     "heads_factor_on_reference": ("name: t\nmodel: {arch: vit_tiny_patch16_224}\n"
                                   "factors: {model.heads: [3]}\n",
                                   "model.arch 'vit_tiny_patch16_224' ignores it"),

@@ -9,8 +9,8 @@ the same hardware with nothing beside it. Each profile is an MLflow run tagged
 `ablate.phase=profile` and `ablate.arch_key`, with the device name, torch version, thread
 count and a digest of the code that builds and times models (`code_fingerprint`); a later run
 (of any study in the store) with the same key on the same device, torch, threads and code
-reuses it, unless `--reprofile`. Its metrics are then logged on every trial of the key.
-The same task runs the `train.precision: auto` / `train.channels_last: auto` probe.
+reuses it, unless `--reprofile`. Its metrics are then logged on every trial of the key; the
+same task runs the `auto` probe.
 
 An Optuna search samples its architectures as it goes, so the driver enumerates the ones it
 can sample (`search_architectures`: every combination of the model and input dimensions and
@@ -18,9 +18,8 @@ of the training batch, the rest of the space held at the study's values) and pro
 the same way before the search; each trial then finds its profile by architecture key
 (`keyed`). Only a space whose architecture dimensions are continuous, or have more than
 `SEARCH_ARCH_CAP` combinations, leaves its trials to measure their own costs beside each
-other (the driver says so); so do the trials of a key whose compiled profile failed
-(`train.compile: true` on a node where torch.compile cannot build). Any other failure of a
-profile stops the run.
+other (the driver says so); so do the trials of a key whose compiled profile failed (on a
+node where torch.compile cannot build). Any other failure of a profile stops the run.
 """
 
 from __future__ import annotations
@@ -40,6 +39,7 @@ from rich.console import Console
 from ablate.errors import (
     AblateError,
     CompileError,
+    ModelError,
     NoCudaDevice,
     ProfileFailed,
     ProfileOutOfMemory,
@@ -420,14 +420,14 @@ def measure_keys(study: Study, missing: list[str], keys: dict[str, tuple[dict[st
                                                   config["num_classes"]), device_type, cpus,
                                     config.get("train_threads"), fault_file))
         except ray.exceptions.RayError as e:  # the task's own error, or Ray's (a dead node)
-            # Only a compile that fails on this node is the trials' own failure (they fail
-            # with the same CompileError, one line each, and the study goes on); anything
-            # else (a bug, a dead node) stops the run rather than leave grid trials finished
-            # without the cost metrics their profile was to give them.
+            # a failed compile is the trials' own failure too (each fails in one line, the
+            # study goes on); a bug or a dead node stops the run: no trial without its costs
             cause = getattr(e, "cause", None)
             if isinstance(e, ray.exceptions.OutOfMemoryError) \
                     or isinstance(cause, ProfileOutOfMemory) or out_of_memory(cause or e):
                 raise AblateError(_oom_message(study.path, t, e, ident)) from None
+            if isinstance(cause, ModelError):  # the study file's: one line, exit 2
+                raise AblateError(f"{study.path}: {cause}") from None
             if not isinstance(cause, CompileError):
                 why = ("a search's trials would measure their own costs, beside other trials"
                        if study.spec.search.method == "optuna" else
