@@ -105,6 +105,14 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def signal_and_wait(proc, sig: int, timeout: float = 120.0) -> str:
+    """Send `sig` to a process this test started (by its PID, never a group) and return the
+    rest of its output once it exits."""
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=timeout)
+    return output or ""
+
+
 def stop_tree(root: int, timeout: float = 30.0) -> None:
     """Stop a process this test started and everything below it, by PID: SIGTERM, then
     SIGKILL for whatever is left after `timeout`."""

@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 from ablate.tracking import load_runs
 from ablate.tracking.lease import LEASE_TAG, holder_alive
 from ablate.tracking.store import client
-from tests.conftest import alive, descendants, write
+from tests.conftest import alive, descendants, signal_and_wait, write
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,10 @@ resources: {cpus_per_trial: 1, max_concurrent: 2}
 EXE = Path(sys.executable).with_name("ablate")
 
 
-def start(path: Path, uri: str, *extra: str) -> subprocess.Popen:
+def start(path: Path, uri: str, *extra: str, **popen) -> subprocess.Popen:
     return subprocess.Popen([str(EXE), "run", str(path), "--tracking-uri", uri, *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, cwd=path.parent)
+                            stdin=subprocess.DEVNULL, cwd=path.parent, **popen)
 
 
 def lease(uri: str) -> dict | None:
@@ -127,8 +127,7 @@ def test_random_sigkill_sigterm_sigint_then_the_study_finishes_each_trial_once(t
             wait_for_a_trial_epoch(uri, db, proc)
             time.sleep(rng.uniform(0.0, 3.0))  # a random moment while trials train
             ray_of_dead_drivers |= descendants(proc.pid)
-            proc.send_signal(sig)
-            output, _ = proc.communicate(timeout=120)
+            output = signal_and_wait(proc, sig)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -297,10 +296,7 @@ def test_sigterm_stops_a_driver_whose_sigint_is_ignored_while_it_profiles(tmp_pa
     uri = f"sqlite:///{db}"
     slow = STUDY.replace("EPOCHS", "1").replace("profile_seconds: 0.02", "profile_seconds: 8")
     path = write(tmp_path / "f.yaml", slow)
-    proc = subprocess.Popen([str(EXE), "run", str(path), "--tracking-uri", uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, cwd=tmp_path,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = start(path, uri, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines = []
     try:
         for line in proc.stdout:  # the profiles (4 x several seconds) have begun
@@ -308,8 +304,7 @@ def test_sigterm_stops_a_driver_whose_sigint_is_ignored_while_it_profiles(tmp_pa
             if "alone on" in line:
                 break
         time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
+        output = signal_and_wait(proc, signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()

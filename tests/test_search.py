@@ -19,7 +19,7 @@ from ablate.search import study_name
 from ablate.study import load_study
 from ablate.tracking import load_runs
 from ablate.tune.driver import run_study
-from tests.conftest import write
+from tests.conftest import signal_and_wait, write
 
 BASE = """\
 name: srch
@@ -212,8 +212,7 @@ def test_interrupted_search_resumes_to_exactly_n_trials(ray_session, tmp_path):
                 break
             assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
             time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=120)
+        signal_and_wait(proc, signal.SIGINT)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from ablate.study import load_study
 from ablate.tracking import EPOCH_METRICS, load_curves, load_runs
 from ablate.tune.driver import run_study
-from tests.conftest import free_port, wait_http, write
+from tests.conftest import free_port, signal_and_wait, wait_http, write
 
 pytestmark = pytest.mark.slow
 
@@ -220,8 +220,7 @@ def test_ctrl_c_marks_running_trials_killed_and_rerun_resumes(tmp_path):
                 break
             assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
             time.sleep(1)
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
+        output = signal_and_wait(proc, signal.SIGINT)
     finally:
         if proc.poll() is None:
             proc.kill()
