@@ -345,3 +345,31 @@ def test_store_is_wal_and_a_reader_never_breaks_the_writer(ray_session, tmp_path
     assert len(df) == 4 and set(df["status"]) == {"finished"} and df["test_acc"].notna().all()
     with sqlite3.connect(db) as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("resources,field,fix", [
+    ("{cpus_per_trial: 3, max_concurrent: 2}", "cpus_per_trial is 3", "cpus_per_trial: 2 or less"),
+    ("{cpus_per_trial: 1, gpus_per_trial: 0.25}", "gpus_per_trial is 0.25",
+     "gpus_per_trial: 0 to train on CPUs")])
+def test_a_trial_no_node_can_hold_stops_the_run_in_one_line_instead_of_waiting_for_ever(
+        ray_session, tmp_path, resources, field, fix):
+    """More CPUs per trial than any node has, or a GPU where no node has one (a laptop, or
+    a GPU study's smoke run on one): Tune queued the trials for ever, the run printing
+    nothing; it stops before profiles or trials, naming the file, the field and the fix."""
+    from ablate.errors import AblateError
+
+    text = SMOKE.replace("resources: {cpus_per_trial: 1, max_concurrent: 2}",
+                         f"resources: {resources}")
+    path = write(tmp_path / "big.yaml", text)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(AblateError) as err:
+        run_study(load_study(path), uri)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: resources.{field} per trial but the Ray node has 2 CPUs "
+                          "and 0 GPUs"), msg
+    assert fix in msg and "\n" not in msg
+    assert runs_of(uri, "smoke").empty  # nothing profiled, nothing trained
+    client = MlflowClient(uri)
+    assert not [r for e in client.search_experiments()
+                for r in client.search_runs([e.experiment_id])]

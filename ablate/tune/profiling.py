@@ -315,7 +315,7 @@ def warm_profile_worker(study: Study) -> None:
         return  # profiles import what they need themselves
 
 
-def _profile_node(device_type: str) -> tuple[str, int]:
+def _profile_node(device_type: str, path: Any = "") -> tuple[str, int]:
     """(node id, CPUs) of the node profiles run on: the largest alive node (with a GPU for
     a GPU study). Every profile of a study runs there, one at a time."""
     import ray
@@ -325,8 +325,8 @@ def _profile_node(device_type: str) -> tuple[str, int]:
     if not nodes:
         from ablate.errors import AblateError
 
-        raise AblateError("resources.gpus_per_trial > 0 but no Ray node has a whole GPU to "
-                          "profile on; add a GPU node or set gpus_per_trial: 0")
+        raise AblateError(f"{path}: resources.gpus_per_trial > 0 but no Ray node has a whole "
+                          "GPU to profile on; add a GPU node or set gpus_per_trial: 0")
     best = max(nodes, key=lambda n: n["Resources"].get("CPU", 0))
     return best["NodeID"], max(1, int(best["Resources"].get("CPU", 1)))
 
@@ -356,7 +356,7 @@ def profile_trials(study: Study, trials: list[TrialSpec], tracker: Tracker, cons
         key = arch_key(config)
         keys.setdefault(key, (config, t))
         by_trial[t.trial_id] = key
-    node, cpus = _profile_node(device_type)
+    node, cpus = _profile_node(device_type, study.path)
     opts = dict(num_cpus=cpus, num_gpus=1 if device_type == "cuda" else 0, max_retries=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
     try:

@@ -71,6 +71,32 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
     return True
 
 
+def check_fits(study: Any) -> None:
+    """A trial no alive Ray node can hold (more CPUs than the largest node has, or a GPU
+    where no node has one) would wait in Tune's queue for ever, the run saying nothing: stop
+    it in one line naming the field before anything is profiled or run. Ray must be up."""
+    import ray
+
+    res = study.spec.resources
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("CPU", 0.0) + 1e-9 >= res.cpus_per_trial
+           and r.get("GPU", 0.0) + 1e-9 >= res.gpus_per_trial for r in nodes):
+        return
+    cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+    gpus = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
+    where = (f"the Ray node has {cpus:g} CPUs and {gpus:g} GPUs" if len(nodes) == 1
+             else f"no node of the Ray cluster has both (the most: {cpus:g} CPUs, {gpus:g} "
+                  "GPUs)")
+    if res.cpus_per_trial > cpus + 1e-9:
+        field, fix = "cpus_per_trial", f"set cpus_per_trial: {max(1, int(cpus))} or less"
+    else:
+        field, fix = "gpus_per_trial", ("set gpus_per_trial: 0 to train on CPUs" if not gpus
+                                        else f"set gpus_per_trial: {gpus:g} or less")
+    raise AblateError(f"{study.path}: resources.{field} is {getattr(res, field):g} per trial "
+                      f"but {where}, so no trial could ever start; {fix}, or run on a "
+                      "cluster with such nodes (--address)")
+
+
 def _take_held(held: list[int]) -> None:
     """Raise what a signal held while Ray started (and was then shut down) would have: Ctrl-C's
     path, marked as SIGTERM's (exit 143) when one came."""
