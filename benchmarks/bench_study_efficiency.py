@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +57,7 @@ def main() -> None:
         exp = c.get_experiment_by_name(study.experiment)
         profiles = c.search_runs([exp.experiment_id], "tags.`ablate.phase` = 'profile'")
         print_timeline(runs, profiles, epoch0, wall, slots)
+        print_ceiling(c, runs, profiles, slots, train)
         print_alone(runs)
         for p in profiles:
             probes = {k.removeprefix("probe_img_s."): round(v, 1)
@@ -95,6 +97,25 @@ def print_timeline(runs, profiles, epoch0: float, wall: float, slots: int) -> No
         busy = f"all {slots} slots busy until {tail_from:.1f} s"
     print(f"  timeline: {prof}, first trial starts {starts[0]:.1f} s, {busy}, last trial "
           f"ends {ends[-1]:.1f} s (tail {ends[-1] - tail_from:.1f} s), exit {wall:.1f} s")
+
+
+def print_ceiling(c, runs, profiles, slots: int, train: float) -> None:
+    """The most this run could have reached with nothing lost but what the study itself asks
+    for: its profiles (the whole node, every slot idle) and its trials' evaluation between
+    epochs (validation after each, the test set after the last, with the report; from the
+    spacing of each run's `epoch_time_s` timestamps less the epochs' own training time).
+    Ray's start, imports, set-up, the tail and the exit all count as zero here."""
+    spans = [(p.info.start_time, p.info.end_time) for p in profiles if p.info.end_time]
+    window = (max(b for _, b in spans) - min(a for a, _ in spans)) / 1000 if spans else 0.0
+    between = 0.0
+    for rid in runs["run_id"]:
+        hist = sorted(c.get_metric_history(rid, "epoch_time_s"), key=lambda m: m.step)
+        gaps = [(y.timestamp - x.timestamp) / 1000 - y.value for x, y in pairwise(hist)]
+        # the first epoch's evaluation: as long as the later ones' but the last (which tests)
+        between += sum(gaps) + (sum(gaps[:-1]) / len(gaps[:-1]) if len(gaps) > 1 else 0.0)
+    lost = slots * window + between
+    print(f"  ceiling: profiles {window:.1f} s x {slots} slots + evaluation between epochs "
+          f"{between:.1f} s -> at most {train / (train + lost):.3f} with no other overhead")
 
 
 def print_alone(runs) -> None:

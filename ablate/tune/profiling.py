@@ -263,7 +263,7 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
             "probe": {f"probe_img_s.{k.replace('/', '_')}": v for k, v in speeds.items()},
             "probe_threads": used,  # what the probe timed with (None: no probe)
             "train_threads": p.train_threads if device.type == "cpu" else None,
-            "start_ms": start, "end_ms": int(time.time() * 1000),
+            "start_ms": start, "end_ms": int(time.time() * 1000), "seconds": cfg.profile_seconds,
             **identity(device_type, threads)}
 
 
