@@ -228,3 +228,14 @@ def test_a_store_file_replaced_under_the_same_path_is_read_anew(tmp_path):
     assert study_summary(uri)["name"].tolist() == ["fresh"]
     assert len(_load_runs_sql("fresh", uri, False, None)) == 3
     assert change_token("scale", uri) != token
+
+
+def test_the_sql_fast_path_reads_only_the_databases_it_is_tested_on():
+    """SQLite and PostgreSQL (tests/test_postgres.py) take the SQL path; MySQL, where `key`
+    (MLflow's column name, unquoted in these queries) is a reserved word, and servers take
+    MLflow's client."""
+    from ablate.tracking.sqlread import is_database
+
+    assert is_database("sqlite:////tmp/m.db") and is_database("postgresql+psycopg://u@h/db")
+    assert not is_database("mysql+pymysql://u@h/db") and not is_database("mysql://u@h/db")
+    assert not is_database("http://127.0.0.1:5000") and not is_database("file:///tmp/mlruns")

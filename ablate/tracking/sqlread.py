@@ -1,7 +1,9 @@
-"""Reading a database store (SQLite, PostgreSQL, MySQL) with SQL: only the rows and columns a
-page needs, a few queries per study, instead of MLflow's client building every run's full
-object (all params, all tags) one by one. `runs` falls back to the client for tracking servers
-and file stores; both paths give the same frames (tests/test_tune.py, tests/test_scale.py)."""
+"""Reading a database store (SQLite, PostgreSQL) with SQL: only the rows and columns a page
+needs, a few queries per study, instead of MLflow's client building every run's full object
+(all params, all tags) one by one. `runs` falls back to the client for tracking servers, file
+stores and MySQL (whose reserved word `key`, MLflow's column name, these queries do not
+quote, and which no test here runs); both paths give the same frames (tests/test_tune.py,
+tests/test_scale.py, tests/test_postgres.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ _ENGINES_LOCK = threading.Lock()
 
 
 def is_database(uri: str) -> bool:
-    return uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql", "mysql")
+    """A store these queries read: SQLite or PostgreSQL (tested on both); not MySQL."""
+    return uri.split(":", 1)[0].split("+")[0] in ("sqlite", "postgresql")
 
 
 def engine(uri: str):
