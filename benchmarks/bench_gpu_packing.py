@@ -7,9 +7,12 @@ over that wall and over the trials' own span (first start to last end), the stud
 (sum of train_time_s / (wall x slots)), the profile's device name, and the two rates' ratio.
 
 Packed trials share the GPU, so each one's train_time_s is longer; what packing buys is the
-rate. Needs a CUDA device: without one it says so and exits 2 (nothing is measured).
+rate. An untimed `--smoke` run first warms CUDA and the file cache, so the run measured first
+does not pay the machine's cold start (`--no-warmup` skips it). Needs a CUDA device: without
+one it says so and exits 2 (nothing is measured).
 
-Usage: python benchmarks/bench_gpu_packing.py [STUDY] [--share 0.25] [--set KEY=VALUE ...]
+Usage: python benchmarks/bench_gpu_packing.py [STUDY] [--share 0.25] [--no-warmup]
+       [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -56,11 +59,22 @@ def run_once(study_path: str, experiment: str, share: float, sets: list[str]) ->
             "train": float(done["train_time_s"].sum()), "devices": devices}
 
 
+def warm_up(study_path: str, share: float, sets: list[str]) -> None:
+    """An untimed `ablate run --smoke` on the same GPU (its own throwaway store): CUDA's
+    context and kernels, and torch's files, are warm for both measured runs alike."""
+    cmd = [sys.executable, "-m", "ablate.cli", "run", study_path, "--smoke",
+           "--set", f"resources.gpus_per_trial={share}", *[a for s in sets for a in ("--set", s)]]
+    subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"},
+                   stdout=subprocess.DEVNULL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("study", nargs="?", default=str(ROOT / "studies" / "quickstart.yaml"))
     ap.add_argument("--share", type=float, default=0.25)
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip the untimed --smoke run that warms CUDA and the file cache")
     args = ap.parse_args()
     import torch
 
@@ -72,6 +86,8 @@ def main() -> None:
 
     study = load_study(args.study, args.sets)
     print(f"{study.spec.name} on {torch.cuda.get_device_name(0)} (torch {torch.__version__})")
+    if not args.no_warmup:  # the first run on a fresh machine pays CUDA's and the disk's cold
+        warm_up(args.study, args.share, args.sets)  # start: not the one measured first
     rows = [run_once(args.study, study.experiment, s, args.sets) for s in (args.share, 1.0)]
     for r in rows:
         print(f"  gpus_per_trial {r['share']:g} ({r['slots']} at once): {r['trials']} trials, "
