@@ -156,24 +156,30 @@ def test_two_architectures_three_seeds_profile_twice_alone_and_reuse(ray_session
     assert run_study(fourth, uri).finished == 1
     assert len(profile_runs(uri)) == 5
 
-    # a study asking for longer timings (train.profile_seconds) does not take a profile timed
-    # more briefly from the store: conv is measured again; a shorter ask takes the longer one
+    # the timing budget is part of the key: a study asking for longer timings (a factor
+    # train.profile_seconds here) does not take the profile timed more briefly; each level is
+    # measured at its own budget, and a later study at 0.05 s takes the 0.05 s profile
     longer = write(tmp_path / "prof6.yaml", STUDY.format(
         name="prof6", mixers='["conv"]', seeds="[0]", train="").replace(
-        "profile_seconds: 0.05", "profile_seconds: 0.1"))
+        "profile_seconds: 0.05, ", "").replace(
+        "factors:\n", "factors:\n  train.profile_seconds: [0.05, 0.1]\n"))
     res = cli.invoke(app, ["run", str(longer), "--tracking-uri", uri])
     assert res.exit_code == 0, res.output
-    assert "profiling 1 alone" in res.output
+    assert "2 architecture(s); profiling 1 alone" in res.output  # 0.1 s; 0.05 s is stored
     six = profile_runs(uri)
     assert len(six) == 6
-    (long_conv,) = [p for p in six if p.data.tags.get("ablate.profile_seconds") == "0.1"]
-    assert {p.data.tags.get("ablate.profile_seconds") for p in six} == {"0.05", "0.1"}
+    (long_conv,) = [p for p in six if p.data.params["profile_seconds"] == "0.1"]
+    for _, t in load_runs("prof6", uri).iterrows():
+        tags = c.get_run(t["run_id"]).data.tags
+        asked = t["factor.train.profile_seconds"]
+        (prof,) = [p for p in six if p.info.run_id == tags["ablate.profile_run_id"]]
+        assert float(prof.data.params["profile_seconds"]) == asked
     shorter = study_file(tmp_path, "prof7", ["conv"])  # 0.05 s
     res = cli.invoke(app, ["run", str(shorter), "--tracking-uri", uri])
     assert res.exit_code == 0 and "profiling 0 alone" in res.output, res.output
     assert len(profile_runs(uri)) == 6
     t7 = c.get_run(load_runs("prof7", uri).iloc[0]["run_id"])
-    assert t7.data.tags["ablate.profile_run_id"] == long_conv.info.run_id
+    assert t7.data.tags["ablate.profile_run_id"] != long_conv.info.run_id
 
 
 def test_the_profiled_code_digest_follows_the_model_and_cost_code_only(tmp_path, monkeypatch):
@@ -835,7 +841,6 @@ def _stored_auto_profile(uri, study, trial, probe, precision):
     now = int(time.time() * 1000)
     res = {"metrics": {m: 1.0 for m in COST}, "precision": precision, "channels_last": False,
            "probe": probe, "probe_threads": 1, "start_ms": now - 10, "end_ms": now,
-           "seconds": trial.train.profile_seconds,
            **identity("cpu", 2)}  # the profile node: ray_session's 2 CPUs
     log_profile(Tracker(uri, "seeded"), study, arch_key(config), config, res, trial.cell_name)
 

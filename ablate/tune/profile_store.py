@@ -60,9 +60,6 @@ def code_fingerprint(root: Path | None = None) -> str:
 
 
 PROFILE_GPU = "resources.gpus_per_trial > 0 and Ray gave the profile task a whole GPU"
-# the train.profile_seconds a profile was timed for: a study asking for longer timings does
-# not take a shorter one from the store
-SECONDS_TAG = "ablate.profile_seconds"
 
 
 def identity(device_type: str, threads: int) -> dict[str, str]:
@@ -98,11 +95,10 @@ def identity_label(ident: dict[str, str]) -> str:
 
 
 def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],
-                    stale: set[str] | None = None, driver: str | None = None,
-                    seconds: float = 0.0) -> dict[str, dict[str, Any]]:
+                    stale: set[str] | None = None, driver: str | None = None
+                    ) -> dict[str, dict[str, Any]]:
     """The newest finished profile of each key in the whole store (any study) taken on the
-    same device name, torch version, thread count, method and profiled code (`identity`),
-    timed for at least `seconds` (`train.profile_seconds`) per metric.
+    same device name, torch version, thread count, method and profiled code (`identity`).
     `stale` collects the keys found only as profiles of other code (the rest the same).
     `driver`: only the profiles that driver took (`ablate.driver`, the run's lease id)."""
     from ablate.tracking.store import _search_all
@@ -117,8 +113,6 @@ def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],
         key = tags.get(KEY_TAG)
         if key not in keys or key in out or (driver is not None
                                               and tags.get(DRIVER_TAG) != driver):
-            continue
-        if _seconds(tags) < seconds - 1e-9:  # timed more briefly than this study asks
             continue
         differ = {k for k, tag in IDENTITY_TAGS.items() if tags.get(tag) != ident[k]}
         if differ:
@@ -135,28 +129,15 @@ def stored_profiles(tracker: Tracker, ident: dict[str, str], keys: set[str],
     return out
 
 
-def _seconds(tags: dict[str, str]) -> float:
-    """The profile_seconds a stored profile was timed for (0 where unknown)."""
-    try:
-        return float(tags.get(SECONDS_TAG) or 0.0)
-    except ValueError:
-        return 0.0
-
-
 def reusable_profiles(study: Study, tracker: Tracker, ident: dict[str, Any], keys: set[str],
                       stale: set[str] | None = None) -> dict[str, dict[str, Any]]:
-    """The stored profiles of `keys` this run may reuse: any in the store timed for at least
-    as long as the study's trials ask (`train.profile_seconds`, the longest of them); with
-    `--reprofile` only those this run's driver measured already (a tuning level's profile,
-    reused by the next level and the tuned grid: every architecture measured again, and
-    once)."""
-    seconds = max([study.spec.train.profile_seconds,
-                   *(t.train.profile_seconds for t in study.trials)])
+    """The stored profiles of `keys` this run may reuse: any in the store; with `--reprofile`
+    only those this run's driver measured already (a tuning level's profile, reused by the
+    next level and the tuned grid: every architecture measured again, and once)."""
     if not study.reprofile:
-        return stored_profiles(tracker, ident, keys, stale, seconds=seconds)
+        return stored_profiles(tracker, ident, keys, stale)
     driver = tracker.run_tags.get(DRIVER_TAG)
-    return stored_profiles(tracker, ident, keys, driver=driver, seconds=seconds) \
-        if driver else {}
+    return stored_profiles(tracker, ident, keys, driver=driver) if driver else {}
 
 
 def log_profile(tracker: Tracker, study: Study, key: str, config: dict[str, Any],
@@ -173,8 +154,6 @@ def log_profile(tracker: Tracker, study: Study, key: str, config: dict[str, Any]
         tags["ablate.probe_threads"] = str(res["probe_threads"])
     if res.get("train_threads") is not None:  # the threads its training step was timed with
         tags["ablate.train_threads"] = str(res["train_threads"])
-    if res.get("seconds") is not None:  # the train.profile_seconds it was timed for
-        tags[SECONDS_TAG] = str(res["seconds"])
     run = c.create_run(tracker.experiment_id, start_time=res["start_ms"],
                        run_name=f"profile {name}", tags=tags)
     rid = run.info.run_id

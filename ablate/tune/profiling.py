@@ -180,8 +180,9 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str,
                 cpus: float) -> dict[str, Any]:
     """What a profile depends on: the resolved model, the input and output shapes, the
     precision and memory layout asked for, the device type, the profile's batch size (its
-    throughput), the training batch size (its training speed and memory, and the `auto`
-    probe) and, on CPU, the threads a trial trains with (`cpus`: resources.cpus_per_trial);
+    throughput) and timing budget (`profile_seconds`: a study asking for longer timings does
+    not take briefer ones), the training batch size (its training speed and memory, and the
+    `auto` probe) and, on CPU, the threads a trial trains with (resources.cpus_per_trial);
     with `train.compile`, that the model is timed compiled; with `train.grad_clip`, that its
     training step clips (a pass over every gradient, whatever the norm: not the norm)."""
     t = trial.train
@@ -189,7 +190,7 @@ def arch_config(trial: TrialSpec, shape: tuple[int, int, int], device_type: str,
            "image_size": shape[0], "channels": shape[1], "num_classes": shape[2],
            "precision": t.precision, "channels_last": t.channels_last,
            "device_type": device_type, "profile_batch_size": t.profile_batch_size,
-           "train_batch_size": t.batch_size}
+           "profile_seconds": t.profile_seconds, "train_batch_size": t.batch_size}
     if device_type == "cpu":  # a model's speed changes with the threads, unevenly by model
         out["train_threads"] = trial_threads(cpus)
     if t.compile:  # a compiled model's speed is not the eager model's (either way)
@@ -263,7 +264,7 @@ def measure(trial: dict[str, Any], shape: tuple[int, int, int], device_type: str
             "probe": {f"probe_img_s.{k.replace('/', '_')}": v for k, v in speeds.items()},
             "probe_threads": used,  # what the probe timed with (None: no probe)
             "train_threads": p.train_threads if device.type == "cpu" else None,
-            "start_ms": start, "end_ms": int(time.time() * 1000), "seconds": cfg.profile_seconds,
+            "start_ms": start, "end_ms": int(time.time() * 1000),
             **identity(device_type, threads)}
 
 
@@ -323,8 +324,6 @@ def _profile_node(device_type: str, path: Any = "") -> tuple[str, int]:
     nodes = [n for n in ray.nodes() if n.get("Alive")
              and (device_type != "cuda" or n["Resources"].get("GPU", 0) >= 1)]
     if not nodes:
-        from ablate.errors import AblateError
-
         raise AblateError(f"{path}: resources.gpus_per_trial > 0 but no Ray node has a whole "
                           "GPU to profile on; add a GPU node or set gpus_per_trial: 0")
     best = max(nodes, key=lambda n: n["Resources"].get("CPU", 0))
