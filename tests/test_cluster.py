@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from ablate.tracking import load_runs
-from tests.conftest import ROOT, descendants, free_port, stop_tree, write
+from tests.conftest import ROOT, descendants, free_port, signal_and_wait, stop_tree, write
 
 DOCKER = ROOT / "docker"
 
@@ -336,6 +336,25 @@ def test_gpu_study_on_a_node_whose_gpu_torch_cannot_use_stops_instead_of_using_t
         assert len(failed) == 2 and all("NoCudaDevice: resources.gpus_per_trial is 0.5" in ln
                                         for ln in failed), smoke.stdout
         assert "2 of 2 cells failed" in smoke.stdout
+        # a trial this joined cluster cannot hold now (2 CPUs beside the GPU share; the node
+        # has 1): a warning naming the field, not an error (an autoscaler may add a node),
+        # and the trials wait for one until stopped
+        wait = subprocess.Popen([str(ABLATE), "run", str(path), "--smoke", *addr, "--set",
+                                 "resources.cpus_per_trial=2"], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        seen = []
+        for line in wait.stdout:  # until the warning (pytest-timeout bounds a silent run)
+            seen.append(line)
+            if "warning:" in line:
+                break
+        time.sleep(3)
+        assert wait.poll() is None, "".join(seen)  # still waiting for a node
+        rest = signal_and_wait(wait, signal.SIGINT)
+        assert wait.returncode == 130, "".join(seen) + rest
+        assert seen[-1].startswith(f"{path}: warning: resources.cpus_per_trial is 2 per trial "
+                                   "but the Ray node has 1 CPUs; the trials wait until"), seen
+        assert "set cpus_per_trial: 1 or less" in seen[-1]
     finally:
         stop_tree(head.pid, timeout=5)
         shutil.rmtree(temp, ignore_errors=True)

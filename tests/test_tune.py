@@ -349,9 +349,14 @@ def test_store_is_wal_and_a_reader_never_breaks_the_writer(ray_session, tmp_path
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("resources,field,fix", [
-    ("{cpus_per_trial: 3, max_concurrent: 2}", "cpus_per_trial is 3", "cpus_per_trial: 2 or less"),
-    ("{cpus_per_trial: 1, gpus_per_trial: 0.25}", "gpus_per_trial is 0.25",
-     "gpus_per_trial: 0 to train on CPUs")])
+    ("{cpus_per_trial: 3, max_concurrent: 2}", "cpus_per_trial is 3 per trial but the Ray node "
+     "has 2 CPUs", "cpus_per_trial: 2 or less"),
+    ("{cpus_per_trial: 1, gpus_per_trial: 0.25}", "gpus_per_trial is 0.25 per trial but no Ray "
+     "node has a GPU", "gpus_per_trial: 0 to train on CPUs"),
+    # a tuning study with precision auto: its levels' precision is profiled first
+    ("{cpus_per_trial: 3}\ntune: {per: [model.mixer], space: {train.lr: {low: 1.0e-3, "
+     "high: 1.0e-2}}, n_trials: 1, epochs: 1}\nsearch: {storage: STORAGE}",
+     "cpus_per_trial is 3 per trial but the Ray node has 2 CPUs", "cpus_per_trial: 2 or less")])
 def test_a_trial_no_node_can_hold_stops_the_run_in_one_line_instead_of_waiting_for_ever(
         ray_session, tmp_path, resources, field, fix):
     """More CPUs per trial than any node has, or a GPU where no node has one (a laptop, or
@@ -360,16 +365,19 @@ def test_a_trial_no_node_can_hold_stops_the_run_in_one_line_instead_of_waiting_f
     from ablate.errors import AblateError
 
     text = SMOKE.replace("resources: {cpus_per_trial: 1, max_concurrent: 2}",
-                         f"resources: {resources}")
+                         f"resources: {resources}").replace(
+        "STORAGE", f'"sqlite:///{tmp_path / "optuna.db"}"')
+    if "tune:" in text:
+        text = text.replace("profile_seconds: 0.02,", "profile_seconds: 0.02, precision: auto,")
     path = write(tmp_path / "big.yaml", text)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(AblateError) as err:
         run_study(load_study(path), uri)
     msg = str(err.value)
-    assert msg.startswith(f"{path}: resources.{field} per trial but the Ray node has 2 CPUs "
-                          "and 0 GPUs"), msg
+    assert msg.startswith(f"{path}: resources.{field}, so no trial could ever start"), msg
     assert fix in msg and "\n" not in msg
     assert runs_of(uri, "smoke").empty  # nothing profiled, nothing trained
+    assert not (tmp_path / "optuna.db").exists()  # no tuning level's search began
     client = MlflowClient(uri)
     assert not [r for e in client.search_experiments()
                 for r in client.search_runs([e.experiment_id])]

@@ -342,7 +342,7 @@ def _run_grid(study: Study, tracker: Tracker, address: str | None, verbose: bool
     started = _init_ray(address, verbose)
     try:  # profiles first, each alone on its node; then the trials
         _rearm_python_signal_handlers()
-        check_fits(study)
+        check_fits(study, address, console)
         context["arch"] = profile_trials(study, todo, tracker, console, context["root"],
                                          finished=skipped)
         todo = start_order(study, todo, context["arch"])  # longest first: slots end together
@@ -445,7 +445,7 @@ def _run_search(study: Study, tracker: Tracker, address: str | None, verbose: bo
     started = _init_ray(address, verbose)
     try:  # the architectures it can sample profiled first, each alone on its node
         _rearm_python_signal_handlers()
-        check_fits(study)
+        check_fits(study, address, console)
         context.update(_search_profiles(study, tracker, console, context["root"]))
         interrupted = _fit(
             study, tracker, address, verbose, console, progress, space,

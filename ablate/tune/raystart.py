@@ -71,30 +71,48 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
     return True
 
 
-def check_fits(study: Any) -> None:
-    """A trial no alive Ray node can hold (more CPUs than the largest node has, or a GPU
-    where no node has one) would wait in Tune's queue for ever, the run saying nothing: stop
-    it in one line naming the field before anything is profiled or run. Ray must be up."""
+_WARNED: set[str] = set()
+
+
+def check_fits(study: Any, address: str | None = None, console: Any = None) -> None:
+    """A trial no alive Ray node can hold (more CPUs than any node with its GPU share has, or
+    a GPU share where no node has a GPU) waits in Tune's queue for ever, the run saying
+    nothing. On the head node a run starts itself (no --address, no RAY_ADDRESS), whose
+    resources cannot grow, that is an error in one line naming the field and the fix, before
+    anything is profiled or run; on a cluster joined by address, where an autoscaler may add
+    such a node, a warning on `console`, and the trials wait. Ray must be up."""
     import ray
 
     res = study.spec.resources
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(r.get("CPU", 0.0) + 1e-9 >= res.cpus_per_trial
-           and r.get("GPU", 0.0) + 1e-9 >= res.gpus_per_trial for r in nodes):
+    gpu_ok = [r for r in nodes if r.get("GPU", 0.0) + 1e-9 >= res.gpus_per_trial]
+    if any(r.get("CPU", 0.0) + 1e-9 >= res.cpus_per_trial for r in gpu_ok):
         return
-    cpus = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
-    gpus = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
-    where = (f"the Ray node has {cpus:g} CPUs and {gpus:g} GPUs" if len(nodes) == 1
-             else f"no node of the Ray cluster has both (the most: {cpus:g} CPUs, {gpus:g} "
-                  "GPUs)")
-    if res.cpus_per_trial > cpus + 1e-9:
-        field, fix = "cpus_per_trial", f"set cpus_per_trial: {max(1, int(cpus))} or less"
+    if gpu_ok:  # the GPU share fits somewhere: the CPUs beside it do not
+        cpus = max(r.get("CPU", 0.0) for r in gpu_ok)
+        field = "cpus_per_trial"
+        have = (f"the Ray node has {cpus:g} CPUs" if len(nodes) == 1 else
+                f"no Ray node{' with a GPU' if res.gpus_per_trial else ''} has more than "
+                f"{cpus:g}")
+        fix = (f"set cpus_per_trial: {cpus:g} or less" if cpus > 0
+               else "add a node with CPUs for trials")
     else:
-        field, fix = "gpus_per_trial", ("set gpus_per_trial: 0 to train on CPUs" if not gpus
-                                        else f"set gpus_per_trial: {gpus:g} or less")
-    raise AblateError(f"{study.path}: resources.{field} is {getattr(res, field):g} per trial "
-                      f"but {where}, so no trial could ever start; {fix}, or run on a "
-                      "cluster with such nodes (--address)")
+        gpus = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
+        field = "gpus_per_trial"
+        have = ("no Ray node has a GPU" if not gpus else
+                f"no Ray node has more than {gpus:g} GPUs")
+        fix = ("set gpus_per_trial: 0 to train on CPUs" if not gpus
+               else f"set gpus_per_trial: {gpus:g} or less")
+    what = f"resources.{field} is {getattr(res, field):g} per trial but {have}"
+    if address or os.environ.get("RAY_ADDRESS"):
+        if console is not None and what not in _WARNED:  # once (a tuning study asks thrice)
+            _WARNED.add(what)
+            console.print(f"{study.path}: warning: {what}; the trials wait until the cluster "
+                          f"adds such a node (an autoscaler), or {fix}", highlight=False,
+                          markup=False)
+        return
+    raise AblateError(f"{study.path}: {what}, so no trial could ever start; {fix}, or run on "
+                      "a cluster with such nodes (--address)")
 
 
 def _take_held(held: list[int]) -> None:

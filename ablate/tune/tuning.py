@@ -16,7 +16,7 @@ from ablate.errors import AblateError
 from ablate.study import Study, tune_levels, with_tuned
 from ablate.tracking import Tracker
 from ablate.tune.driver import RunSummary, _run_grid, _run_search, open_search_study
-from ablate.tune.raystart import _init_ray
+from ablate.tune.raystart import _init_ray, check_fits
 from ablate.tuning import LEVEL_TAG, PHASE_TAG, level_label, level_spec
 
 
@@ -83,6 +83,7 @@ def run_tuned(study: Study, tracker: Tracker, address: str | None, verbose: bool
     (phase `final`). One Ray session for both."""
     started = _init_ray(address, verbose)
     try:
+        check_fits(study, address, console)  # before the precision's profiles
         precision = study_precision_for_tuning(study, tracker, console)
         for label, values in tune_levels(study.spec, study.trials).items():
             console.print(f"{study.spec.name}: tuning level {label}", highlight=False)
