@@ -1,7 +1,7 @@
 """What each architecture takes, without torch: the backbone's arguments and defaults, each
 token mixer's traits, the reference models' names, and how a config resolves.
 
-Validating a study file (`ablate check`, `ablate report`, the dashboard) needs only these
+Validating a study file (`ablate validate`, `ablate report`, the dashboard) needs only these
 facts, and importing torch costs 2 to 4 s, so they live here and `ablate.models` builds its
 modules from them: a mixer class takes its traits from `MIXER_TRAITS` by name, and the tests
 check that `BACKBONE_DEFAULTS` is the backbone's signature and `REFERENCE_NAMES` its

@@ -320,6 +320,22 @@ def test_search_architectures_enumerates_only_finite_model_dimensions(tmp_path):
     assert search_architectures(load_study(write(tmp_path / "c.yaml", cont))) is None
     big = text.replace("model.mixer: [mlp, conv]", "model.dim: {low: 8, high: 1024, step: 8}")
     assert search_architectures(load_study(write(tmp_path / "d.yaml", big))) is None
+    # the timing budget is part of the key (arch_config): each sampled budget is profiled
+    budget = text.replace("model.mixer: [mlp, conv]",
+                          "model.mixer: [mlp, conv]\n    train.profile_seconds: [0.05, 0.1]")
+    four = search_architectures(load_study(write(tmp_path / "e.yaml", budget)))
+    assert sorted((t.model.mixer, t.train.profile_seconds) for t in four) == [
+        ("conv", 0.05), ("conv", 0.1), ("mlp", 0.05), ("mlp", 0.1)]
+    # every train field the key holds is a dimension a search enumerates
+    from ablate.tune.profiling import ARCH_DIMS, arch_config
+
+    t = search_architectures(load_study(write(tmp_path / "f.yaml", text.replace(
+        "train: {", "train: {compile: true, "))))[0]
+    fields = set(t.train.model_dump())
+    held = {("batch_size" if k == "train_batch_size" else k)
+            for k in arch_config(t, (16, 3, 10), "cpu", 1)} & fields
+    assert {"precision", "profile_seconds", "batch_size", "compile", "grad_clip"} <= held
+    assert {f"train.{k}" for k in held} <= set(ARCH_DIMS)
 
 
 @pytest.mark.parametrize("clip", [None, 1e-6])

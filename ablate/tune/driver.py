@@ -43,6 +43,7 @@ from ablate.tune.raystart import (  # noqa: E402
     _take_held,
     check_address,
     check_fits,
+    quiet_trial_errors,
 )
 from ablate.tune.trainable import trainable  # noqa: E402
 
@@ -218,7 +219,8 @@ def _fit(study: Study, tracker: Tracker, address: str | None, verbose: bool, con
                 storage_path=str(storage), verbose=2 if verbose else 0, log_to_file=True,
                 failure_config=tune.FailureConfig(max_failures=spec.failures.max_retries),
                 callbacks=[callback], progress_reporter=None))
-        tuner.fit()
+        with quiet_trial_errors(verbose):
+            tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
     finally:

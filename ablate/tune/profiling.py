@@ -69,7 +69,7 @@ SEARCH_ARCH_CAP = 64  # most architectures a search's profile phase measures up 
 ARCH_DIMS = ("model.", "dataset.name", "dataset.root", "dataset.image_size", "dataset.channels",
              "dataset.num_classes", "train.precision", "train.channels_last",
              "train.profile_batch_size", "train.batch_size", "train.compile",
-             "train.grad_clip")
+             "train.grad_clip", "train.profile_seconds")
 
 
 def search_architectures(study: Study, cap: int = SEARCH_ARCH_CAP) -> list[TrialSpec] | None:

@@ -71,6 +71,23 @@ def _init_ray(address: str | None, verbose: bool) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def quiet_trial_errors(verbose: bool) -> Iterator[None]:
+    """Without -v, Ray Tune does not print each failed attempt's 30-line traceback: the
+    "failed ..." line says why, and the run keeps every attempt's traceback as an artifact
+    (`error_attemptN.txt`). TUNE_PRINT_ALL_TRIAL_ERRORS, read as Tune starts, is Tune's own
+    switch; a value the user set is kept."""
+    key = "TUNE_PRINT_ALL_TRIAL_ERRORS"
+    if verbose or key in os.environ:
+        yield
+        return
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 _WARNED: set[str] = set()
 
 
