@@ -231,8 +231,14 @@ def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc",
     table = cell_table(src.runs, metric)
     if table:
         lines += ["", f"Seed means per cell ({metric}, finished runs, best first):", *table]
-    again = "".join(f" --set {x}" for x in sets if not x.startswith("resources."))
-    lines += ["", f"Full report: ablate report {path}{again}   |   dashboard: ablate dashboard"]
+    import shlex
+
+    again = "".join(f" --set {shlex.quote(x)}" for x in sets if not x.startswith("resources."))
+    # the store this run wrote to, where it was named on the command line (a study file's or
+    # the environment's store is found the same way again)
+    store = f" --tracking-uri {shlex.quote(mask_url(tracking_uri))}" if tracking_uri else ""
+    lines += ["", f"Full report: ablate report {shlex.quote(str(path))}{again}{store}   |   "
+                  f"dashboard: ablate dashboard{store}"]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,12 @@ def test_run_ends_with_the_reports_verdict_and_a_cell_table(study, tmp_path):
     shown = [float(line.split()[3]) for line in table[1:]]
     assert shown == pytest.approx(list(means), abs=5e-5)
     assert all(line.split()[2] == "2" and "[" in line for line in table[1:])
-    assert "ablate report " in printed and "ablate dashboard" in printed
+    assert f"ablate dashboard --tracking-uri {uri}" in printed
+    # the report command it prints works as printed: the run's own store, named
+    hint = printed.split("Full report: ", 1)[1].split("   |", 1)[0]
+    assert hint.startswith("ablate report ") and f"--tracking-uri {uri}" in hint
+    out = ablate(*shlex.split(hint)[1:], "--format", "json", cwd=tmp_path)
+    assert out.returncode == 0 and json.loads(out.stdout)["verdict"] == verdict, out.stderr
     # a finished study's status prints the same table
     st = ablate("status", str(path), "--tracking-uri", uri, cwd=tmp_path)
     assert st.returncode == 0 and "\n".join(table) in st.stdout
