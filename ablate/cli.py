@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -312,8 +313,11 @@ def _print_summary(study: Path, tracking_uri: str | None, sets: list[str] | None
                    ) -> None:
     from ablate.report import run_summary
 
+    # named on the command line: ABLATE_TRACKING_URI (Typer fills the option from it) finds
+    # the same store again without it
+    named = tracking_uri if tracking_uri != os.environ.get("ABLATE_TRACKING_URI") else None
     try:
-        text = run_summary(study, tracking_uri, sets=sets or ())
+        text = run_summary(study, tracking_uri, sets=sets or (), named_uri=named)
     except AblateError as e:  # nothing finished yet: say so, the run itself succeeded
         text = f"No verdict: {e}"
     out.print("\n" + text, highlight=False, markup=False, soft_wrap=True)
@@ -434,8 +438,6 @@ def dashboard(tracking_uri: UriOpt = None,
               = "127.0.0.1",
               port: Annotated[int, typer.Option(help="Port.")] = 8501) -> None:
     """Open the Streamlit dashboard: frontiers, factor effects, curves, runs."""
-    import os
-
     from ablate.tracking import resolve_tracking_uri
 
     app_path = Path(__file__).resolve().parent / "dashboard" / "app.py"  # package data

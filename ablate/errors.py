@@ -67,7 +67,8 @@ def mask_url(url: str) -> str:
     """A URL with its password replaced by ***, for messages, logs and tags."""
     import re
 
-    return re.sub(r"(://[^:/@\s]+:)[^@/\s]+@", r"\1***@", url)
+    # as SQLAlchemy reads a URL: the password runs to the first @, `/` and all
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", url)
 
 
 class CompileError(RuntimeError):

@@ -211,10 +211,12 @@ def cell_table(runs: pd.DataFrame, metric: str) -> list[str]:
 
 
 def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc",
-                sets: Sequence[str] = ()) -> str:
+                sets: Sequence[str] = (), named_uri: str | None = None) -> str:
     """What `ablate run` prints when a study is done: the verdict (the sentences of `ablate
     report --format md`), the cell table, and where the report and dashboard are. With one
-    seed it says why there is no verdict instead of guessing."""
+    seed it says why there is no verdict instead of guessing. `named_uri`: the store as given
+    on the command line, which the commands it suggests must name too (a study file's or the
+    environment's store they find the same way again)."""
     src = study_source(path, tracking_uri, sets)
     lines = []
     seeds = src.runs.groupby("cell_id")["seed"].nunique().max() if "seed" in src.runs else 1
@@ -234,11 +236,13 @@ def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc",
     import shlex
 
     again = "".join(f" --set {shlex.quote(x)}" for x in sets if not x.startswith("resources."))
-    # the store this run wrote to, where it was named on the command line (a study file's or
-    # the environment's store is found the same way again)
-    store = f" --tracking-uri {shlex.quote(mask_url(tracking_uri))}" if tracking_uri else ""
+    secret = bool(named_uri) and mask_url(named_uri) != named_uri  # a password: not printed
+    store = (" --tracking-uri URI" if secret else
+             f" --tracking-uri {shlex.quote(named_uri)}" if named_uri else "")
     lines += ["", f"Full report: ablate report {shlex.quote(str(path))}{again}{store}   |   "
-                  f"dashboard: ablate dashboard{store}"]
+                  f"dashboard: ablate dashboard{store}"
+                  + ("   (URI: the --tracking-uri you gave; its password is not printed)"
+                     if secret else "")]
     return "\n".join(lines)
 
 

@@ -79,6 +79,24 @@ def test_run_ends_with_the_reports_verdict_and_a_cell_table(study, tmp_path):
     assert hint.startswith("ablate report ") and f"--tracking-uri {uri}" in hint
     out = ablate(*shlex.split(hint)[1:], "--format", "json", cwd=tmp_path)
     assert out.returncode == 0 and json.loads(out.stdout)["verdict"] == verdict, out.stderr
+    # the store from ABLATE_TRACKING_URI: found the same way again, not named in the hint
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ABLATE_TRACKING_URI": uri}
+    st_env = subprocess.run([sys.executable, "-m", "ablate.cli", "status", str(path)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert st_env.returncode == 0, st_env.stderr
+    assert "Full report: ablate report " in st_env.stdout
+    assert "--tracking-uri" not in st_env.stdout.split("Full report: ", 1)[1]
+    # a store URI with a password: the hint names it without printing the password
+    from ablate.report import run_summary
+
+    text = run_summary(path, uri, named_uri="postgresql://ablate:pa/ss@db:5432/mlflow")
+    assert "pa/ss" not in text and "***" not in text
+    assert "ablate report " in text and " --tracking-uri URI   |" in text
+    assert text.rstrip().endswith("its password is not printed)")
+    from ablate.errors import mask_url  # a password runs to the first @, as SQLAlchemy reads it
+
+    assert mask_url("postgresql://u:pa/ss@h/db") == "postgresql://u:***@h/db"
+    assert mask_url("http://127.0.0.1:5000/api") == "http://127.0.0.1:5000/api"
     # a finished study's status prints the same table
     st = ablate("status", str(path), "--tracking-uri", uri, cwd=tmp_path)
     assert st.returncode == 0 and "\n".join(table) in st.stdout

@@ -121,7 +121,7 @@ def check_alone_objective(study: Study) -> None:
         raise AblateError(
             f"{study.path}: search.objectives.train_time_alone_s needs a profile of every "
             "architecture the search samples, and its architecture dimensions (model.*, the "
-            "input, train.batch_size) are continuous or have more than "
+            "input, train.batch_size, train.profile_*) are continuous or have more than "
             f"{SEARCH_ARCH_CAP} combinations; make them categorical (at most "
             f"{SEARCH_ARCH_CAP} architectures) or optimize train_time_s")
 

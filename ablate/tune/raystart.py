@@ -81,14 +81,19 @@ def quiet_trial_errors(verbose: bool) -> Iterator[None]:
     if verbose or key in os.environ:
         yield
         return
+    # ... nor, at the end, the list of the failed ones by Tune's own ids (ablate's lines name them)
+    tail = logging.getLogger("ray.tune.tune")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Trials did not complete")
+
     os.environ[key] = "0"
+    tail.addFilter(drop)
     try:
         yield
     finally:
         os.environ.pop(key, None)
-
-
-_WARNED: set[str] = set()
+        tail.removeFilter(drop)
 
 
 def check_fits(study: Any, address: str | None = None, console: Any = None) -> None:
@@ -97,7 +102,7 @@ def check_fits(study: Any, address: str | None = None, console: Any = None) -> N
     nothing. On the head node a run starts itself (no --address, no RAY_ADDRESS), whose
     resources cannot grow, that is an error in one line naming the field and the fix, before
     anything is profiled or run; on a cluster joined by address, where an autoscaler may add
-    such a node, a warning on `console`, and the trials wait. Ray must be up."""
+    such a node, a warning on `console` (None: none), and the trials wait. Ray must be up."""
     import ray
 
     res = study.spec.resources
@@ -122,8 +127,7 @@ def check_fits(study: Any, address: str | None = None, console: Any = None) -> N
                else f"set gpus_per_trial: {gpus:g} or less")
     what = f"resources.{field} is {getattr(res, field):g} per trial but {have}"
     if address or os.environ.get("RAY_ADDRESS"):
-        if console is not None and what not in _WARNED:  # once (a tuning study asks thrice)
-            _WARNED.add(what)
+        if console is not None:
             console.print(f"{study.path}: warning: {what}; the trials wait until the cluster "
                           f"adds such a node (an autoscaler), or {fix}", highlight=False,
                           markup=False)

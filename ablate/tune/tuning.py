@@ -83,7 +83,7 @@ def run_tuned(study: Study, tracker: Tracker, address: str | None, verbose: bool
     (phase `final`). One Ray session for both."""
     started = _init_ray(address, verbose)
     try:
-        check_fits(study, address, console)  # before the precision's profiles
+        check_fits(study, address)  # before the precision's profiles (a search warns)
         precision = study_precision_for_tuning(study, tracker, console)
         for label, values in tune_levels(study.spec, study.trials).items():
             console.print(f"{study.spec.name}: tuning level {label}", highlight=False)
