@@ -5,6 +5,7 @@ as JSON. Everything is computed before anything is written: an error writes noth
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -233,8 +234,6 @@ def run_summary(path: Path, tracking_uri: str | None, metric: str = "test_acc",
     table = cell_table(src.runs, metric)
     if table:
         lines += ["", f"Seed means per cell ({metric}, finished runs, best first):", *table]
-    import shlex
-
     again = "".join(f" --set {shlex.quote(x)}" for x in sets if not x.startswith("resources."))
     secret = bool(named_uri) and mask_url(named_uri) != named_uri  # a password: not printed
     store = (" --tracking-uri URI" if secret else

@@ -193,6 +193,22 @@ def test_trials_run_on_both_nodes(two_nodes, tmp_path):
     c = MlflowClient(uri)
     nodes = {c.get_run(r).data.tags.get("ablate.node_ip") for r in runs_tags.index}
     assert nodes == {"127.0.0.2", "127.0.0.3"}
+    # a trial neither 1-CPU node can hold: on this joined cluster a warning (an autoscaler may
+    # add a node), naming the most CPUs a node has, not an error
+    big = write(tmp_path / "big.yaml", STUDY.format(epochs=1, n=240).replace(
+        "cpus_per_trial: 1", "cpus_per_trial: 2"))
+    addr = two_nodes["address"]
+    code = ("import sys, ray; from rich.console import Console; "
+            "from ablate.study import load_study; from ablate.tune.raystart import check_fits; "
+            f"ray.init(address='{addr}', logging_level='ERROR', log_to_driver=False); "
+            f"check_fits(load_study(sys.argv[1]), '{addr}', Console(soft_wrap=True))")
+    warn = subprocess.run([sys.executable, "-c", code, str(big)], env=two_nodes["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert warn.returncode == 0, warn.stderr
+    assert warn.stdout.strip() == (
+        f"{big}: warning: resources.cpus_per_trial is 2 per trial but no Ray node has more "
+        "than 1 CPUs; the trials wait until the cluster adds such a node (an autoscaler), or "
+        "set cpus_per_trial: 1 or less"), warn.stdout
 
 
 @pytest.mark.cluster

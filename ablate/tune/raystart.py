@@ -115,7 +115,7 @@ def check_fits(study: Any, address: str | None = None, console: Any = None) -> N
         field = "cpus_per_trial"
         have = (f"the Ray node has {cpus:g} CPUs" if len(nodes) == 1 else
                 f"no Ray node{' with a GPU' if res.gpus_per_trial else ''} has more than "
-                f"{cpus:g}")
+                f"{cpus:g} CPUs")
         fix = (f"set cpus_per_trial: {cpus:g} or less" if cpus > 0
                else "add a node with CPUs for trials")
     else:
